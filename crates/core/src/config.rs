@@ -1,0 +1,838 @@
+//! walcast's configuration: one TOML file, `WALCAST_<SECTION>__<KEY>` environment
+//! overrides, and `--set section.key=value` command-line overrides, in that order.
+//!
+//! Unknown keys are rejected, every value is validated before any I/O, and units
+//! are part of option names (`_ms`, `_bytes`). Secrets are never printed: the
+//! [`Secret`] type redacts itself in `Debug`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The source database and its replication slot.
+    pub postgres: PostgresConfig,
+    /// Which tables are outboxes and how rows become records.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// The Kafka cluster and producer settings.
+    pub kafka: KafkaConfig,
+    /// Flow control, restarts, state.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// A secret value: redacted in `Debug` and never logged.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// TLS mode for both Postgres connections. `prefer` is deliberately absent:
+/// asking for TLS and silently getting plaintext is not an option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plaintext.
+    #[default]
+    Disable,
+    /// TLS, server certificate not verified.
+    Require,
+    /// TLS, certificate chain verified against `ssl_root_cert` (or system roots).
+    VerifyCa,
+    /// TLS, chain and host name verified.
+    VerifyFull,
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port.
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Database holding the outbox tables.
+    pub database: String,
+    /// Role with the `REPLICATION` attribute.
+    pub user: String,
+    /// Password (prefer `password_file` or the `WALCAST_POSTGRES__PASSWORD` env var).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// File whose first line is the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// TLS mode.
+    #[serde(default)]
+    pub sslmode: SslMode,
+    /// CA bundle (PEM) for `verify-ca`/`verify-full`.
+    #[serde(default)]
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Replication slot name (`[a-z0-9_]`, at most 63 bytes).
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// Publication name (`[a-z0-9_]`, at most 63 bytes).
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// Create the slot when it does not exist (never after positions were
+    /// confirmed on a slot that then disappeared).
+    #[serde(default = "default_true")]
+    pub create_slot: bool,
+    /// Create the publication (`publish = 'insert'`, only the outbox tables)
+    /// when it does not exist. Needs ownership of the tables.
+    #[serde(default = "default_true")]
+    pub create_publication: bool,
+    /// Connect timeout.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Maximum delay before a newly confirmed LSN is reported to the server.
+    #[serde(default = "default_status_interval_ms")]
+    pub status_interval_ms: u64,
+    /// How long to wait for a slot that another connection holds before failing.
+    #[serde(default = "default_slot_wait_timeout_ms")]
+    pub slot_wait_timeout_ms: u64,
+    /// `application_name` of walcast's sessions.
+    #[serde(default = "default_application_name")]
+    pub application_name: String,
+}
+
+/// `[outbox]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Schema-qualified outbox tables (`schema.table`; `table` alone means `public.table`).
+    #[serde(default = "default_tables")]
+    pub tables: Vec<String>,
+    /// Column names (Debezium EventRouter defaults).
+    #[serde(default)]
+    pub columns: OutboxColumns,
+    /// Topic template; `${routedByValue}` is the `aggregatetype` column's value.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+}
+
+/// `[outbox.columns]`: which column plays which part.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxColumns {
+    /// Unique event id, sent in the `id` header (required).
+    #[serde(default = "col_id")]
+    pub id: String,
+    /// Routes the event to a topic (required).
+    #[serde(default = "col_aggregatetype")]
+    pub aggregatetype: String,
+    /// Record key: keeps one aggregate's events in order (required).
+    #[serde(default = "col_aggregateid")]
+    pub aggregateid: String,
+    /// Event type, sent in the `type` header (optional column).
+    #[serde(default = "col_type")]
+    pub r#type: String,
+    /// Record value (required).
+    #[serde(default = "col_payload")]
+    pub payload: String,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port…]`
+    pub bootstrap_servers: String,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Producer batching delay.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// How long the producer keeps retrying one record before the pipeline
+    /// restarts from the slot (librdkafka `message.timeout.ms`).
+    #[serde(default = "default_delivery_timeout_ms")]
+    pub delivery_timeout_ms: u64,
+    /// Extra librdkafka properties passed through as given (for example
+    /// `"security.protocol" = "SASL_SSL"`). Settings walcast's guarantees
+    /// depend on cannot be overridden.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// What to do with an event that can never be published as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PermanentErrorPolicy {
+    /// Stop without moving the slot past the event (default).
+    #[default]
+    Stop,
+}
+
+/// `[pipeline]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// At most this many events handed to Kafka and not yet acknowledged.
+    #[serde(default = "default_max_in_flight_events")]
+    pub max_in_flight_events: u64,
+    /// At most this many bytes (key + value + headers) in flight.
+    #[serde(default = "default_max_in_flight_bytes")]
+    pub max_in_flight_bytes: u64,
+    /// On SIGTERM/SIGINT, how long to wait for outstanding deliveries.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+    /// First backoff after a retryable failure.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub restart_backoff_initial_ms: u64,
+    /// Backoff ceiling.
+    #[serde(default = "default_backoff_max_ms")]
+    pub restart_backoff_max_ms: u64,
+    /// Where walcast remembers which slot it confirmed positions on.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Policy for events that can never be published.
+    #[serde(default)]
+    pub on_permanent_error: PermanentErrorPolicy,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `walcast=debug,info`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_slot() -> String {
+    "walcast".into()
+}
+fn default_publication() -> String {
+    "walcast_outbox".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_status_interval_ms() -> u64 {
+    1_000
+}
+fn default_slot_wait_timeout_ms() -> u64 {
+    30_000
+}
+fn default_application_name() -> String {
+    "walcast".into()
+}
+fn default_tables() -> Vec<String> {
+    vec!["public.outbox".into()]
+}
+fn default_topic() -> String {
+    "outbox.event.${routedByValue}".into()
+}
+fn col_id() -> String {
+    "id".into()
+}
+fn col_aggregatetype() -> String {
+    "aggregatetype".into()
+}
+fn col_aggregateid() -> String {
+    "aggregateid".into()
+}
+fn col_type() -> String {
+    "type".into()
+}
+fn col_payload() -> String {
+    "payload".into()
+}
+fn default_compression() -> String {
+    "lz4".into()
+}
+fn default_linger_ms() -> u64 {
+    5
+}
+fn default_delivery_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_in_flight_events() -> u64 {
+    10_000
+}
+fn default_max_in_flight_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+fn default_backoff_initial_ms() -> u64 {
+    500
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("walcast-state")
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            tables: default_tables(),
+            columns: OutboxColumns::default(),
+            topic: default_topic(),
+        }
+    }
+}
+
+impl Default for OutboxColumns {
+    fn default() -> Self {
+        OutboxColumns {
+            id: col_id(),
+            aggregatetype: col_aggregatetype(),
+            aggregateid: col_aggregateid(),
+            r#type: col_type(),
+            payload: col_payload(),
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_in_flight_events: default_max_in_flight_events(),
+            max_in_flight_bytes: default_max_in_flight_bytes(),
+            shutdown_timeout_ms: default_shutdown_timeout_ms(),
+            restart_backoff_initial_ms: default_backoff_initial_ms(),
+            restart_backoff_max_ms: default_backoff_max_ms(),
+            state_dir: default_state_dir(),
+            on_permanent_error: PermanentErrorPolicy::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
+/// The prefix of environment overrides: `WALCAST_<SECTION>__<KEY>`, for
+/// example `WALCAST_POSTGRES__PASSWORD` or `WALCAST_PIPELINE__MAX_IN_FLIGHT_EVENTS`.
+/// Nested tables use more `__`: `WALCAST_OUTBOX__COLUMNS__PAYLOAD`.
+pub const ENV_PREFIX: &str = "WALCAST_";
+
+/// A schema-qualified table name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` or `table` (meaning `public.table`).
+    ///
+    /// # Errors
+    /// An operator error when the name is empty or has more than one dot.
+    pub fn parse(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split('.').collect();
+        let (schema, name) = match parts.as_slice() {
+            [t] => ("public", *t),
+            [s, t] => (*s, *t),
+            _ => {
+                return Err(
+                    Error::operator(format!("outbox table {s:?} is not a valid name"))
+                        .with_hint("write it as schema.table, for example public.outbox"),
+                )
+            }
+        };
+        if schema.is_empty() || name.is_empty() {
+            return Err(
+                Error::operator(format!("outbox table {s:?} is not a valid name"))
+                    .with_hint("write it as schema.table, for example public.outbox"),
+            );
+        }
+        Ok(TableName {
+            schema: schema.to_string(),
+            name: name.to_string(),
+        })
+    }
+
+    /// The name quoted for SQL: `"schema"."table"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// Quotes an SQL identifier (doubling embedded quotes).
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (doubling embedded quotes).
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Checks a slot or publication name: `[a-z0-9_]`, 1 to 63 bytes.
+///
+/// # Errors
+/// An operator error naming the option.
+pub fn validate_pg_name(option: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            Error::operator(format!("{option} = {value:?} is not a valid name")).with_hint(
+                format!(
+                    "use 1 to 63 characters of lower-case letters, digits and '_' for {option}"
+                ),
+            ),
+        )
+    }
+}
+
+impl Config {
+    /// Loads `path` (if given), applies environment overrides from `env`
+    /// (pairs of name and value; pass `std::env::vars()`), then `--set`
+    /// overrides (`section.key=value`), and validates the result.
+    ///
+    /// # Errors
+    /// An operator error naming the file, variable or key at fault.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        sets: &[String],
+    ) -> Result<Config> {
+        let mut table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    Error::operator(format!("cannot read config file {}", p.display()))
+                        .with_source(e)
+                        .with_hint("pass an existing file with --config")
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| {
+                    Error::operator(format!("config file {} is not valid TOML", p.display()))
+                        .with_source(e)
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+            .collect();
+        env.sort();
+        for (k, v) in env {
+            let path: Vec<String> = k[ENV_PREFIX.len()..]
+                .split("__")
+                .map(|s| s.to_ascii_lowercase())
+                .collect();
+            set_path(&mut table, &path, &v, &format!("environment variable {k}"))?;
+        }
+        for s in sets {
+            let (k, v) = s.split_once('=').ok_or_else(|| {
+                Error::operator(format!("--set {s:?} has no '='"))
+                    .with_hint("write --set section.key=value, e.g. --set kafka.linger_ms=10")
+            })?;
+            let path: Vec<String> = k.trim().split('.').map(str::to_string).collect();
+            set_path(&mut table, &path, v.trim(), &format!("--set {k}"))?;
+        }
+        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let where_ = path
+                .map(|p| format!(" (file {})", p.display()))
+                .unwrap_or_default();
+            Error::operator(format!("invalid configuration{where_}: {}", e.message())).with_hint(
+                "see the configuration reference in README.md; unknown keys are rejected",
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a TOML document (no overrides) and validates it.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let table = toml::from_str::<toml::Table>(text)
+            .map_err(|e| Error::operator("configuration is not valid TOML").with_source(e))?;
+        let config: Config = Config::deserialize(toml::Value::Table(table)).map_err(|e| {
+            Error::operator(format!("invalid configuration: {}", e.message())).with_hint(
+                "see the configuration reference in README.md; unknown keys are rejected",
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The resolved password: `password`, else the first line of `password_file`.
+    ///
+    /// # Errors
+    /// An operator error when the file cannot be read.
+    pub fn postgres_password(&self) -> Result<Option<Secret>> {
+        if let Some(p) = &self.postgres.password {
+            return Ok(Some(p.clone()));
+        }
+        match &self.postgres.password_file {
+            None => Ok(None),
+            Some(f) => {
+                let text = std::fs::read_to_string(f).map_err(|e| {
+                    Error::operator(format!(
+                        "cannot read postgres.password_file {}",
+                        f.display()
+                    ))
+                    .with_source(e)
+                })?;
+                Ok(Some(Secret::new(
+                    text.lines().next().unwrap_or("").to_string(),
+                )))
+            }
+        }
+    }
+
+    /// The outbox tables, parsed.
+    ///
+    /// # Errors
+    /// As [`TableName::parse`].
+    pub fn outbox_tables(&self) -> Result<Vec<TableName>> {
+        self.outbox
+            .tables
+            .iter()
+            .map(|t| TableName::parse(t))
+            .collect()
+    }
+
+    /// Checks every value; runs before any I/O.
+    ///
+    /// # Errors
+    /// An operator error naming the option and the fix.
+    pub fn validate(&self) -> Result<()> {
+        let pg = &self.postgres;
+        if pg.host.trim().is_empty() {
+            return Err(Error::operator("postgres.host is empty")
+                .with_hint("set postgres.host to the database server's address"));
+        }
+        if pg.database.is_empty() || pg.user.is_empty() {
+            return Err(Error::operator(
+                "postgres.database and postgres.user must be set",
+            ));
+        }
+        if pg.password.is_some() && pg.password_file.is_some() {
+            return Err(Error::operator(
+                "both postgres.password and postgres.password_file are set",
+            )
+            .with_hint("keep one of them"));
+        }
+        validate_pg_name("postgres.slot", &pg.slot)?;
+        validate_pg_name("postgres.publication", &pg.publication)?;
+        if pg.sslmode == SslMode::Disable && pg.ssl_root_cert.is_some() {
+            return Err(Error::operator(
+                "postgres.ssl_root_cert is set but postgres.sslmode is disable",
+            )
+            .with_hint("set postgres.sslmode = \"verify-full\" (or remove ssl_root_cert)"));
+        }
+        if pg.status_interval_ms == 0 || pg.connect_timeout_ms == 0 {
+            return Err(Error::operator(
+                "postgres.status_interval_ms and postgres.connect_timeout_ms must be positive",
+            ));
+        }
+        let tables = self.outbox_tables()?;
+        if tables.is_empty() {
+            return Err(Error::operator("outbox.tables is empty")
+                .with_hint("list at least one table, e.g. tables = [\"public.outbox\"]"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &tables {
+            if !seen.insert(t.clone()) {
+                return Err(Error::operator(format!("outbox.tables lists {t} twice")));
+            }
+        }
+        let c = &self.outbox.columns;
+        for (opt, v) in [
+            ("outbox.columns.id", &c.id),
+            ("outbox.columns.aggregatetype", &c.aggregatetype),
+            ("outbox.columns.aggregateid", &c.aggregateid),
+            ("outbox.columns.type", &c.r#type),
+            ("outbox.columns.payload", &c.payload),
+        ] {
+            if v.is_empty() {
+                return Err(Error::operator(format!("{opt} is empty")));
+            }
+        }
+        crate::route::TopicTemplate::parse(&self.outbox.topic)?;
+        let k = &self.kafka;
+        if k.bootstrap_servers.trim().is_empty() {
+            return Err(Error::operator("kafka.bootstrap_servers is empty")
+                .with_hint("set it to host:port of one or more brokers"));
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
+            return Err(Error::operator(format!(
+                "kafka.compression = {:?} is not supported",
+                k.compression
+            ))
+            .with_hint("use one of none, gzip, snappy, lz4, zstd"));
+        }
+        if k.delivery_timeout_ms == 0 {
+            return Err(Error::operator(
+                "kafka.delivery_timeout_ms must be positive",
+            ));
+        }
+        for (key, value) in &k.properties {
+            check_kafka_property(key, value)?;
+        }
+        let p = &self.pipeline;
+        if p.max_in_flight_events == 0 || p.max_in_flight_bytes == 0 {
+            return Err(Error::operator(
+                "pipeline.max_in_flight_events and pipeline.max_in_flight_bytes must be positive",
+            ));
+        }
+        if p.restart_backoff_initial_ms == 0
+            || p.restart_backoff_max_ms < p.restart_backoff_initial_ms
+        {
+            return Err(Error::operator(
+                "pipeline.restart_backoff_initial_ms must be positive and at most restart_backoff_max_ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// librdkafka properties walcast sets itself because its guarantees depend on them.
+const PROTECTED_KAFKA_PROPERTIES: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "partitioner",
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "compression.type",
+    "compression.codec",
+    "linger.ms",
+    "queue.buffering.max.ms",
+    "transactional.id",
+    "enable.gapless.guarantee",
+];
+
+fn check_kafka_property(key: &str, _value: &str) -> Result<()> {
+    if PROTECTED_KAFKA_PROPERTIES.contains(&key) {
+        return Err(Error::operator(format!(
+            "kafka.properties.{key:?} cannot be set: walcast sets it because its delivery guarantee depends on it"
+        ))
+        .with_hint("remove it; use the dedicated [kafka] option where one exists (bootstrap_servers, compression, linger_ms, delivery_timeout_ms)"));
+    }
+    Ok(())
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], raw: &str, origin: &str) -> Result<()> {
+    let (last, parents) = match path.split_last() {
+        Some(x) if path.iter().all(|p| !p.is_empty()) => x,
+        _ => {
+            return Err(Error::operator(format!(
+                "{origin} does not name a configuration key"
+            )))
+        }
+    };
+    let mut cur = table;
+    for p in parents {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| Error::operator(format!("{origin}: {p} is not a section")))?;
+    }
+    cur.insert(last.clone(), parse_scalar(raw));
+    Ok(())
+}
+
+/// An override's value: TOML scalar or array when it parses as one, else a string.
+fn parse_scalar(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => match t.remove("v") {
+            Some(v @ (toml::Value::Table(_) | toml::Value::Datetime(_))) => {
+                let _ = v;
+                toml::Value::String(raw.to_string())
+            }
+            Some(v) => v,
+            None => toml::Value::String(raw.to_string()),
+        },
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        [postgres]
+        host = "127.0.0.1"
+        database = "app"
+        user = "walcast"
+        password = "s3cret"
+        [kafka]
+        bootstrap_servers = "127.0.0.1:9092"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!(c.postgres.port, 5432);
+        assert_eq!(c.postgres.slot, "walcast");
+        assert_eq!(c.outbox.tables, vec!["public.outbox".to_string()]);
+        assert_eq!(c.outbox.topic, "outbox.event.${routedByValue}");
+        assert_eq!(c.pipeline.max_in_flight_events, 10_000);
+        assert_eq!(c.kafka.compression, "lz4");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let c = Config::from_toml(MIN).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret"), "{dbg}");
+        assert!(dbg.contains("<redacted>"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::from_toml(&format!("{MIN}\n[pipeline]\nmax_inflight = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("max_inflight"), "{err}");
+        let err = Config::from_toml(&format!("{MIN}\n[nope]\nx = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn env_and_set_overrides_apply_in_order() {
+        let dir = std::env::temp_dir().join(format!("walcast-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("walcast.toml");
+        std::fs::write(&f, MIN).unwrap();
+        let env = vec![
+            ("WALCAST_POSTGRES__PORT".to_string(), "6543".to_string()),
+            (
+                "WALCAST_PIPELINE__MAX_IN_FLIGHT_EVENTS".to_string(),
+                "77".to_string(),
+            ),
+            ("WALCAST_KAFKA__LINGER_MS".to_string(), "9".to_string()),
+            // Not config overrides (no "__"): ignored.
+            ("WALCAST_PG_PORT".to_string(), "1".to_string()),
+            ("WALCAST_KAFKA_BOOTSTRAP".to_string(), "x".to_string()),
+        ];
+        let c = Config::load(Some(&f), env, &["kafka.linger_ms=11".into()]).unwrap();
+        assert_eq!(c.postgres.port, 6543);
+        assert_eq!(c.pipeline.max_in_flight_events, 77);
+        assert_eq!(c.kafka.linger_ms, 11);
+        let err = Config::load(
+            Some(&f),
+            vec![("WALCAST_KAFKA__BOGUS".to_string(), "1".to_string())],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn names_and_values_are_validated() {
+        let bad_slot = MIN.replace(
+            "user = \"walcast\"",
+            "user = \"walcast\"\nslot = \"Bad-Slot\"",
+        );
+        let err = Config::from_toml(&bad_slot).unwrap_err();
+        assert!(err.to_string().contains("postgres.slot"), "{err}");
+        let long = format!("slot = \"{}\"", "a".repeat(64));
+        let err = Config::from_toml(
+            &MIN.replace("user = \"walcast\"", &format!("user = \"walcast\"\n{long}")),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("postgres.slot"), "{err}");
+        let err = Config::from_toml(&format!(
+            "{MIN}\n[kafka.properties]\n\"enable.idempotence\" = \"false\"\n"
+        ));
+        // [kafka.properties] after [kafka] in the same doc is fine TOML.
+        assert!(err.unwrap_err().to_string().contains("enable.idempotence"));
+        let err = Config::from_toml(&MIN.replace("127.0.0.1:9092", "")).unwrap_err();
+        assert!(err.to_string().contains("bootstrap_servers"));
+        let err =
+            Config::from_toml(&format!("{MIN}\n[outbox]\ntables = [\"a.b.c\"]\n")).unwrap_err();
+        assert!(err.to_string().contains("a.b.c"));
+        let err = Config::from_toml(&format!("{MIN}\n[outbox]\ntopic = \"bad topic ${{x}}\"\n"))
+            .unwrap_err();
+        assert!(err.to_string().contains("outbox.topic"), "{err}");
+    }
+
+    #[test]
+    fn table_names_parse_and_quote() {
+        assert_eq!(
+            TableName::parse("outbox").unwrap().to_string(),
+            "public.outbox"
+        );
+        assert_eq!(
+            TableName::parse("my\"s.o").unwrap().quoted(),
+            "\"my\"\"s\".\"o\""
+        );
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,38 @@
+//! The event sink: where events go (Kafka in production).
+
+use std::future::Future;
+
+use crate::error::Result;
+use crate::route::OutboxEvent;
+
+/// A destination for events.
+///
+/// # Ordering and durability contract
+/// - `send` hands one event over and returns a future that resolves to `Ok`
+///   only once the event is durable in the destination (for Kafka: a
+///   successful delivery report with `acks=all` from an idempotent producer).
+///   Nothing else may advance the confirmed LSN.
+/// - Events with the same key that are sent in order are made durable in that
+///   order; a failed event is never followed by a successful later event of
+///   the same key within one sink instance (the idempotent producer fails the
+///   rest of the partition's queue instead).
+/// - An `Err` from the future is final for that event in this sink instance:
+///   the caller stops, calls [`EventSink::abort`], and restarts from the slot.
+///   Implementations never retry one event on their own after reporting it failed.
+/// - `send` may return `Err` at once for an event that can never be accepted
+///   (for example larger than the maximum record size): a permanent error.
+pub trait EventSink: Send {
+    /// Resolves when the event is durable, or failed.
+    type Delivery: Future<Output = Result<()>> + Send + 'static;
+
+    /// Hands one event to the destination.
+    ///
+    /// # Errors
+    /// A permanent error when the event can never be accepted; a retryable one
+    /// when the sink cannot take it now.
+    fn send(&mut self, event: OutboxEvent) -> Result<Self::Delivery>;
+
+    /// Discards everything queued and not yet delivered (before a restart), so
+    /// nothing from this instance can be delivered after a later instance starts.
+    fn abort(self);
+}

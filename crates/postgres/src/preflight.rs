@@ -1,0 +1,539 @@
+//! Connecting, checking the setup, and positioning on the slot.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use walcast_core::config::{
+    quote_ident, quote_literal, OutboxColumns, PostgresConfig, Secret, SslMode, TableName,
+};
+use walcast_core::state::{SlotIdentity, StateStore};
+use walcast_core::{Error, Result};
+use walcast_pgoutput::Lsn;
+
+use crate::classify;
+use crate::source::{to_pgwire, PgSource};
+
+/// What to connect to and check.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `[postgres]`
+    pub pg: PostgresConfig,
+    /// The resolved password.
+    pub password: Option<Secret>,
+    /// Outbox tables.
+    pub tables: Vec<TableName>,
+    /// Outbox column names.
+    pub columns: OutboxColumns,
+    /// Where slot records live.
+    pub state: StateStore,
+}
+
+/// Facts about the server, read on the replication session.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    /// `IDENTIFY_SYSTEM` system identifier.
+    pub system_identifier: String,
+    /// Timeline.
+    pub timeline: u32,
+    /// `server_version_num`.
+    pub server_version_num: u32,
+    /// The server's WAL position when we connected.
+    pub xlogpos: Lsn,
+}
+
+/// A started stream and where it starts.
+#[derive(Debug)]
+pub struct Connected {
+    /// The stream.
+    pub source: PgSource,
+    /// The slot's confirmed flush LSN: nothing at or below it is replayed.
+    pub start_lsn: Lsn,
+    /// Server facts.
+    pub info: ServerInfo,
+    /// The slot's identity (for the state record).
+    pub slot: SlotIdentity,
+    /// True when this run created the slot.
+    pub created_slot: bool,
+}
+
+fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
+    let pg = &opts.pg;
+    let tls = match pg.sslmode {
+        SslMode::Disable => TlsConfig::disabled(),
+        SslMode::Require => TlsConfig::require(),
+        SslMode::VerifyCa => TlsConfig::verify_ca(pg.ssl_root_cert.clone()),
+        SslMode::VerifyFull => TlsConfig::verify_full(pg.ssl_root_cert.clone()),
+    };
+    ReplicationConfig::new(
+        pg.host.clone(),
+        pg.user.clone(),
+        opts.password.as_ref().map(|s| s.expose().to_string()).unwrap_or_default(),
+        pg.database.clone(),
+        pg.slot.clone(),
+        pg.publication.clone(),
+    )
+    .with_port(pg.port)
+    .with_tls(tls)
+    .with_application_name(pg.application_name.clone())
+    .with_status_interval(Duration::from_millis(pg.status_interval_ms))
+    .with_wakeup_interval(Duration::from_secs(5))
+    // Bounded hand-over buffer between the socket and the relay: row messages
+    // wait here, so keep it small (the relay's own in-flight bounds do the rest).
+    .with_buffer_size(512)
+    // Text output must not depend on the server's defaults.
+    .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex")
+}
+
+struct Session<'a> {
+    client: ReplicationClient,
+    opts: &'a ConnectOptions,
+}
+
+impl Session<'_> {
+    async fn query(&mut self, sql: &str, what: &str) -> Result<Vec<Vec<Option<String>>>> {
+        let rows = self
+            .client
+            .simple_query(sql)
+            .await
+            .map_err(|e| classify(e, what, &self.opts.pg.user))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|v: Option<Bytes>| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+fn lsn(s: &str, what: &str) -> Result<Lsn> {
+    s.parse::<Lsn>().map_err(|e| {
+        Error::permanent(format!("server returned an invalid LSN {s:?} for {what}")).with_source(e)
+    })
+}
+
+/// Connects, checks `wal_level`, privileges, tables, publication and slot,
+/// creates what is missing and allowed, then starts streaming at the slot's
+/// confirmed flush LSN.
+///
+/// # Errors
+/// Operator errors name the fix (wrong password, no REPLICATION attribute,
+/// `wal_level`, missing table or column, slot state); retryable errors cover
+/// an unreachable server and a slot briefly held by another connection.
+pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
+    let pg = &opts.pg;
+    let target = format!("{}:{} (database {})", pg.host, pg.port, pg.database);
+    let timeout = Duration::from_millis(pg.connect_timeout_ms);
+    let client = tokio::time::timeout(
+        timeout,
+        ReplicationClient::connect_gated(replication_config(opts)),
+    )
+    .await
+    .map_err(|_| {
+        Error::retryable(format!(
+            "connecting to Postgres at {target} timed out after {}ms",
+            pg.connect_timeout_ms
+        ))
+        .with_hint("check postgres.host/port and the network; walcast retries with backoff")
+    })?
+    .map_err(|e| {
+        classify(
+            e,
+            &format!("cannot connect to Postgres at {target} as {}", pg.user),
+            &pg.user,
+        )
+    })?;
+    let mut s = Session { client, opts };
+
+    let system = s
+        .client
+        .identify_system()
+        .await
+        .map_err(|e| classify(e, "IDENTIFY_SYSTEM failed", &pg.user))?;
+    let version = s
+        .query("SHOW server_version_num", "reading server_version_num")
+        .await?;
+    let server_version_num: u32 = version
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let info = ServerInfo {
+        system_identifier: system.system_id.clone(),
+        timeline: system.timeline,
+        server_version_num,
+        xlogpos: Lsn::new(system.xlogpos.as_u64()),
+    };
+
+    // wal_level
+    let wal = s.query("SHOW wal_level", "reading wal_level").await?;
+    let wal_level = wal
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .unwrap_or_default();
+    if wal_level != "logical" {
+        return Err(Error::operator(format!(
+            "Postgres at {target} runs with wal_level = {wal_level}; logical replication needs wal_level = logical"
+        ))
+        .with_hint("set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart Postgres"));
+    }
+
+    check_tables(&mut s).await?;
+    ensure_publication(&mut s).await?;
+
+    let slot_id = SlotIdentity {
+        system_identifier: info.system_identifier.clone(),
+        database: pg.database.clone(),
+        slot: pg.slot.clone(),
+    };
+    let (start_lsn, created_slot) = ensure_slot(&mut s, &slot_id).await?;
+    opts.state.save(&slot_id, start_lsn)?;
+
+    let mut client = s.client;
+    client.start().await.map_err(|e| {
+        classify(
+            e,
+            &format!("START_REPLICATION on slot {} failed", pg.slot),
+            &pg.user,
+        )
+    })?;
+    tokio::time::timeout(timeout, client.wait_started())
+        .await
+        .map_err(|_| Error::retryable("START_REPLICATION was not confirmed in time"))?
+        .map_err(|e| {
+            classify(
+                e,
+                &format!("START_REPLICATION on slot {} failed", pg.slot),
+                &pg.user,
+            )
+        })?;
+    // Until the relay confirms more, report the slot's own position.
+    client.update_applied_lsn(to_pgwire(start_lsn));
+    let source = PgSource::new(
+        client,
+        pg.user.clone(),
+        Duration::from_millis(pg.status_interval_ms),
+        start_lsn,
+    );
+    Ok(Connected {
+        source,
+        start_lsn,
+        info,
+        slot: slot_id,
+        created_slot,
+    })
+}
+
+async fn check_tables(s: &mut Session<'_>) -> Result<()> {
+    let cols = &s.opts.columns;
+    for t in &s.opts.tables {
+        let rows = s
+            .query(
+                &format!(
+                    "SELECT a.attname FROM pg_catalog.pg_class c \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                     WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
+                    quote_literal(&t.schema),
+                    quote_literal(&t.name)
+                ),
+                "reading the outbox table's columns",
+            )
+            .await?;
+        if rows.is_empty() {
+            return Err(Error::operator(format!(
+                "outbox table {t} does not exist in database {}",
+                s.opts.pg.database
+            ))
+            .with_hint(format!(
+                "create it (see README: the outbox table), or fix outbox.tables; walcast reads the columns {}, {}, {}, {}, {}",
+                cols.id, cols.aggregatetype, cols.aggregateid, cols.r#type, cols.payload
+            )));
+        }
+        let names: Vec<String> = rows
+            .into_iter()
+            .filter_map(|r| r.into_iter().next().flatten())
+            .collect();
+        for (opt, col) in [
+            ("id", &cols.id),
+            ("aggregatetype", &cols.aggregatetype),
+            ("aggregateid", &cols.aggregateid),
+            ("payload", &cols.payload),
+        ] {
+            if !names.iter().any(|n| n == col) {
+                return Err(Error::operator(format!(
+                    "outbox table {t} has no column {col:?} (the {opt} column)"
+                ))
+                .with_hint(format!(
+                    "add it (ALTER TABLE {} ADD COLUMN {} ...) or set outbox.columns.{opt} to the column that holds it; the table has: {}",
+                    t.quoted(),
+                    quote_ident(col),
+                    names.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ensure_publication(s: &mut Session<'_>) -> Result<()> {
+    let pg = &s.opts.pg;
+    let name = quote_literal(&pg.publication);
+    let tables_sql = s
+        .opts
+        .tables
+        .iter()
+        .map(TableName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = s
+        .query(
+            &format!("SELECT pubinsert, puballtables FROM pg_catalog.pg_publication WHERE pubname = {name}"),
+            "reading the publication",
+        )
+        .await?;
+    let create_sql = format!(
+        "CREATE PUBLICATION {} FOR TABLE {tables_sql} WITH (publish = 'insert')",
+        quote_ident(&pg.publication)
+    );
+    let Some(row) = rows.into_iter().next() else {
+        if !pg.create_publication {
+            return Err(Error::operator(format!("publication {} does not exist", pg.publication))
+                .with_hint(format!("create it as the tables' owner: {create_sql}; or set postgres.create_publication = true")));
+        }
+        s.query(&create_sql, "creating the publication").await.map_err(|e| {
+            Error::operator(format!(
+                "cannot create publication {}: {}",
+                pg.publication,
+                e.message()
+            ))
+            .with_hint(format!(
+                "run as the owner of the outbox tables: {create_sql}; walcast's role only needs REPLICATION once it exists"
+            ))
+        })?;
+        tracing::info!(publication = %pg.publication, tables = %tables_sql, "created publication (publish = 'insert')");
+        return Ok(());
+    };
+    if row.first().cloned().flatten().as_deref() != Some("t") {
+        return Err(Error::operator(format!(
+            "publication {} does not publish INSERTs",
+            pg.publication
+        ))
+        .with_hint(format!(
+            "ALTER PUBLICATION {} SET (publish = 'insert')",
+            quote_ident(&pg.publication)
+        )));
+    }
+    if row.get(1).cloned().flatten().as_deref() == Some("t") {
+        return Ok(());
+    }
+    let published = s
+        .query(
+            &format!("SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = {name}"),
+            "reading the publication's tables",
+        )
+        .await?;
+    for t in &s.opts.tables {
+        let found = published.iter().any(|r| {
+            r.first().cloned().flatten().as_deref() == Some(t.schema.as_str())
+                && r.get(1).cloned().flatten().as_deref() == Some(t.name.as_str())
+        });
+        if !found {
+            return Err(Error::operator(format!(
+                "publication {} does not include outbox table {t}",
+                pg.publication
+            ))
+            .with_hint(format!(
+                "ALTER PUBLICATION {} ADD TABLE {} (as the table's owner)",
+                quote_ident(&pg.publication),
+                t.quoted()
+            )));
+        }
+    }
+    Ok(())
+}
+
+struct SlotRow {
+    plugin: Option<String>,
+    slot_type: Option<String>,
+    database: Option<String>,
+    active: bool,
+    active_pid: Option<String>,
+    wal_status: Option<String>,
+    confirmed_flush_lsn: Option<String>,
+}
+
+async fn read_slot(s: &mut Session<'_>) -> Result<Option<SlotRow>> {
+    let rows = s
+        .query(
+            &format!(
+                "SELECT plugin, slot_type, database, active, active_pid, wal_status, confirmed_flush_lsn \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+                quote_literal(&s.opts.pg.slot)
+            ),
+            "reading the replication slot",
+        )
+        .await?;
+    Ok(rows.into_iter().next().map(|r| {
+        let g = |i: usize| r.get(i).cloned().flatten();
+        SlotRow {
+            plugin: g(0),
+            slot_type: g(1),
+            database: g(2),
+            active: g(3).as_deref() == Some("t"),
+            active_pid: g(4),
+            wal_status: g(5),
+            confirmed_flush_lsn: g(6),
+        }
+    }))
+}
+
+fn gap_error(slot: &str, what: &str, last: &str) -> Error {
+    Error::operator(format!(
+        "replication slot {slot} {what} after walcast confirmed positions on it (last confirmed {last}). \
+         Changes committed after that position may never have reached Kafka, and Postgres no longer has them"
+    ))
+    .with_hint(format!(
+        "walcast will not silently start over. Reconcile the outbox rows committed after {last} with Kafka, then run \
+         `walcast slot accept-gap --config <file>` to accept the gap; the next `walcast run` creates a new slot at the current position"
+    ))
+}
+
+async fn ensure_slot(s: &mut Session<'_>, id: &SlotIdentity) -> Result<(Lsn, bool)> {
+    let pg = s.opts.pg.clone();
+    let record = s.opts.state.load(id)?;
+    let wait_until = tokio::time::Instant::now() + Duration::from_millis(pg.slot_wait_timeout_ms);
+    loop {
+        let slot = read_slot(s).await?;
+        let Some(slot) = slot else {
+            if let Some(rec) = &record {
+                return Err(gap_error(&pg.slot, "no longer exists", &rec.confirmed_lsn));
+            }
+            if !pg.create_slot {
+                return Err(Error::operator(format!("replication slot {} does not exist", pg.slot))
+                    .with_hint(format!(
+                        "create it: SELECT pg_create_logical_replication_slot({}, 'pgoutput'); or set postgres.create_slot = true",
+                        quote_literal(&pg.slot)
+                    )));
+            }
+            let rows = s
+                .query(
+                    &format!(
+                        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                        quote_ident(&pg.slot)
+                    ),
+                    "creating the replication slot",
+                )
+                .await?;
+            let point = rows
+                .first()
+                .and_then(|r| r.get(1).cloned().flatten())
+                .ok_or_else(|| {
+                    Error::permanent("CREATE_REPLICATION_SLOT returned no consistent point")
+                })?;
+            let start = lsn(&point, "the new slot's consistent point")?;
+            tracing::info!(slot = %pg.slot, lsn = %start, "created replication slot (pgoutput)");
+            return Ok((start, true));
+        };
+        if slot.slot_type.as_deref() != Some("logical")
+            || slot.plugin.as_deref() != Some("pgoutput")
+        {
+            return Err(Error::operator(format!(
+                "replication slot {} exists but is a {} slot with plugin {}; walcast needs a logical slot with pgoutput",
+                pg.slot,
+                slot.slot_type.as_deref().unwrap_or("?"),
+                slot.plugin.as_deref().unwrap_or("none")
+            ))
+            .with_hint("choose another postgres.slot name, or drop that slot if nothing else uses it"));
+        }
+        if slot.database.as_deref() != Some(pg.database.as_str()) {
+            return Err(Error::operator(format!(
+                "replication slot {} belongs to database {}, not {}",
+                pg.slot,
+                slot.database.as_deref().unwrap_or("?"),
+                pg.database
+            ))
+            .with_hint("choose another postgres.slot name"));
+        }
+        if slot.wal_status.as_deref() == Some("lost") {
+            let last = record
+                .as_ref()
+                .map(|r| r.confirmed_lsn.clone())
+                .or(slot.confirmed_flush_lsn.clone())
+                .unwrap_or_else(|| "unknown".into());
+            return Err(gap_error(
+                &pg.slot,
+                "was invalidated (wal_status = lost: the WAL it needed was removed, see max_slot_wal_keep_size)",
+                &last,
+            ));
+        }
+        if slot.active {
+            if tokio::time::Instant::now() >= wait_until {
+                return Err(Error::operator(format!(
+                    "replication slot {} is in use by another connection (pid {})",
+                    pg.slot,
+                    slot.active_pid.as_deref().unwrap_or("?")
+                ))
+                .with_hint("only one walcast may read a slot: stop the other instance, or give this one its own postgres.slot; see pg_stat_replication for who holds it"));
+            }
+            tracing::info!(slot = %pg.slot, pid = ?slot.active_pid, "slot is in use by another connection; waiting");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let confirmed = slot.confirmed_flush_lsn.ok_or_else(|| {
+            Error::permanent(format!("slot {} has no confirmed_flush_lsn", pg.slot))
+        })?;
+        return Ok((lsn(&confirmed, "the slot's confirmed_flush_lsn")?, false));
+    }
+}
+
+/// Accepts a gap on a dropped or invalidated slot: drops the slot if it is
+/// invalidated and forgets walcast's record of it, so the next run starts a
+/// new slot at the current position. Returns what was done.
+///
+/// # Errors
+/// When the server cannot be reached or the slot cannot be dropped.
+pub async fn accept_slot_gap(opts: &ConnectOptions) -> Result<String> {
+    let pg = &opts.pg;
+    let client = ReplicationClient::connect_gated(replication_config(opts))
+        .await
+        .map_err(|e| classify(e, "cannot connect to Postgres", &pg.user))?;
+    let mut s = Session { client, opts };
+    let system = s
+        .client
+        .identify_system()
+        .await
+        .map_err(|e| classify(e, "IDENTIFY_SYSTEM failed", &pg.user))?;
+    let id = SlotIdentity {
+        system_identifier: system.system_id.clone(),
+        database: pg.database.clone(),
+        slot: pg.slot.clone(),
+    };
+    let mut done = Vec::new();
+    if let Some(slot) = read_slot(&mut s).await? {
+        if slot.wal_status.as_deref() == Some("lost") {
+            s.query(
+                &format!("DROP_REPLICATION_SLOT {}", quote_ident(&pg.slot)),
+                "dropping the invalidated slot",
+            )
+            .await?;
+            done.push(format!("dropped invalidated slot {}", pg.slot));
+        } else {
+            done.push(format!("slot {} exists and is valid (kept)", pg.slot));
+        }
+    }
+    let last = opts.state.load(&id)?.map(|r| r.confirmed_lsn);
+    if opts.state.forget(&id)? {
+        done.push(format!(
+            "forgot walcast's record of slot {} (last confirmed {})",
+            pg.slot,
+            last.unwrap_or_default()
+        ));
+    }
+    if done.is_empty() {
+        done.push("nothing to do: no record and no slot".into());
+    }
+    Ok(done.join("; "))
+}

@@ -1,0 +1,317 @@
+//! `walcast`: the transactional outbox relay from PostgreSQL to Apache Kafka.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use walcast_core::config::{Config, LogFormat};
+use walcast_core::outbox::OutboxFilter;
+use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
+use walcast_core::route::{Router, TopicTemplate};
+use walcast_core::sink::EventSink;
+use walcast_core::source::ReplicationSource;
+use walcast_core::state::StateStore;
+use walcast_core::{Decision, Error, ErrorKind};
+use walcast_kafka::{KafkaSink, QueueLimits};
+use walcast_postgres::ConnectOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "walcast",
+    version,
+    about = "Relays committed outbox INSERTs from a PostgreSQL replication slot to Kafka; confirms the slot only after Kafka acknowledged them."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    /// The configuration file (TOML).
+    #[arg(long, short, env = "WALCAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Override one option: `--set section.key=value` (repeatable; applied
+    /// after the file and `WALCAST_<SECTION>__<KEY>` environment variables).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay until SIGTERM/SIGINT.
+    Run(ConfigArgs),
+    /// Validate the configuration (no I/O) and print it with secrets redacted.
+    Config(ConfigArgs),
+    /// Slot maintenance.
+    Slot {
+        #[command(subcommand)]
+        command: SlotCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCommand {
+    /// Accept a gap after the slot was dropped or invalidated: drops an
+    /// invalidated slot and forgets walcast's record of it, so the next `run`
+    /// creates a new slot at the current position. Events committed between
+    /// the last confirmed position and the new slot will NOT be relayed.
+    AcceptGap(ConfigArgs),
+}
+
+fn load(args: &ConfigArgs) -> Result<Config, Error> {
+    Config::load(args.config.as_deref(), std::env::vars(), &args.set)
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn exit_code(kind: ErrorKind) -> i32 {
+    match kind {
+        ErrorKind::OperatorAction => 2,
+        ErrorKind::Permanent => 3,
+        _ => 1,
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match real_main(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let kind = e
+                .downcast_ref::<Error>()
+                .map(|e| e.kind())
+                .unwrap_or(ErrorKind::OperatorAction);
+            eprintln!("walcast: error ({kind}): {e:#}");
+            exit_code(kind)
+        }
+    };
+    std::process::exit(code);
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Config(args) => {
+            let cfg = load(&args)?;
+            println!(
+                "{}",
+                toml::to_string_pretty(&redacted(&cfg)).context("printing the configuration")?
+            );
+            Ok(())
+        }
+        Command::Run(args) => {
+            let cfg = load(&args)?;
+            init_logging(&cfg);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(run(cfg))?;
+            Ok(())
+        }
+        Command::Slot {
+            command: SlotCommand::AcceptGap(args),
+        } => {
+            let cfg = load(&args)?;
+            init_logging(&cfg);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let opts = connect_options(&cfg)?;
+            let done = rt.block_on(walcast_postgres::accept_slot_gap(&opts))?;
+            println!("{done}");
+            Ok(())
+        }
+    }
+}
+
+fn redacted(cfg: &Config) -> Config {
+    let mut c = cfg.clone();
+    if c.postgres.password.is_some() {
+        c.postgres.password = Some(walcast_core::config::Secret::new("<redacted>"));
+    }
+    for (k, v) in c.kafka.properties.iter_mut() {
+        if k.contains("password") || k.contains("secret") || k.contains("key") {
+            *v = "<redacted>".into();
+        }
+    }
+    c
+}
+
+fn connect_options(cfg: &Config) -> Result<ConnectOptions, Error> {
+    Ok(ConnectOptions {
+        pg: cfg.postgres.clone(),
+        password: cfg.postgres_password()?,
+        tables: cfg.outbox_tables()?,
+        columns: cfg.outbox.columns.clone(),
+        state: StateStore::new(&cfg.pipeline.state_dir),
+    })
+}
+
+async fn run(cfg: Config) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping (outstanding deliveries are awaited)");
+        let _ = stop_tx.send(true);
+    });
+    let opts = connect_options(&cfg)?;
+    let progress = Arc::new(Progress::default());
+    let initial = Duration::from_millis(cfg.pipeline.restart_backoff_initial_ms);
+    let max = Duration::from_millis(cfg.pipeline.restart_backoff_max_ms);
+    let mut backoff = initial;
+    loop {
+        if *stop_rx.borrow() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match run_once(&cfg, &opts, &progress, stop_rx.clone()).await {
+            Ok(PipelineExit::Shutdown {
+                confirmed,
+                abandoned_events,
+            }) => {
+                tracing::info!(%confirmed, abandoned_events, "stopped");
+                return Ok(());
+            }
+            Ok(PipelineExit::SourceEnded { confirmed }) => {
+                tracing::warn!(%confirmed, "the server ended the replication stream; reconnecting");
+            }
+            Err(e) => match e.kind().decision() {
+                Decision::Exit => {
+                    tracing::error!(kind = %e.kind(), "{e}");
+                    return Err(e);
+                }
+                Decision::RestartFromSlot => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = initial;
+                    }
+                    tracing::warn!(
+                        kind = %e.kind(),
+                        backoff_ms = backoff.as_millis() as u64,
+                        "{e}; restarting from the slot's confirmed position"
+                    );
+                }
+            },
+        }
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+async fn run_once(
+    cfg: &Config,
+    opts: &ConnectOptions,
+    progress: &Arc<Progress>,
+    stop: watch::Receiver<bool>,
+) -> Result<PipelineExit, Error> {
+    let mut sink = KafkaSink::new(
+        &cfg.kafka,
+        QueueLimits {
+            max_in_flight_events: cfg.pipeline.max_in_flight_events,
+            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
+        },
+    )?;
+    sink.check_reachable(Duration::from_secs(10)).await?;
+    let connected = walcast_postgres::connect(opts).await?;
+    let mut source = connected.source;
+    tracing::info!(
+        slot = %cfg.postgres.slot,
+        publication = %cfg.postgres.publication,
+        start_lsn = %connected.start_lsn,
+        created_slot = connected.created_slot,
+        server_version = connected.info.server_version_num,
+        "streaming from the slot"
+    );
+    let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone());
+    let router = Router::new(TopicTemplate::parse(&cfg.outbox.topic)?);
+    let mut pipeline = Pipeline::new(
+        PipelineSettings {
+            max_in_flight_events: cfg.pipeline.max_in_flight_events,
+            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
+            shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
+            stall_warning_after: Duration::from_secs(10),
+        },
+        filter,
+        router,
+        progress.clone(),
+    );
+    let state = opts.state.clone();
+    let slot_id = connected.slot.clone();
+    let mut last_saved = Instant::now();
+    let result = pipeline
+        .run(
+            &mut source,
+            &mut sink,
+            connected.start_lsn,
+            stop,
+            move |lsn| {
+                if last_saved.elapsed() >= Duration::from_secs(5) {
+                    last_saved = Instant::now();
+                    if let Err(e) = state.save(&slot_id, lsn) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            },
+        )
+        .await;
+    match result {
+        Ok(exit) => {
+            if let Err(e) = opts.state.save(&connected.slot, progress.confirmed()) {
+                tracing::warn!("{e}");
+            }
+            if let Err(e) = source.shutdown().await {
+                tracing::warn!("{e}");
+            }
+            sink.abort();
+            Ok(exit)
+        }
+        Err(e) => {
+            // Drop everything queued so nothing of this run is delivered after
+            // the next one starts; the next run replays from the slot.
+            sink.abort();
+            drop(source);
+            Err(e)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

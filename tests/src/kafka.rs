@@ -1,0 +1,227 @@
+//! A real rdkafka consumer and admin helpers for assertions.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// One consumed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub value: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+    /// The key as text.
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+    /// The value parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.value.as_deref().unwrap_or_default())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Creates topics (idempotent) with `partitions` partitions, replication factor 1.
+pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating the admin client")?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("create_topics")?;
+    for r in results {
+        if let Err((topic, code)) = r {
+            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                bail!("creating topic {topic}: {code}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads topics from the beginning and keeps what it read.
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    topics: Vec<String>,
+    /// Everything read so far, in arrival order (per partition: offset order).
+    pub records: Vec<Record>,
+}
+
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicReader")
+            .field("topics", &self.topics)
+            .field("records", &self.records.len())
+            .finish()
+    }
+}
+
+impl TopicReader {
+    /// Assigns every partition of `topics` from the beginning. The topics
+    /// must exist (see [`create_topics`]).
+    pub fn new(bootstrap: &str, topics: &[&str]) -> Result<TopicReader> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("walcast-test-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .context("creating the consumer")?;
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            let md = consumer
+                .fetch_metadata(Some(t), Duration::from_secs(10))
+                .with_context(|| format!("metadata for {t}"))?;
+            let parts = md
+                .topics()
+                .first()
+                .map(|m| m.partitions().len())
+                .unwrap_or(0);
+            if parts == 0 {
+                bail!("topic {t} has no partitions (does it exist?)");
+            }
+            for p in 0..parts as i32 {
+                tpl.add_partition_offset(t, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl).context("assign")?;
+        Ok(TopicReader {
+            consumer,
+            topics: topics.iter().map(|s| s.to_string()).collect(),
+            records: Vec::new(),
+        })
+    }
+
+    fn poll_once(&mut self, timeout: Duration) -> Result<bool> {
+        match self.consumer.poll(timeout) {
+            None => Ok(false),
+            Some(Err(e)) => {
+                // Transient broker errors while a broker restarts are expected.
+                eprintln!("consumer error (ignored): {e}");
+                Ok(false)
+            }
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_string(),
+                                    h.value.map(|v| v.to_vec()).unwrap_or_default(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.records.push(Record {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| k.to_vec()),
+                    value: m.payload().map(|v| v.to_vec()),
+                    headers,
+                });
+                Ok(true)
+            }
+        }
+    }
+
+    /// Reads until `done(&records)` or the timeout; returns whether `done` held.
+    pub fn read_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Record]) -> bool,
+    ) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.records) {
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            self.poll_once(Duration::from_millis(200))?;
+        }
+        Ok(true)
+    }
+
+    /// Reads until at least `n` records arrived (or the timeout).
+    pub fn read_at_least(&mut self, n: usize, timeout: Duration) -> Result<bool> {
+        self.read_until(timeout, |r| r.len() >= n)
+    }
+
+    /// Reads everything up to the partitions' current high watermarks: after
+    /// this, `records` holds all that Kafka had when it was called.
+    pub fn read_to_end(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut high: HashMap<(String, i32), i64> = HashMap::new();
+        for t in self.topics.clone() {
+            let md = self
+                .consumer
+                .fetch_metadata(Some(&t), Duration::from_secs(10))?;
+            let parts = md
+                .topics()
+                .first()
+                .map(|m| m.partitions().len())
+                .unwrap_or(0);
+            for p in 0..parts as i32 {
+                let (_, h) = self
+                    .consumer
+                    .fetch_watermarks(&t, p, Duration::from_secs(10))
+                    .with_context(|| format!("watermarks of {t}/{p}"))?;
+                high.insert((t.clone(), p), h);
+            }
+        }
+        loop {
+            let mut next: HashMap<(String, i32), i64> = HashMap::new();
+            for r in &self.records {
+                let e = next.entry((r.topic.clone(), r.partition)).or_insert(0);
+                *e = (*e).max(r.offset + 1);
+            }
+            let done = high
+                .iter()
+                .all(|(k, h)| *h == 0 || next.get(k).copied().unwrap_or(0) >= *h);
+            if done {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("could not read to the high watermarks {high:?} in time (at {next:?})");
+            }
+            self.poll_once(Duration::from_millis(200))?;
+        }
+    }
+}
