@@ -1,0 +1,324 @@
+# shellcheck shell=bash
+# Apache Kafka (KRaft, combined broker+controller) for scripts/dev.
+# Sourced after common.sh.
+#
+# Jars: resolved by Maven from scripts/env/kafka/pom.xml into
+#   $WALCAST_CACHE_DIR/kafka-<version>/libs   (marker .walcast-complete = pom sha256)
+#
+# Layout ($WALCAST_DEV_DIR/kafka):
+#   cluster.id            the KRaft cluster id (formatted once)
+#   format.conf           node count and ports the storage was formatted with
+#   node-<n>/server.properties, node-<n>/data (log.dirs),
+#   node-<n>/logs/server.log (log4j2), node-<n>/logs/kafka.out (JVM stdout/err),
+#   node-<n>/kafka.pid    the recorded pid
+#
+# Everything is per node <n> (node.id = n) so a multi-node cluster is a matter
+# of WALCAST_KAFKA_NODES > 1 plus formatting with --initial-controllers
+# instead of --standalone (see kafka_format); today only 1 is supported.
+# Ports of node n: WALCAST_KAFKA_PORT + 10*(n-1), WALCAST_KAFKA_CONTROLLER_PORT + 10*(n-1).
+
+WALCAST_KAFKA_NODES="${WALCAST_KAFKA_NODES:-1}"
+WALCAST_KAFKA_HEAP_OPTS="${WALCAST_KAFKA_HEAP_OPTS:--Xmx1g -Xms256m}"
+KAFKA_POM="$WALCAST_ENV_DIR/kafka/pom.xml"
+KAFKA_LOG4J="$WALCAST_ENV_DIR/kafka/log4j2.properties"
+KAFKA_TEMPLATE="$WALCAST_ENV_DIR/kafka/server.properties.in"
+KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM" | head -n1)"
+WALCAST_KAFKA_LIBS="$WALCAST_CACHE_DIR/kafka-$KAFKA_VERSION/libs"
+KAFKA_BASE="$WALCAST_DEV_DIR/kafka"
+KAFKA_READY_PATTERN='Kafka Server started|Transition from STARTING to STARTED'
+
+kafka_check_config() {
+  [[ -n "$KAFKA_VERSION" ]] || die "cannot read <kafka.version> from $KAFKA_POM"
+  [[ "$WALCAST_KAFKA_NODES" == 1 ]] ||
+    die "WALCAST_KAFKA_NODES=$WALCAST_KAFKA_NODES: only a single Kafka node is supported so far"
+  check_port_number WALCAST_KAFKA_PORT "$WALCAST_KAFKA_PORT"
+  check_port_number WALCAST_KAFKA_CONTROLLER_PORT "$WALCAST_KAFKA_CONTROLLER_PORT"
+}
+
+kafka_nodes() { seq 1 "$WALCAST_KAFKA_NODES"; }
+kafka_broker_port() { echo $((WALCAST_KAFKA_PORT + 10 * ($1 - 1))); }
+kafka_controller_port() { echo $((WALCAST_KAFKA_CONTROLLER_PORT + 10 * ($1 - 1))); }
+kafka_node_dir() { echo "$KAFKA_BASE/node-$1"; }
+kafka_node_log() { echo "$KAFKA_BASE/node-$1/logs/server.log"; }
+kafka_node_out() { echo "$KAFKA_BASE/node-$1/logs/kafka.out"; }
+kafka_pid_file() { echo "$KAFKA_BASE/node-$1/kafka.pid"; }
+
+kafka_bootstrap() { # comma-separated broker list
+  local n out=()
+  for n in $(kafka_nodes); do out+=("127.0.0.1:$(kafka_broker_port "$n")"); done
+  (
+    IFS=,
+    echo "${out[*]}"
+  )
+}
+
+kafka_quorum_bootstrap() {
+  local n out=()
+  for n in $(kafka_nodes); do out+=("127.0.0.1:$(kafka_controller_port "$n")"); done
+  (
+    IFS=,
+    echo "${out[*]}"
+  )
+}
+
+# ------------------------------------------------------------------ jars ----
+
+kafka_pom_sum() { sha256sum "$KAFKA_POM" | cut -d' ' -f1; }
+
+ensure_kafka_libs() {
+  kafka_check_config
+  local root="$WALCAST_CACHE_DIR/kafka-$KAFKA_VERSION" sum tmp
+  sum="$(kafka_pom_sum)"
+  if [[ -f "$root/.walcast-complete" && "$(cat "$root/.walcast-complete")" == "$sum" && -d "$WALCAST_KAFKA_LIBS" ]]; then
+    return 0
+  fi
+  ensure_mvn
+  info "resolving Apache Kafka $KAFKA_VERSION jars with Maven into $WALCAST_KAFKA_LIBS"
+  mkdir -p "$root"
+  tmp="$(mktemp -d "$root/.resolve.XXXXXX")"
+  if ! mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies \
+    -DoutputDirectory="$tmp/libs" >"$tmp/mvn.log" 2>&1; then
+    err "Maven could not resolve the Kafka jars"
+    show_log_tail "$tmp/mvn.log"
+    rm -rf "$tmp"
+    exit 1
+  fi
+  ls "$tmp"/libs/kafka_2.13-*.jar >/dev/null 2>&1 || die "Maven ran but no kafka_2.13 jar was copied"
+  rm -rf "$WALCAST_KAFKA_LIBS"
+  mv "$tmp/libs" "$WALCAST_KAFKA_LIBS"
+  rm -rf "$tmp"
+  echo "$sum" >"$root/.walcast-complete"
+}
+
+# run a Kafka class from the jar dir in the foreground (tools, StorageTool)
+kafka_java() { # <main class> [args...]
+  "$JAVA" -Xmx512m -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$KAFKA_BASE/tool-logs" \
+    -cp "$WALCAST_KAFKA_LIBS/*" "$@" 9>&-
+}
+
+# ------------------------------------------------------------------- pid ----
+
+# recorded pid of node <n>, only when alive and running this node's config
+kafka_pid() { # <n>
+  local pid cmd
+  pid="$(read_pid_file "$(kafka_pid_file "$1")")" || return 1
+  pid_alive "$pid" || return 1
+  cmd="$(pid_cmdline "$pid")"
+  [[ "$cmd" == *kafka.Kafka* && "$cmd" == *"$(kafka_node_dir "$1")/server.properties"* ]] || return 1
+  echo "$pid"
+}
+
+# ------------------------------------------------------------ formatting ----
+
+kafka_render_properties() { # <n>
+  local n="$1" dir rf min_isr
+  dir="$(kafka_node_dir "$n")"
+  rf=$((WALCAST_KAFKA_NODES < 3 ? WALCAST_KAFKA_NODES : 3))
+  min_isr=$((rf > 1 ? rf - 1 : 1))
+  sed -e "s|@NODE_ID@|$n|g" \
+    -e "s|@BROKER_PORT@|$(kafka_broker_port "$n")|g" \
+    -e "s|@CONTROLLER_PORT@|$(kafka_controller_port "$n")|g" \
+    -e "s|@QUORUM_BOOTSTRAP@|$(kafka_quorum_bootstrap)|g" \
+    -e "s|@LOG_DIRS@|$dir/data|g" \
+    -e "s|@REPLICATION_FACTOR@|$rf|g" \
+    -e "s|@MIN_ISR@|$min_isr|g" \
+    "$KAFKA_TEMPLATE" >"$dir/server.properties"
+}
+
+kafka_format_conf() {
+  echo "nodes=$WALCAST_KAFKA_NODES broker_port=$WALCAST_KAFKA_PORT controller_port=$WALCAST_KAFKA_CONTROLLER_PORT"
+}
+
+# a KRaft cluster id: 16 random bytes, URL-safe base64 without padding (the
+# format kafka.tools.StorageTool random-uuid prints; saves a JVM start)
+kafka_new_cluster_id() {
+  local id
+  while true; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    [[ "$id" != -* && ${#id} -eq 22 ]] && break
+  done
+  echo "$id"
+}
+
+kafka_format() {
+  local n dir cid
+  mkdir -p "$KAFKA_BASE"
+  if [[ -f "$KAFKA_BASE/format.conf" ]]; then
+    if [[ "$(cat "$KAFKA_BASE/format.conf")" != "$(kafka_format_conf)" ]]; then
+      die "Kafka storage in $KAFKA_BASE was formatted with '$(cat "$KAFKA_BASE/format.conf")' but the settings are now '$(kafka_format_conf)'; run 'scripts/dev env wipe' (or rm -rf $KAFKA_BASE while Kafka is stopped)"
+    fi
+  fi
+  [[ -s "$KAFKA_BASE/cluster.id" ]] || kafka_new_cluster_id >"$KAFKA_BASE/cluster.id"
+  cid="$(cat "$KAFKA_BASE/cluster.id")"
+  for n in $(kafka_nodes); do
+    dir="$(kafka_node_dir "$n")"
+    mkdir -p "$dir/logs"
+    kafka_render_properties "$n"
+    [[ -f "$dir/data/meta.properties" ]] && continue
+    info "kafka: formatting KRaft storage of node $n (cluster id $cid)"
+    rm -rf "$dir/data"
+    # single node: --standalone makes it the only voter. A multi-node
+    # cluster would pass --initial-controllers id@host:port:dir-id,... here.
+    if ! kafka_java kafka.tools.StorageTool format --standalone -t "$cid" \
+      -c "$dir/server.properties" >"$dir/logs/format.log" 2>&1; then
+      err "kafka: formatting the storage of node $n failed"
+      show_log_tail "$dir/logs/format.log"
+      exit 1
+    fi
+  done
+  kafka_format_conf >"$KAFKA_BASE/format.conf"
+}
+
+# ---------------------------------------------------------------- start ----
+
+# set by kafka_launch, used by kafka_wait_ready: "<node>:<pid>:<log offset>"
+KAFKA_LAUNCHED=()
+
+# Readiness: the node's process is alive, its broker port accepts TCP
+# connections, and server.log has logged "Kafka Server started" (or the
+# broker's "Transition from STARTING to STARTED") since our launch. The
+# broker only logs that after it caught up with the metadata log and was
+# unfenced, i.e. it serves produce/fetch/metadata requests.
+kafka_node_ready() { # <n> <log offset>
+  local n="$1" offset="$2" log size
+  port_open "$(kafka_broker_port "$n")" || return 1
+  log="$(kafka_node_log "$n")"
+  [[ -f "$log" ]] || return 1
+  size="$(stat -c %s "$log")"
+  ((size >= offset)) || offset=0 # rotated meanwhile
+  tail -c "+$((offset + 1))" "$log" | grep -Eq "$KAFKA_READY_PATTERN"
+}
+
+kafka_launch() {
+  ensure_kafka_libs
+  ensure_java
+  KAFKA_LAUNCHED=()
+  local n pid dir log offset pidfile port
+  mkdir -p "$KAFKA_BASE"
+  # nodes already running are reused
+  local to_start=()
+  for n in $(kafka_nodes); do
+    if pid="$(kafka_pid "$n")"; then
+      if port_open "$(kafka_broker_port "$n")"; then
+        info "kafka: node $n already running (pid $pid, 127.0.0.1:$(kafka_broker_port "$n"))"
+      else
+        # still starting (or hung): wait for any "started" line in its log
+        KAFKA_LAUNCHED+=("$n:$pid:0")
+      fi
+      continue
+    fi
+    pidfile="$(kafka_pid_file "$n")"
+    if [[ -f "$pidfile" ]]; then
+      info "kafka: removing stale pid file of node $n (pid $(cat "$pidfile") is no longer running it)"
+      rm -f "$pidfile"
+    fi
+    for port in "$(kafka_broker_port "$n")" "$(kafka_controller_port "$n")"; do
+      if port_open "$port"; then
+        die "kafka: port 127.0.0.1:$port is used by a process that is not this dev env's Kafka (set WALCAST_KAFKA_PORT / WALCAST_KAFKA_CONTROLLER_PORT)"
+      fi
+    done
+    to_start+=("$n")
+  done
+  ((${#to_start[@]})) || return 0
+  kafka_format
+  for n in "${to_start[@]}"; do
+    dir="$(kafka_node_dir "$n")"
+    log="$(kafka_node_log "$n")"
+    pidfile="$(kafka_pid_file "$n")"
+    offset=0
+    [[ -f "$log" ]] && offset="$(stat -c %s "$log")"
+    rm -f "$pidfile"
+    # JVM stdout/stderr of this launch only (one previous kept)
+    if [[ -s "$(kafka_node_out "$n")" ]]; then mv -f "$(kafka_node_out "$n")" "$(kafka_node_out "$n").1"; fi
+    info "kafka: starting node $n (Kafka $KAFKA_VERSION, 127.0.0.1:$(kafka_broker_port "$n"))"
+    # the inner bash records its own pid and then becomes java (exec), so the
+    # pid file holds the JVM's pid; setsid detaches it from our terminal
+    # shellcheck disable=SC2086,SC2016 # heap opts are words; $$ is for the inner shell
+    setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" \
+      "$JAVA" $WALCAST_KAFKA_HEAP_OPTS -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+      -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+      -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dkafka.logs.dir="$dir/logs" \
+      -cp "$WALCAST_KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties" \
+      </dev/null >>"$(kafka_node_out "$n")" 2>&1 9>&- &
+    local deadline=$(($(now) + 10))
+    until pid="$(read_pid_file "$pidfile")"; do
+      (($(now) < deadline)) || die "kafka: node $n did not record its pid"
+      sleep 0.05
+    done
+    KAFKA_LAUNCHED+=("$n:$pid:$offset")
+  done
+}
+
+kafka_wait_ready() {
+  local entry n pid offset
+  for entry in "${KAFKA_LAUNCHED[@]}"; do
+    IFS=: read -r n pid offset <<<"$entry"
+    if ! wait_until "kafka node $n (pid $pid)" "$WALCAST_START_TIMEOUT" "$pid" "$(kafka_node_log "$n")" \
+      kafka_node_ready "$n" "$offset"; then
+      if [[ -s "$(kafka_node_out "$n")" ]]; then show_log_tail "$(kafka_node_out "$n")" 20; fi
+      exit 1
+    fi
+    info "kafka: node $n ready (pid $pid, 127.0.0.1:$(kafka_broker_port "$n"))"
+  done
+  KAFKA_LAUNCHED=()
+}
+
+kafka_start() {
+  kafka_launch
+  kafka_wait_ready
+}
+
+# ----------------------------------------------------------- stop / kill ----
+
+kafka_stop() {
+  kafka_check_config
+  local n pid any=0
+  for n in $(kafka_nodes); do
+    if pid="$(kafka_pid "$n")"; then
+      any=1
+      info "kafka: stopping node $n (pid $pid)"
+      terminate_pid "$pid" "kafka node $n"
+    fi
+    rm -f "$(kafka_pid_file "$n")"
+  done
+  ((any)) || info "kafka: not running"
+}
+
+# SIGKILL (a crash); the pid file stays behind like after a real crash and
+# the next start cleans it up
+kafka_kill() {
+  kafka_check_config
+  local n pid any=0
+  for n in $(kafka_nodes); do
+    if pid="$(kafka_pid "$n")"; then
+      any=1
+      info "kafka: SIGKILL node $n (pid $pid)"
+      kill -KILL "$pid"
+      wait_pid_exit "$pid" 10 || die "kafka node $n (pid $pid) survived SIGKILL"
+    fi
+  done
+  ((any)) || info "kafka: not running"
+}
+
+kafka_running() {
+  local n
+  for n in $(kafka_nodes); do kafka_pid "$n" >/dev/null || return 1; done
+}
+
+kafka_status_line() {
+  local n pid state
+  for n in $(kafka_nodes); do
+    if pid="$(kafka_pid "$n")"; then
+      if port_open "$(kafka_broker_port "$n")"; then state="running"; else state="starting"; fi
+      printf '%-7s %-8s pid %-8s 127.0.0.1:%-6s Kafka %s node %s  data %s  log %s\n' \
+        kafka "$state" "$pid" "$(kafka_broker_port "$n")" "$KAFKA_VERSION" "$n" \
+        "$(kafka_node_dir "$n")/data" "$(kafka_node_log "$n")"
+    elif [[ -f "$(kafka_pid_file "$n")" ]]; then
+      printf '%-7s %-8s (stale pid file: crashed; the next start cleans up)  log %s\n' kafka stopped "$(kafka_node_log "$n")"
+    elif [[ -f "$(kafka_node_dir "$n")/data/meta.properties" ]]; then
+      printf '%-7s %-8s 127.0.0.1:%s  data %s\n' kafka stopped "$(kafka_broker_port "$n")" "$(kafka_node_dir "$n")/data"
+    else
+      printf '%-7s %-8s (never started)\n' kafka absent
+    fi
+  done
+}
