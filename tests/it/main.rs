@@ -1,1 +1,11 @@
-//! Integration tests.
+//! walcast's integration tests: one binary against the real PostgreSQL and the
+//! real Apache Kafka started by `scripts/dev env up` (once per run). Every test
+//! has its own database, slot, publication and topics. Tests that stop or
+//! restart a service take the environment's exclusive lock.
+
+mod common;
+
+mod bad_setup;
+mod faults;
+mod pgoutput_live;
+mod relay;

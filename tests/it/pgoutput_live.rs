@@ -1,0 +1,1 @@
+//! pgoutput_live
