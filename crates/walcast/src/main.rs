@@ -46,6 +46,21 @@ enum Command {
     Run(ConfigArgs),
     /// Validate the configuration (no I/O) and print it with secrets redacted.
     Config(ConfigArgs),
+    /// Print records of the outbox topics as they arrive (topic, partition,
+    /// offset, key, headers, value), for demos and debugging.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Topics to read, as a regex (default: derived from outbox.topic).
+        #[arg(long)]
+        topic_regex: Option<String>,
+        /// Stop after this many records.
+        #[arg(long)]
+        max_records: Option<u64>,
+        /// Stop when nothing arrived for this long.
+        #[arg(long, default_value_t = 30_000)]
+        idle_timeout_ms: u64,
+    },
     /// Slot maintenance.
     Slot {
         #[command(subcommand)]
@@ -72,7 +87,8 @@ fn init_logging(cfg: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match cfg.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -123,6 +139,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(run(cfg))?;
             Ok(())
         }
+        Command::Tail {
+            config,
+            topic_regex,
+            max_records,
+            idle_timeout_ms,
+        } => {
+            let cfg = load(&config)?;
+            let regex = topic_regex.unwrap_or_else(|| {
+                let t = &cfg.outbox.topic;
+                format!("^{}$", t.replace('.', "\\.").replace("${routedByValue}", ".+"))
+            });
+            tail(&cfg, &regex, max_records, Duration::from_millis(idle_timeout_ms))
+        }
         Command::Slot {
             command: SlotCommand::AcceptGap(args),
         } => {
@@ -138,6 +167,62 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn tail(cfg: &Config, regex: &str, max: Option<u64>, idle: Duration) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.kafka.bootstrap_servers)
+        .set("group.id", format!("walcast-tail-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("topic.metadata.refresh.interval.ms", "1000");
+    for (k, v) in &cfg.kafka.properties {
+        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+            c.set(k, v);
+        }
+    }
+    let consumer: BaseConsumer = c.create().context("creating the Kafka consumer")?;
+    consumer
+        .subscribe(&[&format!("^{}", regex.trim_start_matches('^'))])
+        .context("subscribing")?;
+    let show = |b: Option<&[u8]>| match b {
+        None => "null".to_string(),
+        Some(b) => String::from_utf8_lossy(b).into_owned(),
+    };
+    let mut seen = 0u64;
+    // A rebalance (a new topic matching the regex) re-reads from the start:
+    // print each (topic, partition, offset) once.
+    let mut printed = std::collections::HashSet::new();
+    let mut last = Instant::now();
+    while last.elapsed() < idle && max.is_none_or(|m| seen < m) {
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => eprintln!("walcast tail: {e}"),
+            Some(Ok(m)) => {
+                if !printed.insert((m.topic().to_string(), m.partition(), m.offset())) {
+                    continue;
+                }
+                seen += 1;
+                last = Instant::now();
+                let headers: Vec<String> = m
+                    .headers()
+                    .map(|h| h.iter().map(|h| format!("{}={}", h.key, show(h.value))).collect())
+                    .unwrap_or_default();
+                println!(
+                    "topic={} partition={} offset={} key={} headers=[{}] value={}",
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    show(m.key()),
+                    headers.join(", "),
+                    show(m.payload())
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn redacted(cfg: &Config) -> Config {
