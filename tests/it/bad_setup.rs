@@ -27,15 +27,28 @@ fn run_expecting_failure(dir: &std::path::Path, cfg: &WalcastConfig) -> Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_errors_are_reported_before_any_io() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.shared();
+    let _g = env.shared().await;
     let dir = tempfile::tempdir()?;
     let db = TestDb::create(env, "badcfg").await?;
     let base = WalcastConfig::for_db(env, &db, dir.path());
     for (cfg, needle) in [
-        (base.clone().set("pipeline", "max_inflight", "3"), "max_inflight"),
-        (base.clone().set("postgres", "slot", "\"Bad-Slot\""), "postgres.slot"),
-        (base.clone().set("kafka", "bootstrap_servers", "\"\""), "bootstrap_servers"),
-        (base.clone().set("outbox", "topic", "\"has space ${routedByValue}\""), "outbox.topic"),
+        (
+            base.clone().set("pipeline", "max_inflight", "3"),
+            "max_inflight",
+        ),
+        (
+            base.clone().set("postgres", "slot", "\"Bad-Slot\""),
+            "postgres.slot",
+        ),
+        (
+            base.clone().set("kafka", "bootstrap_servers", "\"\""),
+            "bootstrap_servers",
+        ),
+        (
+            base.clone()
+                .set("outbox", "topic", "\"has space ${routedByValue}\""),
+            "outbox.topic",
+        ),
     ] {
         let (code, out) = run_expecting_failure(dir.path(), &cfg)?;
         assert_eq!(code, OPERATOR_EXIT, "{out}");
@@ -64,27 +77,41 @@ async fn configuration_errors_are_reported_before_any_io() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_database_state_is_reported_clearly() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.shared();
+    let _g = env.shared().await;
     let dir = tempfile::tempdir()?;
     let db = TestDb::create(env, "badstate").await?;
     let admin = db.admin(env).await?;
     let base = WalcastConfig::for_db(env, &db, dir.path());
 
     // Missing table.
-    let (code, out) = run_expecting_failure(dir.path(), &base.clone().set("outbox", "tables", "[\"public.nope\"]"))?;
+    let (code, out) = run_expecting_failure(
+        dir.path(),
+        &base.clone().set("outbox", "tables", "[\"public.nope\"]"),
+    )?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
-    assert!(out.contains("outbox table public.nope does not exist"), "{out}");
+    assert!(
+        out.contains("outbox table public.nope does not exist"),
+        "{out}"
+    );
 
     // Missing column.
     admin
-        .batch_execute("CREATE TABLE outbox2 (id uuid, aggregatetype text, type text, payload jsonb)")
+        .batch_execute(
+            "CREATE TABLE outbox2 (id uuid, aggregatetype text, type text, payload jsonb)",
+        )
         .await?;
-    let (code, out) = run_expecting_failure(dir.path(), &base.clone().set("outbox", "tables", "[\"public.outbox2\"]"))?;
+    let (code, out) = run_expecting_failure(
+        dir.path(),
+        &base.clone().set("outbox", "tables", "[\"public.outbox2\"]"),
+    )?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
     assert!(out.contains("has no column \"aggregateid\""), "{out}");
 
     // Wrong password.
-    let (code, out) = run_expecting_failure(dir.path(), &base.clone().set("postgres", "password", "\"wrong\""))?;
+    let (code, out) = run_expecting_failure(
+        dir.path(),
+        &base.clone().set("postgres", "password", "\"wrong\""),
+    )?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
     assert!(out.contains("password"), "{out}");
 
@@ -95,23 +122,38 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
         .await?;
     let (code, out) = run_expecting_failure(
         dir.path(),
-        &base.clone().set("postgres", "user", &format!("\"{role}\"")).set("postgres", "password", "\"pw\""),
+        &base
+            .clone()
+            .set("postgres", "user", &format!("\"{role}\""))
+            .set("postgres", "password", "\"pw\""),
     )?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
-    assert!(out.contains(&format!("ALTER ROLE {role} REPLICATION")), "{out}");
+    assert!(
+        out.contains(&format!("ALTER ROLE {role} REPLICATION")),
+        "{out}"
+    );
 
     // Publication missing and not creatable by walcast (not the table owner).
     let (code, out) = run_expecting_failure(
         dir.path(),
-        &base.clone().set("postgres", "publication", "\"p_missing\"").set("postgres", "create_publication", "true"),
+        &base
+            .clone()
+            .set("postgres", "publication", "\"p_missing\"")
+            .set("postgres", "create_publication", "true"),
     )?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
-    assert!(out.contains("cannot create publication p_missing") && out.contains("CREATE PUBLICATION"), "{out}");
+    assert!(
+        out.contains("cannot create publication p_missing") && out.contains("CREATE PUBLICATION"),
+        "{out}"
+    );
 
     // Slot active elsewhere: a second instance on the same slot fails clearly.
     let mut first = Walcast::start(&bin(), &dir.path().join("a"), &base)?;
     first.wait_streaming()?;
-    let (code, out) = run_expecting_failure(dir.path(), &base.clone().set("postgres", "slot_wait_timeout_ms", "1500"))?;
+    let (code, out) = run_expecting_failure(
+        dir.path(),
+        &base.clone().set("postgres", "slot_wait_timeout_ms", "1500"),
+    )?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
     assert!(out.contains("is in use by another connection"), "{out}");
 
@@ -129,9 +171,15 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
         .await?;
     let (code, out) = run_expecting_failure(dir.path(), &base)?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
-    assert!(out.contains("no longer exists") && out.contains("walcast slot accept-gap"), "{out}");
+    assert!(
+        out.contains("no longer exists") && out.contains("walcast slot accept-gap"),
+        "{out}"
+    );
     let slots: i64 = admin
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1", &[&db.slot])
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot],
+        )
         .await?
         .get(0);
     assert_eq!(slots, 0, "walcast must not silently recreate the slot");
@@ -146,7 +194,11 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     assert!(out.contains("forgot walcast's record"), "{out}");
     let mut again = Walcast::start(&bin(), &dir.path().join("b"), &base)?;
     again.wait_streaming()?;
-    assert!(again.log_text().contains("created_slot=true"), "{}", again.log_text());
+    assert!(
+        again.log_text().contains("created_slot=true"),
+        "{}",
+        again.log_text()
+    );
     again.kill9()?;
     drop(client);
     drop(admin);
@@ -160,15 +212,25 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wal_level_replica_is_refused() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.exclusive();
+    let _g = env.exclusive().await;
     let port = env.pg17_port();
-    let admin = walcast_tests::pg::connect(env, port, "postgres", &env.admin_user, &env.admin_password).await?;
+    let admin =
+        walcast_tests::pg::connect(env, port, "postgres", &env.admin_user, &env.admin_password)
+            .await?;
     let slots: i64 = admin
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'",
+            &[],
+        )
         .await?
         .get(0);
-    anyhow::ensure!(slots == 0, "PostgreSQL 17 has logical slots; wal_level cannot be lowered");
-    admin.batch_execute("ALTER SYSTEM SET wal_level = replica").await?;
+    anyhow::ensure!(
+        slots == 0,
+        "PostgreSQL 17 has logical slots; wal_level cannot be lowered"
+    );
+    admin
+        .batch_execute("ALTER SYSTEM SET wal_level = replica")
+        .await?;
     drop(admin);
     env.control(&["restart", "pg17", "--mode", "fast"]);
     let result = async {
@@ -180,12 +242,17 @@ async fn wal_level_replica_is_refused() -> Result<()> {
         anyhow::Ok((code, out))
     }
     .await;
-    let admin = walcast_tests::pg::connect(env, port, "postgres", &env.admin_user, &env.admin_password).await?;
+    let admin =
+        walcast_tests::pg::connect(env, port, "postgres", &env.admin_user, &env.admin_password)
+            .await?;
     admin.batch_execute("ALTER SYSTEM RESET wal_level").await?;
     drop(admin);
     env.control(&["restart", "pg17", "--mode", "fast"]);
     let (code, out) = result?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
-    assert!(out.contains("wal_level = replica") && out.contains("wal_level = logical"), "{out}");
+    assert!(
+        out.contains("wal_level = replica") && out.contains("wal_level = logical"),
+        "{out}"
+    );
     Ok(())
 }

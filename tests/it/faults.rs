@@ -43,7 +43,7 @@ async fn reconnect(env: &TestEnv, db: &TestDb) -> Result<tokio_postgres::Client>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_loses_nothing() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.shared();
+    let _g = env.shared().await;
     let db = TestDb::create(env, "crash").await?;
     let mut reader = reader(env, &db).await?;
     let admin = db.admin(env).await?;
@@ -114,7 +114,7 @@ async fn kill_9_under_load_loses_nothing() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_outage_blocks_without_loss() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.exclusive();
+    let _g = env.exclusive().await;
     let db = TestDb::create(env, "outage").await?;
     let mut reader = reader(env, &db).await?;
     let admin = db.admin(env).await?;
@@ -207,7 +207,7 @@ async fn broker_outage_blocks_without_loss() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarts_lose_nothing() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.exclusive();
+    let _g = env.exclusive().await;
     let db = TestDb::create(env, "pgrestart").await?;
     let mut reader = reader(env, &db).await?;
     let state = tempfile::tempdir()?;

@@ -26,8 +26,16 @@ async fn capture_and_decode(env: &TestEnv, port: u16, versions: &[u32]) -> Resul
          ALTER TABLE t REPLICA IDENTITY FULL;",
     )
     .await?;
-    c.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE t", db.publication)).await?;
-    c.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&db.slot]).await?;
+    c.batch_execute(&format!(
+        "CREATE PUBLICATION {} FOR TABLE t",
+        db.publication
+    ))
+    .await?;
+    c.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&db.slot],
+    )
+    .await?;
     c.batch_execute(SCRIPT).await?;
     for &v in versions {
         let rows = c
@@ -57,17 +65,31 @@ async fn capture_and_decode(env: &TestEnv, port: u16, versions: &[u32]) -> Resul
                     if inserts == 1 {
                         assert_eq!(row.relation().qualified_name(), "public.t");
                         assert!(matches!(row.value("id")?, Value::Int4(1)));
-                        let Value::Uuid(u) = row.value("u")? else { panic!("uuid") };
+                        let Value::Uuid(u) = row.value("u")? else {
+                            panic!("uuid")
+                        };
                         assert_eq!(u.to_string(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
-                        let Value::Json(j) = row.value("j")? else { panic!("json") };
+                        let Value::Json(j) = row.value("j")? else {
+                            panic!("json")
+                        };
                         assert_eq!(j.as_str(), "{\"a\": 1}");
-                        let Value::Bytea(b) = row.value("b")? else { panic!("bytea") };
+                        let Value::Bytea(b) = row.value("b")? else {
+                            panic!("bytea")
+                        };
                         assert_eq!(&b[..], &[0x00, 0xff]);
                         assert!(matches!(row.value("ts")?, Value::TimestampTz(_)));
-                        let Value::Text(big) = row.value("big")? else { panic!("text") };
-                        assert_eq!(big.as_str().len(), 100_000, "TOASTed value arrives whole in an INSERT");
+                        let Value::Text(big) = row.value("big")? else {
+                            panic!("text")
+                        };
+                        assert_eq!(
+                            big.as_str().len(),
+                            100_000,
+                            "TOASTed value arrives whole in an INSERT"
+                        );
                     } else {
-                        let Value::Text(e) = row.value("extra")? else { panic!("extra") };
+                        let Value::Text(e) = row.value("extra")? else {
+                            panic!("extra")
+                        };
                         assert_eq!(e.as_str(), "e");
                     }
                 }
@@ -78,17 +100,26 @@ async fn capture_and_decode(env: &TestEnv, port: u16, versions: &[u32]) -> Resul
                 _ => {}
             }
         }
-        for k in ["Insert", "Update", "Delete", "Truncate", "Message", "Begin", "Commit"] {
-            assert!(kinds.iter().any(|n| n.eq_ignore_ascii_case(k)), "proto {v} on port {port}: no {k} in {kinds:?}");
+        for k in [
+            "Insert", "Update", "Delete", "Truncate", "Message", "Begin", "Commit",
+        ] {
+            assert!(
+                kinds.iter().any(|n| n.eq_ignore_ascii_case(k)),
+                "proto {v} on port {port}: no {k} in {kinds:?}"
+            );
         }
         assert_eq!(inserts, 2);
         assert!(
             relation_widths.contains(&7) && relation_widths.contains(&8),
             "ALTER TABLE must send a new Relation message: {relation_widths:?}"
         );
-        eprintln!("pgoutput live: port {port}, proto {v}: {} messages decoded", kinds.len());
+        eprintln!(
+            "pgoutput live: port {port}, proto {v}: {} messages decoded",
+            kinds.len()
+        );
     }
-    c.execute("SELECT pg_drop_replication_slot($1)", &[&db.slot]).await?;
+    c.execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
+        .await?;
     drop(c);
     db.drop(env).await?;
     Ok(())
@@ -97,7 +128,7 @@ async fn capture_and_decode(env: &TestEnv, port: u16, versions: &[u32]) -> Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decodes_live_pgoutput_from_postgres_15() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.shared();
+    let _g = env.shared().await;
     capture_and_decode(env, env.pg_port, &[1, 2, 3]).await
 }
 
@@ -105,6 +136,6 @@ async fn decodes_live_pgoutput_from_postgres_15() -> Result<()> {
 async fn decodes_live_pgoutput_from_postgres_17() -> Result<()> {
     let env = TestEnv::get();
     let port = env.pg17_port();
-    let _g = env.shared();
+    let _g = env.shared().await;
     capture_and_decode(env, port, &[1, 2, 3, 4]).await
 }

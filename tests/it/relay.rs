@@ -17,7 +17,7 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_committed_event_arrives_once_in_commit_order() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.shared();
+    let _g = env.shared().await;
     let db = TestDb::create(env, "relay").await?;
     let mut reader = reader(env, &db).await?;
     let state = tempfile::tempdir()?;
@@ -100,7 +100,7 @@ async fn every_committed_event_arrives_once_in_commit_order() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_slot_does_not_pin_wal() -> Result<()> {
     let env = TestEnv::get();
-    let _g = env.shared();
+    let _g = env.shared().await;
     let db = TestDb::create(env, "idle").await?;
     let state = tempfile::tempdir()?;
     let mut w = Walcast::start(

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::OnceLock;
+
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Connection facts of the running environment (from `scripts/dev env print`).
 #[derive(Debug, Clone)]
@@ -29,7 +31,7 @@ pub struct TestEnv {
 }
 
 static ENV: OnceLock<TestEnv> = OnceLock::new();
-static SERVICES: RwLock<()> = RwLock::new(());
+static SERVICES: RwLock<()> = RwLock::const_new(());
 
 /// The repository root (this crate is `<repo>/tests`).
 pub fn repo_dir() -> PathBuf {
@@ -114,14 +116,15 @@ impl TestEnv {
             .expect("WALCAST_PG17_PORT after env up pg17")
     }
 
-    /// Tests that only use the services share them.
-    pub fn shared(&self) -> RwLockReadGuard<'static, ()> {
-        SERVICES.read().unwrap_or_else(|p| p.into_inner())
+    /// Tests that only use the services share them (hold the guard for the
+    /// whole test).
+    pub async fn shared(&self) -> RwLockReadGuard<'static, ()> {
+        SERVICES.read().await
     }
 
-    /// Tests that stop, kill or restart a service run alone.
-    pub fn exclusive(&self) -> RwLockWriteGuard<'static, ()> {
-        SERVICES.write().unwrap_or_else(|p| p.into_inner())
+    /// Tests that stop, kill, pause or restart a service run alone.
+    pub async fn exclusive(&self) -> RwLockWriteGuard<'static, ()> {
+        SERVICES.write().await
     }
 
     /// Runs `scripts/dev env ARGS…` (service control for fault tests).

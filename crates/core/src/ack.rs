@@ -318,7 +318,7 @@ mod tests {
                 }
             };
 
-            let mut do_read = |t: &mut AckTracker, next_txn: &mut usize, next_event: &mut usize,
+            let do_read = |t: &mut AckTracker, next_txn: &mut usize, next_event: &mut usize,
                                open: &mut Option<TxnTicket>, in_flight: &mut Vec<(usize, TxnTicket)>,
                                undelivered: &mut Vec<usize>, server_end: &mut u64| {
                 if *next_txn >= sizes.len() { return; }
