@@ -9,3 +9,4 @@ mod bad_setup;
 mod faults;
 mod pgoutput_live;
 mod relay;
+mod tls;

@@ -590,6 +590,13 @@ impl Config {
             )
             .with_hint("set postgres.sslmode = \"verify-full\" (or remove ssl_root_cert)"));
         }
+        if pg.sslmode == SslMode::VerifyFull && pg.host.parse::<std::net::IpAddr>().is_ok() {
+            return Err(Error::operator(format!(
+                "postgres.sslmode = verify-full checks the server's host name, but postgres.host = {:?} is an IP address",
+                pg.host
+            ))
+            .with_hint("set postgres.host to the DNS name in the server certificate, or use sslmode = \"verify-ca\""));
+        }
         if pg.status_interval_ms == 0 || pg.connect_timeout_ms == 0 {
             return Err(Error::operator(
                 "postgres.status_interval_ms and postgres.connect_timeout_ms must be positive",
@@ -813,6 +820,12 @@ mod tests {
         ));
         // [kafka.properties] after [kafka] in the same doc is fine TOML.
         assert!(err.unwrap_err().to_string().contains("enable.idempotence"));
+        let err = Config::from_toml(&MIN.replace(
+            "user = \"walcast\"",
+            "user = \"walcast\"\nsslmode = \"verify-full\"",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("verify-ca"), "{err}");
         let err = Config::from_toml(&MIN.replace("127.0.0.1:9092", "")).unwrap_err();
         assert!(err.to_string().contains("bootstrap_servers"));
         let err =

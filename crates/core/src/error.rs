@@ -132,7 +132,17 @@ impl fmt::Display for Error {
             }
         }
         if let Some(hint) = &self.hint {
-            write!(f, ". Fix: {hint}")?;
+            // One full stop between what happened and the fix.
+            let mut shown = self.message.clone();
+            if let Some(source) = &self.source {
+                shown.push_str(&source.to_string());
+            }
+            let sep = if shown.trim_end().ends_with('.') {
+                " "
+            } else {
+                ". "
+            };
+            write!(f, "{sep}Fix: {hint}")?;
         }
         Ok(())
     }

@@ -257,6 +257,29 @@ pg_init_cluster() {
   rm -f "$PG_BASE/bootstrapped"
 }
 
+# A private CA and a server certificate (SAN localhost, 127.0.0.1) so TLS,
+# including sslmode=verify-full, can be tested. Made once per cluster.
+pg_ensure_tls() {
+  local dir="$PG_BASE/tls" user
+  user="$(pg_os_user)"
+  if [[ ! -s "$dir/server.crt" || ! -s "$dir/ca.crt" ]]; then
+    mkdir -p "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=walcast dev CA" \
+      -keyout "$dir/ca.key" -out "$dir/ca.crt" >/dev/null 2>&1 || die "openssl: cannot create the dev CA"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$dir/server.key" -out "$dir/server.csr" >/dev/null 2>&1 || die "openssl: cannot create the server key"
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$dir/san.ext"
+    openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+      -days 3650 -extfile "$dir/san.ext" -out "$dir/server.crt" >/dev/null 2>&1 || die "openssl: cannot sign the server certificate"
+  fi
+  chmod 755 "$dir"
+  chmod 644 "$dir/ca.crt" "$dir/server.crt"
+  chmod 600 "$dir/server.key" "$dir/ca.key"
+  if [[ $EUID -eq 0 ]]; then
+    chown "$user:" "$dir/server.key" "$dir/server.crt"
+  fi
+}
+
 # (re)written on every start so port / fsync overrides take effect
 pg_write_config() {
   local user
@@ -266,6 +289,9 @@ pg_write_config() {
     -e "s|@FSYNC@|$WALCAST_PG_FSYNC|g" \
     -e "s|@CLUSTER_NAME@|walcast-$PG_SVC|g" \
     "$WALCAST_ENV_DIR/postgres/walcast-dev.conf.in" >"$PG_DATA/walcast-dev.conf"
+  pg_ensure_tls
+  printf "\n# --- TLS (optional for clients; tests use it for sslmode=verify-full)\nssl = on\nssl_cert_file = '%s'\nssl_key_file = '%s'\n" \
+    "$PG_BASE/tls/server.crt" "$PG_BASE/tls/server.key" >>"$PG_DATA/walcast-dev.conf"
   cp "$WALCAST_ENV_DIR/postgres/pg_hba.conf.in" "$PG_DATA/pg_hba.conf"
   if [[ $EUID -eq 0 ]]; then
     chown "$user:" "$PG_DATA/walcast-dev.conf" "$PG_DATA/pg_hba.conf"
