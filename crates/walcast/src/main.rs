@@ -148,9 +148,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let cfg = load(&config)?;
             let regex = topic_regex.unwrap_or_else(|| {
                 let t = &cfg.outbox.topic;
-                format!("^{}$", t.replace('.', "\\.").replace("${routedByValue}", ".+"))
+                format!(
+                    "^{}$",
+                    t.replace('.', "\\.").replace("${routedByValue}", ".+")
+                )
             });
-            tail(&cfg, &regex, max_records, Duration::from_millis(idle_timeout_ms))
+            tail(
+                &cfg,
+                &regex,
+                max_records,
+                Duration::from_millis(idle_timeout_ms),
+            )
         }
         Command::Slot {
             command: SlotCommand::AcceptGap(args),
@@ -208,7 +216,11 @@ fn tail(cfg: &Config, regex: &str, max: Option<u64>, idle: Duration) -> anyhow::
                 last = Instant::now();
                 let headers: Vec<String> = m
                     .headers()
-                    .map(|h| h.iter().map(|h| format!("{}={}", h.key, show(h.value))).collect())
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| format!("{}={}", h.key, show(h.value)))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 println!(
                     "topic={} partition={} offset={} key={} headers=[{}] value={}",
