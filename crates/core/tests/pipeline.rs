@@ -1,0 +1,337 @@
+//! The pipeline loop against an in-memory source and a sink whose deliveries
+//! the test completes by hand, in any order. These check the loop's own logic
+//! (flow control, ack order, failure, shutdown) deterministically; Kafka and
+//! Postgres behaviour is covered by the integration tests in tests/it.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch, Notify};
+use walcast_core::config::{OutboxColumns, TableName};
+use walcast_core::outbox::OutboxFilter;
+use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
+use walcast_core::route::{OutboxEvent, Router, TopicTemplate};
+use walcast_core::sink::EventSink;
+use walcast_core::source::{ReplicationSource, SourceEvent};
+use walcast_core::{Error, Lsn, Result};
+use walcast_pgoutput::{
+    oid, ColumnValue, Insert, Message, Relation, RelationColumn, ReplicaIdentity, TupleData,
+};
+
+#[derive(Clone, Default)]
+struct SourceState {
+    events: Arc<Mutex<VecDeque<SourceEvent>>>,
+    read: Arc<AtomicUsize>,
+    confirmed: Arc<Mutex<Vec<Lsn>>>,
+    more: Arc<Notify>,
+}
+
+impl SourceState {
+    fn push(&self, e: SourceEvent) {
+        self.events.lock().unwrap().push_back(e);
+        self.more.notify_one();
+    }
+    fn last_confirmed(&self) -> Option<Lsn> {
+        self.confirmed.lock().unwrap().last().copied()
+    }
+}
+
+struct FakeSource(SourceState);
+
+impl ReplicationSource for FakeSource {
+    async fn recv(&mut self) -> Result<Option<SourceEvent>> {
+        loop {
+            let next = self.0.events.lock().unwrap().pop_front();
+            if let Some(e) = next {
+                self.0.read.fetch_add(1, Ordering::SeqCst);
+                return Ok(Some(e));
+            }
+            self.0.more.notified().await;
+        }
+    }
+    fn confirm(&mut self, lsn: Lsn) {
+        self.0.confirmed.lock().unwrap().push(lsn);
+    }
+    async fn shutdown(self) -> Result<()> {
+        Ok(())
+    }
+}
+
+type Pending = Arc<Mutex<Vec<(String, oneshot::Sender<Result<()>>)>>>;
+
+struct FakeSink(Pending);
+
+struct FakeDelivery(oneshot::Receiver<Result<()>>);
+
+impl Future for FakeDelivery {
+    type Output = Result<()>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.0).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::retryable("sink dropped"))),
+        }
+    }
+}
+
+impl EventSink for FakeSink {
+    type Delivery = FakeDelivery;
+    fn send(&mut self, event: OutboxEvent) -> Result<FakeDelivery> {
+        let (tx, rx) = oneshot::channel();
+        let id = String::from_utf8_lossy(event.event_id()).into_owned();
+        self.0.lock().unwrap().push((id, tx));
+        Ok(FakeDelivery(rx))
+    }
+    fn abort(self) {}
+}
+
+const REL: u32 = 16384;
+
+fn relation() -> Bytes {
+    let col = |name: &str, type_oid: u32| RelationColumn {
+        flags: 0,
+        name: name.to_string().into(),
+        type_oid,
+        type_modifier: -1,
+    };
+    Message::Relation(Relation {
+        xid: None,
+        rel_id: REL,
+        namespace: "public".to_string().into(),
+        name: "outbox".to_string().into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: vec![
+            col("id", oid::UUID),
+            col("aggregatetype", oid::TEXT),
+            col("aggregateid", oid::TEXT),
+            col("type", oid::TEXT),
+            col("payload", oid::JSONB),
+        ],
+    })
+    .to_bytes()
+}
+
+fn insert(id: &str, key: &str, payload_len: usize) -> Bytes {
+    let t = |s: &str| ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()));
+    Message::Insert(Insert {
+        xid: None,
+        rel_id: REL,
+        new: TupleData::new(vec![
+            t(id),
+            t("Order"),
+            t(key),
+            t("Created"),
+            t(&format!("\"{}\"", "x".repeat(payload_len))),
+        ]),
+    })
+    .to_bytes()
+}
+
+fn begin(lsn: u64) -> SourceEvent {
+    SourceEvent::Begin {
+        final_lsn: Lsn::new(lsn),
+        xid: 1,
+        commit_time_micros: 0,
+    }
+}
+
+fn commit(end: u64) -> SourceEvent {
+    SourceEvent::Commit {
+        commit_lsn: Lsn::new(end - 8),
+        end_lsn: Lsn::new(end),
+        commit_time_micros: 0,
+    }
+}
+
+fn data(b: Bytes) -> SourceEvent {
+    SourceEvent::Data {
+        wal_start: Lsn::ZERO,
+        data: b,
+    }
+}
+
+struct Harness {
+    source: SourceState,
+    pending: Pending,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<PipelineExit>>,
+    progress: Arc<Progress>,
+}
+
+fn start(max_events: u64, max_bytes: u64) -> Harness {
+    let source = SourceState::default();
+    let pending: Pending = Arc::default();
+    let (stop, stop_rx) = watch::channel(false);
+    let progress = Arc::new(Progress::default());
+    let mut pipeline = Pipeline::new(
+        PipelineSettings {
+            max_in_flight_events: max_events,
+            max_in_flight_bytes: max_bytes,
+            shutdown_timeout: Duration::from_secs(5),
+            stall_warning_after: Duration::from_secs(60),
+        },
+        OutboxFilter::new(
+            [TableName::parse("public.outbox").unwrap()],
+            OutboxColumns::default(),
+        ),
+        Router::new(TopicTemplate::parse("outbox.event.${routedByValue}").unwrap()),
+        progress.clone(),
+    );
+    let mut src = FakeSource(source.clone());
+    let mut sink = FakeSink(pending.clone());
+    let task = tokio::spawn(async move {
+        pipeline
+            .run(&mut src, &mut sink, Lsn::new(100), stop_rx, |_| {})
+            .await
+    });
+    Harness {
+        source,
+        pending,
+        stop,
+        task,
+        progress,
+    }
+}
+
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+fn deliver(h: &Harness, id: &str, result: Result<()>) {
+    let mut p = h.pending.lock().unwrap();
+    let i = p.iter().position(|(x, _)| x == id).expect("pending event");
+    let (_, tx) = p.remove(i);
+    let _ = tx.send(result);
+}
+
+#[tokio::test]
+async fn confirms_only_the_delivered_prefix_of_transactions() {
+    let h = start(100, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(commit(200));
+    h.source.push(begin(250));
+    h.source.push(data(insert("b1", "b", 10)));
+    h.source.push(commit(300));
+    settle().await;
+    assert_eq!(h.pending.lock().unwrap().len(), 2);
+    // The later transaction is delivered first: nothing may be confirmed.
+    deliver(&h, "b1", Ok(()));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), None);
+    deliver(&h, "a1", Ok(()));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(300)));
+    // Idle: a keepalive moves the confirmed position to the server's.
+    h.source.push(SourceEvent::KeepAlive {
+        wal_end: Lsn::new(900),
+    });
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(900)));
+    h.stop.send(true).unwrap();
+    let exit = h.task.await.unwrap().unwrap();
+    assert!(matches!(
+        exit,
+        PipelineExit::Shutdown {
+            abandoned_events: 0,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn stops_reading_when_in_flight_is_full_and_resumes_after_acks() {
+    let h = start(3, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    for i in 0..10 {
+        h.source.push(data(insert(&format!("e{i}"), "k", 10)));
+    }
+    h.source.push(commit(200));
+    settle().await;
+    // Begin + Relation + 3 inserts read; the rest waits in the source.
+    assert_eq!(h.pending.lock().unwrap().len(), 3);
+    assert_eq!(h.source.read.load(Ordering::SeqCst), 5);
+    assert_eq!(h.progress.in_flight_events.load(Ordering::SeqCst), 3);
+    for i in 0..10 {
+        deliver(&h, &format!("e{i}"), Ok(()));
+        settle().await;
+    }
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    h.stop.send(true).unwrap();
+    h.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_byte_bound_holds_too() {
+    // Each event is ~1 KB; 2.5 KB of room admits three (the last one may
+    // cross the bound), then reading stops.
+    let h = start(1000, 2_500);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    for i in 0..6 {
+        h.source.push(data(insert(&format!("e{i}"), "k", 1000)));
+    }
+    h.source.push(commit(200));
+    settle().await;
+    assert_eq!(h.pending.lock().unwrap().len(), 3);
+    h.stop.send(true).unwrap();
+    for i in 0..3 {
+        deliver(&h, &format!("e{i}"), Ok(()));
+    }
+    let exit = h.task.await.unwrap().unwrap();
+    // The transaction is incomplete: nothing confirmed beyond the start.
+    assert!(matches!(exit, PipelineExit::Shutdown { confirmed, .. } if confirmed == Lsn::new(100)));
+}
+
+#[tokio::test]
+async fn a_failed_delivery_stops_the_pipeline_without_confirming() {
+    let h = start(100, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(data(insert("a2", "a", 10)));
+    h.source.push(commit(200));
+    settle().await;
+    deliver(&h, "a2", Ok(()));
+    deliver(&h, "a1", Err(Error::retryable("broker gone")));
+    let err = h.task.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Retryable);
+    assert_eq!(h.source.last_confirmed(), None);
+}
+
+#[tokio::test]
+async fn unroutable_rows_stop_with_a_permanent_error() {
+    let h = start(100, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    let t = |s: &str| ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()));
+    let null_key = Message::Insert(Insert {
+        xid: None,
+        rel_id: REL,
+        new: TupleData::new(vec![
+            t("x1"),
+            t("Order"),
+            ColumnValue::Null,
+            t("T"),
+            t("{}"),
+        ]),
+    })
+    .to_bytes();
+    h.source.push(data(null_key));
+    h.source.push(commit(200));
+    let err = h.task.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Permanent);
+    assert!(err.to_string().contains("aggregateid"), "{err}");
+    assert_eq!(h.source.last_confirmed(), None);
+}
