@@ -114,15 +114,11 @@ fn lsn(s: &str, what: &str) -> Result<Lsn> {
     })
 }
 
-/// Connects, checks `wal_level`, privileges, tables, publication and slot,
-/// creates what is missing and allowed, then starts streaming at the slot's
-/// confirmed flush LSN.
-///
-/// # Errors
-/// Operator errors name the fix (wrong password, no REPLICATION attribute,
-/// `wal_level`, missing table or column, slot state); retryable errors cover
-/// an unreachable server and a slot briefly held by another connection.
-pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
+/// Opens the gated replication session (bounded by `connect_timeout_ms`) and
+/// identifies the server.
+async fn open_session(
+    opts: &ConnectOptions,
+) -> Result<(Session<'_>, pgwire_replication::IdentifySystem)> {
     let pg = &opts.pg;
     let target = format!("{}:{} (database {})", pg.host, pg.port, pg.database);
     let timeout = Duration::from_millis(pg.connect_timeout_ms);
@@ -146,12 +142,29 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         )
     })?;
     let mut s = Session { client, opts };
+    let system = s.client.identify_system().await.map_err(|e| {
+        classify(
+            e,
+            &format!("cannot connect to Postgres at {target} as {}", pg.user),
+            &pg.user,
+        )
+    })?;
+    Ok((s, system))
+}
 
-    let system = s
-        .client
-        .identify_system()
-        .await
-        .map_err(|e| classify(e, "IDENTIFY_SYSTEM failed", &pg.user))?;
+/// Connects, checks `wal_level`, privileges, tables, publication and slot,
+/// creates what is missing and allowed, then starts streaming at the slot's
+/// confirmed flush LSN.
+///
+/// # Errors
+/// Operator errors name the fix (wrong password, no REPLICATION attribute,
+/// `wal_level`, missing table or column, slot state); retryable errors cover
+/// an unreachable server and a slot briefly held by another connection.
+pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
+    let pg = &opts.pg;
+    let target = format!("{}:{} (database {})", pg.host, pg.port, pg.database);
+    let timeout = Duration::from_millis(pg.connect_timeout_ms);
+    let (mut s, system) = open_session(opts).await?;
     let version = s
         .query("SHOW server_version_num", "reading server_version_num")
         .await?;
@@ -497,15 +510,7 @@ async fn ensure_slot(s: &mut Session<'_>, id: &SlotIdentity) -> Result<(Lsn, boo
 /// When the server cannot be reached or the slot cannot be dropped.
 pub async fn accept_slot_gap(opts: &ConnectOptions) -> Result<String> {
     let pg = &opts.pg;
-    let client = ReplicationClient::connect_gated(replication_config(opts))
-        .await
-        .map_err(|e| classify(e, "cannot connect to Postgres", &pg.user))?;
-    let mut s = Session { client, opts };
-    let system = s
-        .client
-        .identify_system()
-        .await
-        .map_err(|e| classify(e, "IDENTIFY_SYSTEM failed", &pg.user))?;
+    let (mut s, system) = open_session(opts).await?;
     let id = SlotIdentity {
         system_identifier: system.system_id.clone(),
         database: pg.database.clone(),
