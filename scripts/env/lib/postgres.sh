@@ -263,6 +263,7 @@ pg_ensure_tls() {
   local dir="$PG_BASE/tls" user
   user="$(pg_os_user)"
   if [[ ! -s "$dir/server.crt" || ! -s "$dir/ca.crt" ]]; then
+    command -v openssl >/dev/null || apt_install openssl
     mkdir -p "$dir"
     openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=walcast dev CA" \
       -keyout "$dir/ca.key" -out "$dir/ca.crt" >/dev/null 2>&1 || die "openssl: cannot create the dev CA"
