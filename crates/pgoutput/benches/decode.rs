@@ -55,7 +55,11 @@ fn inserts(payload_size: usize, binary: bool) -> Vec<Bytes> {
     (0..BATCH)
         .map(|seq| {
             let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&(seq as u64 * 0x9E37_79B9_7F4A_7C15).to_be_bytes());
+            id[..8].copy_from_slice(
+                &(seq as u64)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .to_be_bytes(),
+            );
             id[6] = 0x40 | (id[6] & 0x0f);
             let id = Uuid::from_bytes(id);
             let json = payload(payload_size, seq);
