@@ -17,6 +17,15 @@ use std::collections::VecDeque;
 
 use walcast_pgoutput::Lsn;
 
+/// True only in a build with the feature `broken-ack-for-tests`: the tracker
+/// then acknowledges a committed transaction as soon as its FIRST event is
+/// delivered. That loses data; it exists so the reliability suite can show it
+/// catches such a bug (`scripts/dev chaos --broken-build`). Debug builds only.
+pub const BROKEN_ACK_FOR_TESTS: bool = cfg!(feature = "broken-ack-for-tests");
+
+#[cfg(all(feature = "broken-ack-for-tests", not(debug_assertions)))]
+compile_error!("the feature broken-ack-for-tests deliberately loses data: it is for debug test builds of the reliability suite only");
+
 /// A ticket naming one transaction in the tracker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxnTicket(u64);
@@ -43,6 +52,8 @@ struct Txn {
     end_lsn: Option<Lsn>,
     /// Events handed to the sink and not yet delivered.
     outstanding: u64,
+    /// At least one event was delivered (only the broken test build looks at it).
+    delivered_any: bool,
 }
 
 /// Tracks transactions and outstanding deliveries; yields the safe flush LSN.
@@ -111,6 +122,7 @@ impl AckTracker {
         self.txns.push_back(Txn {
             end_lsn: None,
             outstanding: 0,
+            delivered_any: false,
         });
         Ok(TxnTicket(self.base + self.txns.len() as u64 - 1))
     }
@@ -149,11 +161,17 @@ impl AckTracker {
     /// # Errors
     /// [`AckError::NothingOutstanding`] if that transaction has no event in flight.
     pub fn delivered(&mut self, ticket: TxnTicket) -> Result<(), AckError> {
+        if BROKEN_ACK_FOR_TESTS && ticket.0 < self.base && self.in_flight > 0 {
+            // The broken build already acknowledged and dropped this transaction.
+            self.in_flight -= 1;
+            return Ok(());
+        }
         let txn = self
             .slot_mut(ticket)
             .filter(|t| t.outstanding > 0)
             .ok_or(AckError::NothingOutstanding(ticket))?;
         txn.outstanding -= 1;
+        txn.delivered_any = true;
         self.in_flight -= 1;
         self.advance();
         Ok(())
@@ -170,8 +188,9 @@ impl AckTracker {
 
     fn advance(&mut self) {
         while let Some(front) = self.txns.front() {
+            let acked = front.outstanding == 0 || (BROKEN_ACK_FOR_TESTS && front.delivered_any);
             match front.end_lsn {
-                Some(end) if front.outstanding == 0 => {
+                Some(end) if acked => {
                     if end > self.flush {
                         self.flush = end;
                     }
@@ -259,6 +278,29 @@ mod tests {
         t.delivered(a).unwrap();
         t.server_position(lsn(700));
         assert_eq!(t.flush_lsn(), lsn(700));
+    }
+
+    /// What the deliberately broken test build does (and the real one does not).
+    #[test]
+    fn first_delivery_acks_only_in_the_broken_build() {
+        let mut t = AckTracker::new(lsn(0));
+        let a = t.begin().unwrap();
+        t.event_sent(a).unwrap();
+        t.event_sent(a).unwrap();
+        t.commit(a, lsn(10)).unwrap();
+        t.delivered(a).unwrap();
+        if BROKEN_ACK_FOR_TESTS {
+            assert_eq!(
+                t.flush_lsn(),
+                lsn(10),
+                "broken: acked on the first delivery"
+            );
+        } else {
+            assert_eq!(t.flush_lsn(), lsn(0));
+        }
+        t.delivered(a).unwrap();
+        assert_eq!(t.flush_lsn(), lsn(10));
+        assert_eq!(t.in_flight_events(), 0);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod ack;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod outbox;
 pub mod pipeline;
 pub mod route;

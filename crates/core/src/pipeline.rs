@@ -22,6 +22,7 @@ use walcast_pgoutput::Lsn;
 
 use crate::ack::{AckTracker, TxnTicket};
 use crate::error::{Error, Result};
+use crate::failpoint::{Failpoints, Point};
 use crate::outbox::{OutboxFilter, Row};
 use crate::route::Router;
 use crate::sink::EventSink;
@@ -91,6 +92,7 @@ pub struct Pipeline {
     filter: OutboxFilter,
     router: Router,
     progress: Arc<Progress>,
+    failpoints: Option<Arc<Failpoints>>,
 }
 
 impl Pipeline {
@@ -106,7 +108,15 @@ impl Pipeline {
             filter,
             router,
             progress,
+            failpoints: None,
         }
+    }
+
+    /// Arms crash points for the reliability suite (see [`crate::failpoint`]).
+    /// `None` (the default) costs one branch per delivery and confirmation.
+    pub fn with_failpoints(mut self, failpoints: Option<Arc<Failpoints>>) -> Self {
+        self.failpoints = failpoints;
+        self
     }
 
     /// Runs until shutdown is signalled (`shutdown` becomes `true`), the source
@@ -154,6 +164,11 @@ impl Pipeline {
                     last_delivery = Instant::now();
                     stall_warned = false;
                     self.progress.events_delivered.fetch_add(1, Ordering::Relaxed);
+                    if let Some(fp) = &self.failpoints {
+                        if fp.hit(Point::AfterDelivery) {
+                            Failpoints::fire(Point::AfterDelivery);
+                        }
+                    }
                 }
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
@@ -238,6 +253,12 @@ impl Pipeline {
                     .confirmed_lsn
                     .store(u64::from(flush), Ordering::Relaxed);
                 on_confirm(flush);
+                if let Some(fp) = &self.failpoints {
+                    if fp.hit(Point::AfterAck) {
+                        wait_reported(source, flush).await;
+                        Failpoints::fire(Point::AfterAck);
+                    }
+                }
             }
         };
         if let Some(exit) = exit {
@@ -290,6 +311,14 @@ impl Pipeline {
             confirmed,
             abandoned_events: tracker.in_flight_events(),
         })
+    }
+}
+
+/// Waits (bounded) until the source reported `lsn` to the server, when it can tell.
+async fn wait_reported<S: ReplicationSource>(source: &S, lsn: Lsn) {
+    let deadline = tokio::time::Instant::now() + crate::failpoint::ACK_REPORT_WAIT;
+    while source.reported_lsn().is_some_and(|r| r < lsn) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

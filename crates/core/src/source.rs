@@ -79,6 +79,12 @@ pub trait ReplicationSource: Send {
     /// Reports `lsn` as durable (see the trait's contract).
     fn confirm(&mut self, lsn: Lsn);
 
+    /// The last LSN actually sent to the server in a status update, when the
+    /// implementation can tell (`None` otherwise). Diagnostics and failpoints only.
+    fn reported_lsn(&self) -> Option<Lsn> {
+        None
+    }
+
     /// Sends the last confirmed position and closes the connection.
     fn shutdown(self) -> impl Future<Output = Result<()>> + Send;
 }

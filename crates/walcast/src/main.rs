@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use walcast_core::config::{Config, LogFormat};
+use walcast_core::failpoint::Failpoints;
 use walcast_core::outbox::OutboxFilter;
 use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
 use walcast_core::route::{Router, TopicTemplate};
@@ -268,6 +269,20 @@ async fn run(cfg: Config) -> Result<(), Error> {
         let _ = stop_tx.send(true);
     });
     let opts = connect_options(&cfg)?;
+    // Test-only crash points, read once; `None` unless WALCAST_FAILPOINTS is set.
+    let failpoints = Failpoints::from_env()?.map(Arc::new);
+    if failpoints.is_some() {
+        let var = walcast_core::failpoint::ENV_VAR;
+        tracing::warn!(
+            "{var}={} is set: this process will abort itself there (a test tool, never for production)",
+            std::env::var(var).unwrap_or_default()
+        );
+    }
+    if walcast_core::ack::BROKEN_ACK_FOR_TESTS {
+        tracing::error!(
+            "this walcast was built with the feature broken-ack-for-tests: it acknowledges a transaction when its FIRST event is delivered and LOSES DATA. It exists only to prove that the reliability suite catches such a bug"
+        );
+    }
     let progress = Arc::new(Progress::default());
     let initial = Duration::from_millis(cfg.pipeline.restart_backoff_initial_ms);
     let max = Duration::from_millis(cfg.pipeline.restart_backoff_max_ms);
@@ -277,7 +292,7 @@ async fn run(cfg: Config) -> Result<(), Error> {
             return Ok(());
         }
         let started = Instant::now();
-        match run_once(&cfg, &opts, &progress, stop_rx.clone()).await {
+        match run_once(&cfg, &opts, &progress, &failpoints, stop_rx.clone()).await {
             Ok(PipelineExit::Shutdown {
                 confirmed,
                 abandoned_events,
@@ -318,6 +333,7 @@ async fn run_once(
     cfg: &Config,
     opts: &ConnectOptions,
     progress: &Arc<Progress>,
+    failpoints: &Option<Arc<Failpoints>>,
     stop: watch::Receiver<bool>,
 ) -> Result<PipelineExit, Error> {
     let mut sink = KafkaSink::new(
@@ -350,7 +366,8 @@ async fn run_once(
         filter,
         router,
         progress.clone(),
-    );
+    )
+    .with_failpoints(failpoints.clone());
     let state = opts.state.clone();
     let slot_id = connected.slot.clone();
     let mut last_saved = Instant::now();
