@@ -57,6 +57,17 @@ pub struct Connected {
     pub created_slot: bool,
 }
 
+/// How long the replication client stays silent when it has nothing to report.
+const IDLE_WAKEUP: Duration = Duration::from_secs(3600);
+
+/// How long a replication connection may stay silent while walcast waits for
+/// it before it counts as dead: `wal_sender_timeout * 1.5`. The server pings
+/// an idle client every `wal_sender_timeout / 2` (see [`IDLE_WAKEUP`]), so this
+/// is three missed pings. `None` when the server never pings (timeout 0).
+fn silence_timeout(wal_sender_timeout_ms: u64) -> Option<Duration> {
+    (wal_sender_timeout_ms > 0).then(|| Duration::from_millis(wal_sender_timeout_ms * 3 / 2))
+}
+
 fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     let pg = &opts.pg;
     let tls = match pg.sslmode {
@@ -77,7 +88,12 @@ fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     .with_tls(tls)
     .with_application_name(pg.application_name.clone())
     .with_status_interval(Duration::from_millis(pg.status_interval_ms))
-    .with_wakeup_interval(Duration::from_secs(5))
+    // Let the server do the idle pinging: a client that sends nothing on its
+    // own for wal_sender_timeout / 2 gets a keepalive requesting a reply, so a
+    // healthy connection is never silent for longer than that (which
+    // `PgSource` relies on to detect a dead one). Status updates for a
+    // confirmed LSN still go out within status_interval_ms.
+    .with_wakeup_interval(IDLE_WAKEUP)
     // Bounded hand-over buffer between the socket and the relay: row messages
     // wait here, so keep it small (the relay's own in-flight bounds do the rest).
     .with_buffer_size(512)
@@ -193,6 +209,19 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         .with_hint("set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart Postgres"));
     }
 
+    // The server's ping interval is half of this session's wal_sender_timeout.
+    let wst = s
+        .query(
+            "SELECT setting FROM pg_catalog.pg_settings WHERE name = 'wal_sender_timeout'",
+            "reading wal_sender_timeout",
+        )
+        .await?;
+    let wal_sender_timeout_ms: u64 = wst
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+
     check_tables(&mut s).await?;
     ensure_publication(&mut s).await?;
 
@@ -229,6 +258,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         pg.user.clone(),
         Duration::from_millis(pg.status_interval_ms),
         start_lsn,
+        silence_timeout(wal_sender_timeout_ms),
     );
     Ok(Connected {
         source,
@@ -541,4 +571,20 @@ pub async fn accept_slot_gap(opts: &ConnectOptions) -> Result<String> {
         done.push("nothing to do: no record and no slot".into());
     }
     Ok(done.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_connection_is_dead_after_three_missed_pings() {
+        assert_eq!(silence_timeout(10_000), Some(Duration::from_secs(15)));
+        assert_eq!(silence_timeout(60_000), Some(Duration::from_secs(90)));
+        assert_eq!(silence_timeout(0), None, "no pings, no timeout");
+        assert!(
+            IDLE_WAKEUP > Duration::from_secs(60),
+            "the server must ping first"
+        );
+    }
 }

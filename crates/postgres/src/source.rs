@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use walcast_core::source::{ReplicationSource, SourceEvent};
-use walcast_core::Result;
+use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
 
 use crate::classify;
@@ -23,11 +23,34 @@ pub(crate) fn from_pgwire(lsn: pgwire_replication::Lsn) -> Lsn {
 /// confirmed LSN as written/flushed/applied within `status_interval`, answers
 /// keepalives that request a reply, and keeps sending status updates while
 /// the relay is not reading (when its bounded channel is full).
+///
+/// A connection that stays silent while the relay waits for it for longer
+/// than its silence timeout is dead (a half-open TCP connection: the server
+/// or a middlebox dropped it without a FIN or RST reaching walcast), and
+/// `recv` fails with a retryable error so walcast reconnects. The server pings
+/// an idle client every `wal_sender_timeout / 2`, so a live connection is
+/// never silent that long; time the relay spends not reading does not count.
 pub struct PgSource {
     client: ReplicationClient,
     user: String,
     status_interval: Duration,
     confirmed: Lsn,
+    silence_timeout: Option<Duration>,
+    /// Time spent waiting in `recv` since the last message.
+    silent_for: Duration,
+}
+
+/// Adds the time spent waiting to `silent_for` when the wait ends, also when
+/// the `recv` future is dropped because the relay chose another branch.
+struct Waiting<'a> {
+    silent_for: &'a mut Duration,
+    since: tokio::time::Instant,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        *self.silent_for += self.since.elapsed();
+    }
 }
 
 impl std::fmt::Debug for PgSource {
@@ -44,13 +67,41 @@ impl PgSource {
         user: String,
         status_interval: Duration,
         start: Lsn,
+        silence_timeout: Option<Duration>,
     ) -> Self {
         PgSource {
             client,
             user,
             status_interval,
             confirmed: start,
+            silence_timeout,
+            silent_for: Duration::ZERO,
         }
+    }
+
+    async fn next_event(&mut self) -> Result<Option<ReplicationEvent>> {
+        let received = match self.silence_timeout {
+            None => self.client.recv().await,
+            Some(limit) => {
+                let budget = limit.saturating_sub(self.silent_for);
+                let waited = {
+                    let _waiting = Waiting {
+                        silent_for: &mut self.silent_for,
+                        since: tokio::time::Instant::now(),
+                    };
+                    tokio::time::timeout(budget, self.client.recv()).await
+                };
+                self.silent_for = Duration::ZERO;
+                waited.map_err(|_| {
+                    Error::retryable(format!(
+                        "Postgres sent nothing on the replication connection for {}s (it pings an idle client every wal_sender_timeout / 2): the connection is dead",
+                        limit.as_secs()
+                    ))
+                    .with_hint("walcast reconnects with backoff and resumes from the slot; if this repeats, check the network path to Postgres (firewalls or NAT dropping idle connections)")
+                })?
+            }
+        };
+        received.map_err(|e| classify(e, "the replication stream failed", &self.user))
     }
 
     /// The LSN last reported to the server in a status update.
@@ -62,10 +113,8 @@ impl PgSource {
 impl ReplicationSource for PgSource {
     async fn recv(&mut self) -> Result<Option<SourceEvent>> {
         loop {
-            let ev = match self.client.recv().await {
-                Ok(Some(ev)) => ev,
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(classify(e, "the replication stream failed", &self.user)),
+            let Some(ev) = self.next_event().await? else {
+                return Ok(None);
             };
             return Ok(Some(match ev {
                 ReplicationEvent::Begin {
@@ -119,6 +168,10 @@ impl ReplicationSource for PgSource {
             self.confirmed = lsn;
             self.client.update_applied_lsn(to_pgwire(lsn));
         }
+    }
+
+    fn reported_lsn(&self) -> Option<Lsn> {
+        Some(PgSource::reported_lsn(self))
     }
 
     async fn shutdown(mut self) -> Result<()> {
