@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use walcast_pgoutput::Lsn;
 
 use crate::ack::{AckTracker, TxnTicket};
-use crate::error::{Error, Result};
+use crate::error::{Decision, Error, Result};
 use crate::failpoint::{Failpoints, Point};
 use crate::outbox::{OutboxFilter, Row};
 use crate::route::Router;
@@ -126,6 +126,11 @@ impl Pipeline {
     /// # Errors
     /// Any source, decode, routing or delivery error. The caller must then
     /// [`EventSink::abort`] the sink and drop the source before restarting.
+    /// An error that stops walcast ([`Decision::Exit`]: an event that can
+    /// never be published, a dropped outbox column) is returned only after the
+    /// deliveries of the events read before it were awaited (up to
+    /// `shutdown_timeout`) and confirmed; shut the source down then, so that
+    /// confirmation reaches the server.
     pub async fn run<S, K>(
         &mut self,
         source: &mut S,
@@ -151,125 +156,144 @@ impl Pipeline {
             .confirmed_lsn
             .store(u64::from(start), Ordering::Relaxed);
 
-        let exit = loop {
-            let has_room = tracker.in_flight_events() < self.settings.max_in_flight_events
-                && bytes_in_flight < self.settings.max_in_flight_bytes;
-            tokio::select! {
-                biased;
-                Some((ticket, size, result)) = deliveries.next(), if !deliveries.is_empty() => {
-                    let result: Result<()> = result;
-                    result?;
-                    tracker.delivered(ticket).map_err(protocol_error)?;
-                    bytes_in_flight -= size;
-                    last_delivery = Instant::now();
-                    stall_warned = false;
-                    self.progress.events_delivered.fetch_add(1, Ordering::Relaxed);
-                    if let Some(fp) = &self.failpoints {
-                        if fp.hit(Point::AfterDelivery) {
-                            Failpoints::fire(Point::AfterDelivery);
-                        }
-                    }
-                }
-                changed = shutdown.changed() => {
-                    if changed.is_err() || *shutdown.borrow() {
-                        break None;
-                    }
-                }
-                event = source.recv(), if has_room => {
-                    let Some(event) = event? else {
-                        break Some(PipelineExit::SourceEnded { confirmed });
-                    };
-                    match event {
-                        SourceEvent::Begin { final_lsn, .. } => {
-                            let ticket = tracker.begin().map_err(protocol_error)?;
-                            open = Some((ticket, final_lsn));
-                        }
-                        SourceEvent::Data { data, .. } => {
-                            match self.filter.decode(&data)? {
-                                Row::OutboxInsert { table, row } => {
-                                    let (ticket, commit_lsn) = open.ok_or_else(|| {
-                                        protocol_error("an INSERT arrived outside a transaction")
-                                    })?;
-                                    let event = self.router.route(&table, commit_lsn, row)?;
-                                    let size = event.size_bytes();
-                                    let delivery = sink.send(event)?;
-                                    tracker.event_sent(ticket).map_err(protocol_error)?;
-                                    bytes_in_flight += size;
-                                    if deliveries.is_empty() {
-                                        last_delivery = Instant::now();
-                                    }
-                                    deliveries.push(delivery.map(move |r| (ticket, size, r)));
-                                    self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Row::Skipped => {
-                                    self.progress.changes_skipped.fetch_add(1, Ordering::Relaxed);
-                                }
-                                Row::Other => {}
+        // The loop runs in a block so that an error ends the block, not the
+        // function: a non-retryable error first drains (below).
+        let result: Result<Option<PipelineExit>> = async {
+            Ok(loop {
+                let has_room = tracker.in_flight_events() < self.settings.max_in_flight_events
+                    && bytes_in_flight < self.settings.max_in_flight_bytes;
+                tokio::select! {
+                    biased;
+                    Some((ticket, size, result)) = deliveries.next(), if !deliveries.is_empty() => {
+                        let result: Result<()> = result;
+                        result?;
+                        tracker.delivered(ticket).map_err(protocol_error)?;
+                        bytes_in_flight -= size;
+                        last_delivery = Instant::now();
+                        stall_warned = false;
+                        self.progress.events_delivered.fetch_add(1, Ordering::Relaxed);
+                        if let Some(fp) = &self.failpoints {
+                            if fp.hit(Point::AfterDelivery) {
+                                Failpoints::fire(Point::AfterDelivery);
                             }
                         }
-                        SourceEvent::Commit { end_lsn, .. } => {
-                            let (ticket, _) = open.take().ok_or_else(|| {
-                                protocol_error("a Commit arrived outside a transaction")
-                            })?;
-                            tracker.commit(ticket, end_lsn).map_err(protocol_error)?;
-                            self.progress.transactions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    changed = shutdown.changed() => {
+                        if changed.is_err() || *shutdown.borrow() {
+                            break None;
                         }
-                        SourceEvent::Message { .. } => {
-                            // Logical decoding messages are not events (yet): they
-                            // still count towards acknowledgement through their
-                            // transaction or the next keepalive.
+                    }
+                    event = source.recv(), if has_room => {
+                        let Some(event) = event? else {
+                            break Some(PipelineExit::SourceEnded { confirmed });
+                        };
+                        match event {
+                            SourceEvent::Begin { final_lsn, .. } => {
+                                let ticket = tracker.begin().map_err(protocol_error)?;
+                                open = Some((ticket, final_lsn));
+                            }
+                            SourceEvent::Data { data, .. } => {
+                                match self.filter.decode(&data)? {
+                                    Row::OutboxInsert { table, row } => {
+                                        let (ticket, commit_lsn) = open.ok_or_else(|| {
+                                            protocol_error("an INSERT arrived outside a transaction")
+                                        })?;
+                                        let event = self.router.route(&table, commit_lsn, row)?;
+                                        let size = event.size_bytes();
+                                        let delivery = sink.send(event)?;
+                                        tracker.event_sent(ticket).map_err(protocol_error)?;
+                                        bytes_in_flight += size;
+                                        if deliveries.is_empty() {
+                                            last_delivery = Instant::now();
+                                        }
+                                        deliveries.push(delivery.map(move |r| (ticket, size, r)));
+                                        self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Row::Skipped => {
+                                        self.progress.changes_skipped.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Row::Other => {}
+                                }
+                            }
+                            SourceEvent::Commit { end_lsn, .. } => {
+                                let (ticket, _) = open.take().ok_or_else(|| {
+                                    protocol_error("a Commit arrived outside a transaction")
+                                })?;
+                                tracker.commit(ticket, end_lsn).map_err(protocol_error)?;
+                                self.progress.transactions.fetch_add(1, Ordering::Relaxed);
+                            }
+                            SourceEvent::Message { .. } => {
+                                // Logical decoding messages are not events (yet): they
+                                // still count towards acknowledgement through their
+                                // transaction or the next keepalive.
+                            }
+                            SourceEvent::KeepAlive { wal_end } => {
+                                tracker.server_position(wal_end);
+                            }
                         }
-                        SourceEvent::KeepAlive { wal_end } => {
-                            tracker.server_position(wal_end);
+                    }
+                    _ = ticker.tick() => {
+                        let stalled_for = last_delivery.elapsed();
+                        if !deliveries.is_empty() && stalled_for >= self.settings.stall_warning_after && !stall_warned {
+                            tracing::warn!(
+                                in_flight_events = tracker.in_flight_events(),
+                                in_flight_bytes = bytes_in_flight,
+                                confirmed_lsn = %confirmed,
+                                stalled_secs = stalled_for.as_secs(),
+                                "Kafka has acknowledged nothing for {}s; the slot is held at {confirmed} and nothing is skipped. Check the brokers and kafka.bootstrap_servers",
+                                stalled_for.as_secs()
+                            );
+                            stall_warned = true;
                         }
                     }
                 }
-                _ = ticker.tick() => {
-                    let stalled_for = last_delivery.elapsed();
-                    if !deliveries.is_empty() && stalled_for >= self.settings.stall_warning_after && !stall_warned {
-                        tracing::warn!(
-                            in_flight_events = tracker.in_flight_events(),
-                            in_flight_bytes = bytes_in_flight,
-                            confirmed_lsn = %confirmed,
-                            stalled_secs = stalled_for.as_secs(),
-                            "Kafka has acknowledged nothing for {}s; the slot is held at {confirmed} and nothing is skipped. Check the brokers and kafka.bootstrap_servers",
-                            stalled_for.as_secs()
-                        );
-                        stall_warned = true;
-                    }
-                }
-            }
-            self.progress
-                .in_flight_events
-                .store(tracker.in_flight_events(), Ordering::Relaxed);
-            self.progress
-                .in_flight_bytes
-                .store(bytes_in_flight, Ordering::Relaxed);
-            let flush = tracker.flush_lsn();
-            if flush > confirmed {
-                confirmed = flush;
-                source.confirm(flush);
                 self.progress
-                    .confirmed_lsn
-                    .store(u64::from(flush), Ordering::Relaxed);
-                on_confirm(flush);
-                if let Some(fp) = &self.failpoints {
-                    if fp.hit(Point::AfterAck) {
-                        wait_reported(source, flush).await;
-                        Failpoints::fire(Point::AfterAck);
+                    .in_flight_events
+                    .store(tracker.in_flight_events(), Ordering::Relaxed);
+                self.progress
+                    .in_flight_bytes
+                    .store(bytes_in_flight, Ordering::Relaxed);
+                let flush = tracker.flush_lsn();
+                if flush > confirmed {
+                    confirmed = flush;
+                    source.confirm(flush);
+                    self.progress
+                        .confirmed_lsn
+                        .store(u64::from(flush), Ordering::Relaxed);
+                    on_confirm(flush);
+                    if let Some(fp) = &self.failpoints {
+                        if fp.hit(Point::AfterAck) {
+                            wait_reported(source, flush).await;
+                            Failpoints::fire(Point::AfterAck);
+                        }
                     }
                 }
-            }
-        };
-        if let Some(exit) = exit {
-            return Ok(exit);
+            })
         }
+        .await;
+        let stop_error = match result {
+            Ok(Some(exit)) => return Ok(exit),
+            Ok(None) => None,
+            // Stop AT a bad input (an unpublishable row, a dropped column): the
+            // events read before it are valid, so deliver and confirm them first
+            // and leave the slot right before the bad transaction, instead of
+            // purging them with it (the next run would read them again and
+            // stop before delivering them again, for as long as the row is there).
+            Err(e) if e.kind().decision() == Decision::Exit && !deliveries.is_empty() => Some(e),
+            Err(e) => return Err(e),
+        };
 
-        // Shutdown: stop reading, wait for outstanding deliveries, confirm.
+        // Shutdown (or a stop at a bad input): stop reading, wait for
+        // outstanding deliveries, confirm.
         let deadline = tokio::time::Instant::now() + self.settings.shutdown_timeout;
         tracing::info!(
             in_flight_events = tracker.in_flight_events(),
-            "shutting down: waiting for outstanding deliveries"
+            "{}: waiting for outstanding deliveries",
+            if stop_error.is_some() {
+                "stopping at an event that cannot be published"
+            } else {
+                "shutting down"
+            }
         );
         while !deliveries.is_empty() {
             match tokio::time::timeout_at(deadline, deliveries.next()).await {
@@ -306,6 +330,9 @@ impl Pipeline {
                 .confirmed_lsn
                 .store(u64::from(flush), Ordering::Relaxed);
             on_confirm(flush);
+        }
+        if let Some(e) = stop_error {
+            return Err(e);
         }
         Ok(PipelineExit::Shutdown {
             confirmed,

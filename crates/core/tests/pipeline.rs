@@ -335,3 +335,46 @@ async fn unroutable_rows_stop_with_a_permanent_error() {
     assert!(err.to_string().contains("aggregateid"), "{err}");
     assert_eq!(h.source.last_confirmed(), None);
 }
+
+/// A row that can never be published stops the pipeline AT it: the events
+/// read before it are still delivered and confirmed (not purged with it), and
+/// the slot stops right before the bad transaction.
+#[tokio::test]
+async fn a_bad_row_stops_only_after_the_events_before_it_are_confirmed() {
+    let h = start(100, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(commit(200));
+    h.source.push(begin(250));
+    h.source.push(data(insert("b1", "b", 10)));
+    let t = |s: &str| ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()));
+    let null_key = Message::Insert(Insert {
+        xid: None,
+        rel_id: REL,
+        new: TupleData::new(vec![
+            t("b2"),
+            t("Order"),
+            ColumnValue::Null,
+            t("T"),
+            t("{}"),
+        ]),
+    })
+    .to_bytes();
+    h.source.push(data(null_key));
+    h.source.push(commit(300));
+    settle().await;
+    assert!(
+        !h.task.is_finished(),
+        "it waits for the deliveries of a1 and b1"
+    );
+    deliver(&h, "a1", Ok(()));
+    deliver(&h, "b1", Ok(()));
+    let err = h.task.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Permanent);
+    assert_eq!(
+        h.source.last_confirmed(),
+        Some(Lsn::new(200)),
+        "confirmed up to the bad transaction, not into it"
+    );
+}

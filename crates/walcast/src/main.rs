@@ -402,7 +402,18 @@ async fn run_once(
             // Drop everything queued so nothing of this run is delivered after
             // the next one starts; the next run replays from the slot.
             sink.abort();
-            drop(source);
+            if e.kind().decision() == Decision::Exit {
+                // Stopping: the pipeline confirmed what was delivered before
+                // the bad input; make sure the server and the record have it.
+                if let Err(e) = opts.state.save(&connected.slot, progress.confirmed()) {
+                    tracing::warn!("{e}");
+                }
+                if let Err(e) = source.shutdown().await {
+                    tracing::warn!("{e}");
+                }
+            } else {
+                drop(source);
+            }
             Err(e)
         }
     }
