@@ -171,8 +171,10 @@ pub struct KafkaConfig {
     /// Producer batching delay.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
-    /// How long the producer keeps retrying one record before the pipeline
-    /// restarts from the slot (librdkafka `message.timeout.ms`).
+    /// How long walcast waits with events in flight and no delivery report
+    /// before the pipeline restarts from the slot. (librdkafka itself retries
+    /// without a message timeout: its own would let later events of a
+    /// partition overtake the timed-out ones.)
     #[serde(default = "default_delivery_timeout_ms")]
     pub delivery_timeout_ms: u64,
     /// Extra librdkafka properties passed through as given (for example

@@ -39,6 +39,10 @@ pub struct PipelineSettings {
     pub shutdown_timeout: Duration,
     /// Warn when events are in flight and nothing was delivered for this long.
     pub stall_warning_after: Duration,
+    /// Fail (retryable: the caller restarts from the slot) when events are in
+    /// flight and nothing was delivered for this long (`kafka.delivery_timeout_ms`).
+    /// The sink itself must never time an event out: see `walcast-kafka`.
+    pub delivery_timeout: Duration,
 }
 
 /// Counters shared with observers (logs, status, tests). Updated with relaxed
@@ -234,6 +238,14 @@ impl Pipeline {
                     }
                     _ = ticker.tick() => {
                         let stalled_for = last_delivery.elapsed();
+                        if !deliveries.is_empty() && stalled_for >= self.settings.delivery_timeout {
+                            return Err(Error::retryable(format!(
+                                "Kafka acknowledged nothing for {}s with {} events in flight (kafka.delivery_timeout_ms)",
+                                stalled_for.as_secs(),
+                                tracker.in_flight_events()
+                            ))
+                            .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped"));
+                        }
                         if !deliveries.is_empty() && stalled_for >= self.settings.stall_warning_after && !stall_warned {
                             tracing::warn!(
                                 in_flight_events = tracker.in_flight_events(),

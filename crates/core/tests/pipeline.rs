@@ -165,6 +165,10 @@ struct Harness {
 }
 
 fn start(max_events: u64, max_bytes: u64) -> Harness {
+    start_with(max_events, max_bytes, Duration::from_secs(600))
+}
+
+fn start_with(max_events: u64, max_bytes: u64, delivery_timeout: Duration) -> Harness {
     let source = SourceState::default();
     let pending: Pending = Arc::default();
     let (stop, stop_rx) = watch::channel(false);
@@ -175,6 +179,7 @@ fn start(max_events: u64, max_bytes: u64) -> Harness {
             max_in_flight_bytes: max_bytes,
             shutdown_timeout: Duration::from_secs(5),
             stall_warning_after: Duration::from_secs(60),
+            delivery_timeout,
         },
         OutboxFilter::new(
             [TableName::parse("public.outbox").unwrap()],
@@ -377,4 +382,24 @@ async fn a_bad_row_stops_only_after_the_events_before_it_are_confirmed() {
         Some(Lsn::new(200)),
         "confirmed up to the bad transaction, not into it"
     );
+}
+
+/// Events in flight and no delivery report for `delivery_timeout`: the
+/// pipeline fails (retryable) without confirming, so the caller purges the
+/// sink and restarts from the slot. (The sink never times events out itself.)
+#[tokio::test]
+async fn nothing_delivered_for_the_delivery_timeout_restarts_without_confirming() {
+    let h = start_with(100, 1 << 20, Duration::from_millis(1500));
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(commit(200));
+    let err = tokio::time::timeout(Duration::from_secs(10), h.task)
+        .await
+        .expect("the pipeline gives up after its delivery timeout")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Retryable);
+    assert!(err.to_string().contains("delivery_timeout_ms"), "{err}");
+    assert_eq!(h.source.last_confirmed(), None);
 }

@@ -43,7 +43,14 @@ pub fn client_config(cfg: &KafkaConfig, limits: QueueLimits) -> ClientConfig {
         .set("partitioner", "murmur2_random")
         .set("compression.type", &cfg.compression)
         .set("linger.ms", cfg.linger_ms.to_string())
-        .set("message.timeout.ms", cfg.delivery_timeout_ms.to_string())
+        // Never time a message out inside librdkafka: on a message timeout
+        // the idempotent producer bumps its epoch and goes on sending the
+        // younger messages of the same partition, which then land in Kafka
+        // before the timed-out ones were ever written (the pipeline replays
+        // those after its restart): a reordering. The pipeline enforces
+        // kafka.delivery_timeout_ms itself, and restarts after purging
+        // everything queued (PipelineSettings::delivery_timeout).
+        .set("message.timeout.ms", "0")
         // The pipeline bounds what is in flight; the producer's queue must
         // never be the tighter limit (a full queue is not an error we want).
         .set(
@@ -271,7 +278,11 @@ mod tests {
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
-        assert_eq!(c.get("message.timeout.ms"), Some("1234"));
+        assert_eq!(
+            c.get("message.timeout.ms"),
+            Some("0"),
+            "librdkafka never times a message out"
+        );
         assert_eq!(c.get("compression.type"), Some("zstd"));
         assert_eq!(c.get("socket.keepalive.enable"), Some("true"));
         // The producer builds with this config (librdkafka validates it).

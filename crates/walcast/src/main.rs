@@ -362,6 +362,7 @@ async fn run_once(
             max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
             shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
             stall_warning_after: Duration::from_secs(10),
+            delivery_timeout: Duration::from_millis(cfg.kafka.delivery_timeout_ms),
         },
         filter,
         router,
