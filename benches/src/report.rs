@@ -1,0 +1,647 @@
+//! The report: `results.json` (everything measured), `report.md` (tables and
+//! where walcast stands against the targets) and SVG plots.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::progress::group;
+use crate::svg::{Chart, Series};
+use crate::systems::System;
+use crate::workloads::{size_label, BacklogResult, IdleRun, SteadyRun, BUCKET};
+
+/// Facts about the run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Meta {
+    /// Unique id (topic names).
+    pub run_id: String,
+    /// Seconds since the epoch at the start.
+    pub started_unix: u64,
+    /// Wall-clock seconds of the whole run.
+    pub duration_s: f64,
+    /// `--quick`.
+    pub quick: bool,
+    /// Command line.
+    pub command: String,
+    /// CPUs, memory, kernel.
+    pub machine: String,
+    /// Load average at the start and at the end.
+    pub load_start: f64,
+    /// See `load_start`.
+    pub load_end: f64,
+    /// Highest 1-minute load average seen at the end of a measurement.
+    pub load_max: f64,
+    /// walcast's git revision.
+    pub walcast_rev: String,
+    /// The Debezium and Kafka Connect versions.
+    pub debezium: String,
+    /// Settings of every system, as text.
+    pub settings: Vec<(String, String)>,
+    /// Caveats worth reading.
+    pub notes: Vec<String>,
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Results {
+    /// Facts.
+    pub meta: Meta,
+    /// Backlog drains, one per configuration.
+    pub backlog: Vec<BacklogResult>,
+    /// Steady load, one per relay and rate.
+    pub steady: Vec<SteadyRun>,
+    /// Idle outbox with busy neighbours, one per relay.
+    pub idle: Vec<IdleRun>,
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+fn ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0 && a > 0.0).then(|| a / b)
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    match r {
+        Some(r) => format!("{r:.2}×"),
+        None => "n/a".into(),
+    }
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "**met**"
+    } else {
+        "**not met**"
+    }
+}
+
+/// The Postgres limit of a backlog configuration: the faster of the two
+/// bare readers of the slot (pg_recvlogical, walcast's own decoder).
+pub fn postgres_limit(b: &BacklogResult) -> Option<(System, f64)> {
+    [System::PgRecvlogical, System::PgDrain]
+        .iter()
+        .filter_map(|s| b.run(*s).filter(|r| r.complete).map(|r| (*s, r.rate_eps)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// The lower of the two hardware limits (Postgres, Kafka) of a backlog configuration.
+pub fn lower_limit(b: &BacklogResult) -> Option<(System, f64)> {
+    let kafka = b
+        .run(System::KafkaLimit)
+        .filter(|r| r.complete)
+        .map(|r| (System::KafkaLimit, r.rate_eps));
+    [postgres_limit(b), kafka]
+        .into_iter()
+        .flatten()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+/// The target lines of the report, one per target and configuration.
+pub fn targets(r: &Results) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "| target | where | walcast | reference | ratio | |");
+    let _ = writeln!(t, "| --- | --- | ---: | ---: | ---: | --- |");
+    for b in &r.backlog {
+        let (Some(w), Some(d)) = (b.run(System::Walcast), b.run(System::Debezium)) else {
+            continue;
+        };
+        let x = ratio(w.rate_eps, d.rate_eps);
+        let _ = writeln!(
+            t,
+            "| drain ≥ 5× Debezium's events/s | backlog {} | {} ev/s | {} ev/s | {} | {} |",
+            b.label(),
+            group(w.rate_eps as u64),
+            group(d.rate_eps as u64),
+            fmt_ratio(x),
+            yes(x.is_some_and(|x| x >= 5.0))
+        );
+    }
+    for b in &r.backlog {
+        let (Some(w), Some((ls, lr))) = (b.run(System::Walcast), lower_limit(b)) else {
+            continue;
+        };
+        let x = ratio(w.rate_eps, lr);
+        let _ = writeln!(
+            t,
+            "| drain ≥ 80% of the lower hardware limit | backlog {} | {} ev/s | {} ev/s ({}) | {} | {} |",
+            b.label(),
+            group(w.rate_eps as u64),
+            group(lr as u64),
+            ls.name(),
+            x.map(|x| format!("{:.0}%", x * 100.0)).unwrap_or("n/a".into()),
+            yes(x.is_some_and(|x| x >= 0.8))
+        );
+    }
+    for b in &r.backlog {
+        let (Some(w), Some(d)) = (b.run(System::Walcast), b.run(System::Debezium)) else {
+            continue;
+        };
+        let x = ratio(w.cpu_s_per_mevent, d.cpu_s_per_mevent);
+        let _ = writeln!(
+            t,
+            "| CPU per event ≤ 1/5 of Debezium's | backlog {} | {:.1} s/M ev | {:.1} s/M ev | {} | {} |",
+            b.label(),
+            w.cpu_s_per_mevent,
+            d.cpu_s_per_mevent,
+            x.map(|x| format!("1/{:.1}", 1.0 / x)).unwrap_or("n/a".into()),
+            yes(x.is_some_and(|x| x <= 0.2))
+        );
+    }
+    // Peak RSS over every run of each system.
+    let peak = |s: System| -> u64 {
+        let a = r
+            .backlog
+            .iter()
+            .filter_map(|b| b.run(s))
+            .map(|x| x.usage.peak_rss_bytes);
+        let c = r
+            .steady
+            .iter()
+            .filter(|x| x.system == s)
+            .map(|x| x.usage.peak_rss_bytes);
+        a.chain(c).max().unwrap_or(0)
+    };
+    let (w, d) = (peak(System::Walcast), peak(System::Debezium));
+    if w > 0 && d > 0 {
+        let x = w as f64 / d as f64;
+        let _ = writeln!(
+            t,
+            "| peak RSS ≤ 1/10 of Debezium's | largest of every run | {:.0} MB | {:.0} MB | 1/{:.1} | {} |",
+            mb(w),
+            mb(d),
+            1.0 / x,
+            yes(x <= 0.1)
+        );
+    }
+    if w > 0 {
+        let _ = writeln!(
+            t,
+            "| peak RSS < 100 MB at default in-flight limits | largest of every run | {:.0} MB | 100 MB | | {} |",
+            mb(w),
+            yes(mb(w) < 100.0)
+        );
+    }
+    let at = |s: System, rate: u64| {
+        r.steady
+            .iter()
+            .find(|x| x.system == s && x.rate.rate == Some(rate))
+    };
+    if let Some(w) = at(System::Walcast, 1000) {
+        let _ = writeln!(
+            t,
+            "| p99 commit→Kafka ≤ 20 ms at 1k events/s | steady 1k/s | {:.1} ms | 20 ms | | {} |",
+            w.latency.p99_ms,
+            yes(w.latency.p99_ms <= 20.0)
+        );
+        if let Some(p) = at(System::Polling, 1000) {
+            let x = ratio(p.latency.p50_ms, w.latency.p50_ms);
+            let _ = writeln!(
+                t,
+                "| p50 ≥ 10× lower than the polling relay at 1k events/s | steady 1k/s | {:.1} ms | {:.1} ms | {} lower | {} |",
+                w.latency.p50_ms,
+                p.latency.p50_ms,
+                fmt_ratio(x),
+                yes(x.is_some_and(|x| x >= 10.0))
+            );
+        }
+    }
+    t
+}
+
+/// The markdown tables of every workload.
+pub fn tables(r: &Results) -> String {
+    let mut t = String::new();
+    if !r.backlog.is_empty() {
+        let _ = writeln!(t, "### Backlog drain\n");
+        let _ = writeln!(
+            t,
+            "Events/s = events ÷ drain time; the drain starts when the system starts streaming \
+             (its slot turns active; the polling relay and kafka-limit report when they are connected) and ends \
+             with the last record in Kafka (pg-recvlogical: its exit at --endpos; pg-drain: its \
+             last decoded event). \"incl. startup\" counts from the process spawn (JVM, \
+             preflight, connections). The Postgres limit is the faster of pg-recvlogical and \
+             pg-drain; \"vs lower limit\" compares with the lower of it and kafka-limit. CPU = \
+             user+sys of the system's own process from spawn to the last record (\"drain only\": \
+             from streaming on); Postgres CPU = all PostgreSQL processes over the same interval.\n"
+        );
+        let _ = writeln!(
+            t,
+            "| backlog | system | events/s | incl. startup | startup s | vs lower limit | CPU s / M ev | CPU s / M ev (drain only) | peak RSS MB | Postgres CPU s / M ev | broker CPU s | complete |"
+        );
+        let _ = writeln!(
+            t,
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+        );
+        for b in &r.backlog {
+            let limit = lower_limit(b).map(|l| l.1);
+            for run in &b.runs {
+                let vs = match limit {
+                    Some(l) if run.complete => format!("{:.0}%", run.rate_eps / l * 100.0),
+                    _ => "".into(),
+                };
+                let _ = writeln!(
+                    t,
+                    "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {} |",
+                    b.label(),
+                    run.system.name(),
+                    group(run.rate_eps as u64),
+                    group(run.rate_total_eps as u64),
+                    run.startup_s,
+                    vs,
+                    run.cpu_s_per_mevent,
+                    run.drain_cpu_s_per_mevent,
+                    mb(run.usage.peak_rss_bytes),
+                    run.pg_cpu_s_per_mevent,
+                    run.usage.kafka_cpu_s,
+                    if run.complete {
+                        format!("yes ({})", group(run.events))
+                    } else {
+                        format!("NO: {}", run.note.clone().unwrap_or_default())
+                    }
+                );
+            }
+        }
+        let _ = writeln!(t);
+        let _ = writeln!(t, "| backlog | events | committed in | WAL |");
+        let _ = writeln!(t, "| --- | ---: | ---: | ---: |");
+        for b in &r.backlog {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {:.1} s | {:.0} MB |",
+                b.label(),
+                group(b.events),
+                b.fill_s,
+                mb(b.wal_bytes)
+            );
+        }
+        let _ = writeln!(t);
+    }
+    if !r.steady.is_empty() {
+        let _ = writeln!(t, "### Steady load\n");
+        let _ = writeln!(
+            t,
+            "Latency = from COMMIT returning to the writer to the consumer receiving the record \
+             (one clock, one process). \"keeps up\" = every event in Kafka within 1 s of the \
+             writer stopping. CPU over the window and the catch-up.\n"
+        );
+        let _ = writeln!(
+            t,
+            "| rate | system | written ev/s | p50 ms | p99 ms | p99.9 ms | max ms | behind at end | caught up after | keeps up | CPU s / M ev | peak RSS MB | Postgres CPU s |"
+        );
+        let _ = writeln!(
+            t,
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
+        );
+        for s in &r.steady {
+            let _ = writeln!(
+                t,
+                "| {} (txn {}) | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} s | {} | {:.1} | {:.0} | {:.1} |",
+                s.rate.label(),
+                s.rate.txn,
+                s.system.name(),
+                group(s.write_rate_eps as u64),
+                s.latency.p50_ms,
+                s.latency.p99_ms,
+                s.latency.p999_ms,
+                s.latency.max_ms,
+                group(s.backlog_at_end),
+                s.catch_up_s,
+                if s.keeps_up { "yes" } else { "**no**" },
+                s.cpu_s_per_mevent,
+                mb(s.usage.peak_rss_bytes),
+                s.usage.pg_cpu_s
+            );
+        }
+        let _ = writeln!(t);
+    }
+    if !r.idle.is_empty() {
+        let _ = writeln!(t, "### Idle outbox, busy neighbours\n");
+        let _ = writeln!(
+            t,
+            "Neighbours commit small transactions into a table outside the publication and into \
+             another database. Lag = `pg_current_wal_lsn() − confirmed_flush_lsn`; retained = \
+             `pg_current_wal_lsn() − restart_lsn` (WAL Postgres must keep for the slot). The \
+             polling relay has no slot and retains nothing.\n"
+        );
+        let _ = writeln!(
+            t,
+            "| system | neighbour WAL MB | max lag MB | final lag MB | max retained MB | final retained MB | CPU s |"
+        );
+        let _ = writeln!(t, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for i in &r.idle {
+            let _ = writeln!(
+                t,
+                "| {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                i.system.name(),
+                mb(i.wal_written_bytes),
+                i.max_lag_bytes as f64 / 1e6,
+                i.final_lag_bytes as f64 / 1e6,
+                i.max_retained_bytes as f64 / 1e6,
+                i.final_retained_bytes as f64 / 1e6,
+                i.usage.cpu_s
+            );
+        }
+        let _ = writeln!(t);
+    }
+    t
+}
+
+fn throughput_series(runs: impl Iterator<Item = (System, Vec<f64>)>) -> Vec<Series> {
+    runs.filter(|(_, v)| !v.is_empty())
+        .map(|(s, v)| Series {
+            name: s.name().into(),
+            points: v
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ((i as f64 + 0.5) * BUCKET.as_secs_f64(), *r))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Writes every plot into `dir`; returns `(file, caption)` pairs.
+pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    let mut write = |name: String, caption: String, chart: Chart| -> Result<()> {
+        std::fs::write(dir.join(&name), chart.render())
+            .with_context(|| format!("writing {name}"))?;
+        files.push((name, caption));
+        Ok(())
+    };
+    for b in &r.backlog {
+        let name = format!(
+            "backlog-{}-txn{}-throughput.svg",
+            size_label(b.payload).to_lowercase(),
+            b.txn
+        );
+        write(
+            name,
+            format!(
+                "Backlog {}: records arriving in Kafka per second",
+                b.label()
+            ),
+            Chart {
+                title: format!("Backlog drain, {} events, {}", group(b.events), b.label()),
+                x_label: "seconds since the system was started".into(),
+                y_label: "events/s into Kafka".into(),
+                x_log: false,
+                series: throughput_series(b.runs.iter().map(|x| (x.system, x.throughput.clone()))),
+            },
+        )?;
+    }
+    let mut rates: Vec<_> = r.steady.iter().map(|s| s.rate).collect();
+    rates.dedup();
+    for rate in rates {
+        let runs: Vec<&SteadyRun> = r.steady.iter().filter(|s| s.rate == rate).collect();
+        let tag = rate.label().replace("/s", "ps");
+        write(
+            format!("steady-{tag}-latency-cdf.svg"),
+            format!("Steady {}: commit→Kafka latency CDF", rate.label()),
+            Chart {
+                title: format!(
+                    "Commit → visible in Kafka, {} (txn {})",
+                    rate.label(),
+                    rate.txn
+                ),
+                x_label: "latency (ms, log scale)".into(),
+                y_label: "fraction of events".into(),
+                x_log: true,
+                series: runs
+                    .iter()
+                    .map(|s| Series {
+                        name: s.system.name().into(),
+                        points: s.latency.cdf.clone(),
+                    })
+                    .collect(),
+            },
+        )?;
+        write(
+            format!("steady-{tag}-latency-over-time.svg"),
+            format!(
+                "Steady {}: p99 latency of the events committed in each second",
+                rate.label()
+            ),
+            Chart {
+                title: format!("p99 commit → Kafka per second, {}", rate.label()),
+                x_label: "second of the window".into(),
+                y_label: "p99 latency (ms)".into(),
+                x_log: false,
+                series: runs
+                    .iter()
+                    .map(|s| Series {
+                        name: s.system.name().into(),
+                        points: s
+                            .latency_per_second
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (_, p99))| (i as f64 + 0.5, *p99))
+                            .collect(),
+                    })
+                    .collect(),
+            },
+        )?;
+        write(
+            format!("steady-{tag}-throughput.svg"),
+            format!(
+                "Steady {}: records arriving in Kafka per second",
+                rate.label()
+            ),
+            Chart {
+                title: format!("Steady load {}: throughput", rate.label()),
+                x_label: "seconds since the window started".into(),
+                y_label: "events/s into Kafka".into(),
+                x_log: false,
+                series: throughput_series(runs.iter().map(|s| (s.system, s.throughput.clone()))),
+            },
+        )?;
+    }
+    if !r.idle.is_empty() {
+        write(
+            "idle-slot-lag.svg".into(),
+            "Idle outbox, busy neighbours: WAL retained for each relay's slot".into(),
+            Chart {
+                title: "Idle outbox, busy neighbours: WAL behind the slot (confirmed lag)".into(),
+                x_label: "seconds".into(),
+                y_label: "MB of WAL".into(),
+                x_log: false,
+                series: r
+                    .idle
+                    .iter()
+                    .map(|i| Series {
+                        name: i.system.name().into(),
+                        points: i
+                            .samples
+                            .iter()
+                            .map(|(t, lag, _)| (*t, *lag as f64 / 1e6))
+                            .collect(),
+                    })
+                    .collect(),
+            },
+        )?;
+    }
+    Ok(files)
+}
+
+/// The whole markdown report.
+pub fn markdown(r: &Results, plots: &[(String, String)]) -> String {
+    let m = &r.meta;
+    let mut t = String::new();
+    let _ = writeln!(t, "# walcast benchmark report\n");
+    let _ = writeln!(
+        t,
+        "Run `{}` ({}), {:.1} minutes, on {}. walcast {}; {}.\n",
+        m.run_id,
+        if m.quick { "quick mode" } else { "full run" },
+        m.duration_s / 60.0,
+        m.machine,
+        m.walcast_rev,
+        m.debezium
+    );
+    let _ = writeln!(
+        t,
+        "Load average: {:.2} at the start, {:.2} at the end, at most {:.2} at the end of a measurement.\n",
+        m.load_start, m.load_end, m.load_max
+    );
+    let _ = writeln!(t, "Command: `{}`\n", m.command);
+    if !m.notes.is_empty() {
+        let _ = writeln!(t, "Notes:\n");
+        for n in &m.notes {
+            let _ = writeln!(t, "- {n}");
+        }
+        let _ = writeln!(t);
+    }
+    let _ = writeln!(t, "## Targets\n");
+    let _ = writeln!(t, "{}", targets(r));
+    let _ = writeln!(t, "## Results\n");
+    t.push_str(&tables(r));
+    if !plots.is_empty() {
+        let _ = writeln!(t, "## Plots\n");
+        for (f, c) in plots {
+            let _ = writeln!(t, "- [{c}]({f})");
+        }
+        let _ = writeln!(t);
+    }
+    let _ = writeln!(t, "## Settings\n");
+    for (k, v) in &m.settings {
+        let _ = writeln!(t, "- **{k}**: {v}");
+    }
+    t
+}
+
+/// Writes results.json, report.md and the plots into `dir`.
+pub fn write_all(r: &Results, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(r)?)?;
+    let plots = plots(r, dir)?;
+    std::fs::write(dir.join("report.md"), markdown(r, &plots))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Latency;
+    use crate::systems::Usage;
+    use crate::workloads::{DrainRun, RateSpec};
+
+    fn drain(system: System, rate: f64, cpu: f64, rss: u64) -> DrainRun {
+        DrainRun {
+            system,
+            complete: true,
+            events: 1000,
+            duplicates: 0,
+            startup_s: 1.0,
+            drain_s: 1000.0 / rate,
+            total_s: 1.0 + 1000.0 / rate,
+            rate_eps: rate,
+            rate_total_eps: rate / 2.0,
+            usage: Usage {
+                peak_rss_bytes: rss,
+                ..Usage::default()
+            },
+            cpu_s_per_mevent: cpu,
+            drain_cpu_s_per_mevent: cpu,
+            pg_cpu_s_per_mevent: 1.0,
+            throughput: vec![10.0, 20.0],
+            note: None,
+        }
+    }
+
+    fn sample() -> Results {
+        let steady = |system, p50: f64| SteadyRun {
+            system,
+            rate: RateSpec {
+                rate: Some(1000),
+                txn: 1,
+            },
+            written: 100,
+            write_rate_eps: 1000.0,
+            delivered: 100,
+            duplicates: 0,
+            latency: Latency::from_ns(vec![(p50 * 1e6) as u64; 10]),
+            latency_per_second: vec![(p50, p50)],
+            backlog_at_end: 0,
+            catch_up_s: 0.01,
+            keeps_up: true,
+            usage: Usage {
+                peak_rss_bytes: 20_000_000,
+                ..Usage::default()
+            },
+            cpu_s_per_mevent: 1.0,
+            throughput: vec![1000.0],
+            ready_s: 0.5,
+            note: None,
+        };
+        Results {
+            backlog: vec![BacklogResult {
+                events: 1000,
+                payload: 200,
+                txn: 10,
+                fill_s: 1.0,
+                wal_bytes: 1_000_000,
+                runs: vec![
+                    drain(System::PgRecvlogical, 100_000.0, 1.0, 5_000_000),
+                    drain(System::KafkaLimit, 80_000.0, 1.0, 30_000_000),
+                    drain(System::Walcast, 70_000.0, 2.0, 30_000_000),
+                    drain(System::Debezium, 10_000.0, 20.0, 900_000_000),
+                ],
+            }],
+            steady: vec![steady(System::Walcast, 3.0), steady(System::Polling, 60.0)],
+            ..Results::default()
+        }
+    }
+
+    #[test]
+    fn targets_compare_against_the_right_references() {
+        let r = sample();
+        let t = targets(&r);
+        assert!(t.contains("7.00×"), "{t}");
+        assert!(t.contains("88%"), "{t}");
+        assert!(t.contains("kafka-limit"), "{t}");
+        assert!(t.contains("1/10.0"), "{t}");
+        assert!(t.contains("20.00× lower"), "{t}");
+        assert!(!t.contains("not met"), "{t}");
+    }
+
+    #[test]
+    fn writes_every_file() {
+        let dir = std::env::temp_dir().join(format!("walcast-bench-report-{}", std::process::id()));
+        write_all(&sample(), &dir).unwrap();
+        for f in [
+            "results.json",
+            "report.md",
+            "backlog-200b-txn10-throughput.svg",
+            "steady-1kps-latency-cdf.svg",
+        ] {
+            assert!(dir.join(f).exists(), "{f}");
+        }
+        let back: Results =
+            serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+        assert_eq!(back.backlog.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
