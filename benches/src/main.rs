@@ -70,6 +70,14 @@ struct RunArgs {
     /// issue's size is 1000000, which takes about an hour with every configuration].
     #[arg(long)]
     events: Option<u64>,
+    /// The headline backlog configuration, PAYLOAD:TXN, run with
+    /// --headline-events instead of --events.
+    #[arg(long, default_value = "200:10")]
+    headline: String,
+    /// Events of the headline configuration [default: 1000000, quick: like
+    /// the others]; 0: like the others.
+    #[arg(long)]
+    headline_events: Option<u64>,
     /// Payload sizes of the backlog, bytes.
     #[arg(long, value_delimiter = ',', default_value = "200,2048")]
     payloads: Vec<u32>,
@@ -260,8 +268,20 @@ async fn run(args: RunArgs) -> Result<()> {
             bail!("unknown workload {w:?} (backlog, steady, idle)");
         }
     }
+    let headline = {
+        let (p, t) = args
+            .headline
+            .split_once(':')
+            .context("--headline is PAYLOAD:TXN, e.g. 200:10")?;
+        let (p, t): (u32, u32) = (p.parse()?, t.parse()?);
+        let n = args
+            .headline_events
+            .unwrap_or(if args.quick { 0 } else { FULL_EVENTS });
+        (n > events).then_some((p, t, n))
+    };
     let plan = Plan {
         events,
+        headline,
         payloads: args.payloads.clone(),
         txn_sizes: args.txn_sizes.clone(),
         rates,
@@ -373,8 +393,18 @@ async fn run(args: RunArgs) -> Result<()> {
         ..Meta::default()
     };
     if plan.backlog && events < FULL_EVENTS {
+        let headline = match plan.headline {
+            Some((p, t, n)) if plan.payloads.contains(&p) && plan.txn_sizes.contains(&t) => {
+                format!(
+                    " except the headline configuration {} × txn {t}, which runs {}",
+                    workloads::size_label(p),
+                    group(n)
+                )
+            }
+            _ => String::new(),
+        };
         meta.notes.push(format!(
-            "Backlog size {} events per configuration, not the issue's {}: the full matrix at 1,000,000 takes about an hour on a 2-core machine and the default run has to fit in 30 minutes. `--events 1000000` runs the full size.",
+            "Backlog size {} events per configuration{headline}, not the issue's {} everywhere: the full matrix at 1,000,000 takes about an hour on a 2-core machine and the default run has to fit in 30 minutes. `--events 1000000` runs the full size for every configuration.",
             group(events),
             group(FULL_EVENTS)
         ));
@@ -386,12 +416,16 @@ async fn run(args: RunArgs) -> Result<()> {
         "Everything (PostgreSQL, Kafka, the system under test, the writer and the consumer) shares the same {cores} cores, so a system's rate includes the cost of its neighbours; the `limits` run alone with the services."
     ));
     println!(
-        "walcast-bench: run {run_id}, report in {}\n  {}\n  workloads: {}; systems: {}; backlog {} events × payload {:?} × txn {:?}; steady {:?} for {}s; idle {}s",
+        "walcast-bench: run {run_id}, report in {}\n  {}\n  workloads: {}; systems: {}; backlog {} events{} × payload {:?} × txn {:?}; steady {:?} for {}s; idle {}s",
         out.display(),
         meta.machine,
         args.workloads.join(","),
         plan.systems.iter().map(|s| s.name()).collect::<Vec<_>>().join(","),
         group(events),
+        match plan.headline {
+            Some((p, t, n)) => format!(" ({} for {}B × txn {t})", group(n), p),
+            None => String::new(),
+        },
         plan.payloads,
         plan.txn_sizes,
         plan.rates.iter().map(RateSpec::label).collect::<Vec<_>>(),
@@ -421,8 +455,8 @@ async fn run(args: RunArgs) -> Result<()> {
         report::write_all(results, &out)
     };
     if ctx.plan.backlog {
-        for (payload, txn) in ctx.plan.backlog_configs() {
-            let b = workloads::backlog(&mut ctx, payload, txn).await?;
+        for (payload, txn, n) in ctx.plan.backlog_configs() {
+            let b = workloads::backlog(&mut ctx, payload, txn, n).await?;
             for r in &b.runs {
                 load_max = load_max.max(r.usage.load_avg);
             }

@@ -385,7 +385,7 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                 b.label()
             ),
             Chart {
-                title: format!("Backlog drain, {} events, {}", group(b.events), b.label()),
+                title: format!("Backlog drain, {}", b.label()),
                 x_label: "seconds since the system was started".into(),
                 y_label: "events/s into Kafka".into(),
                 x_log: false,

@@ -45,6 +45,9 @@ impl RateSpec {
 pub struct Plan {
     /// Backlog events per configuration.
     pub events: u64,
+    /// One configuration `(payload, txn, events)` run with more events (the
+    /// issue's full size) than the others.
+    pub headline: Option<(u32, u32, u64)>,
     /// Payload sizes (bytes).
     pub payloads: Vec<u32>,
     /// Transaction sizes (events).
@@ -77,12 +80,17 @@ impl Plan {
         self.systems.contains(&s)
     }
 
-    /// Backlog configurations: every payload × every transaction size.
-    pub fn backlog_configs(&self) -> Vec<(u32, u32)> {
+    /// Backlog configurations `(payload, txn, events)`: every payload ×
+    /// every transaction size, the headline one with its own size.
+    pub fn backlog_configs(&self) -> Vec<(u32, u32, u64)> {
         let mut v = Vec::new();
         for &p in &self.payloads {
             for &t in &self.txn_sizes {
-                v.push((p, t));
+                let n = match self.headline {
+                    Some((hp, ht, hn)) if hp == p && ht == t => hn,
+                    _ => self.events,
+                };
+                v.push((p, t, n));
             }
         }
         v
@@ -127,17 +135,17 @@ impl Plan {
     }
 
     /// Rough seconds per system for one backlog configuration.
-    fn drain_estimate(&self, s: System, payload: u32, txn: u32) -> f64 {
-        let n = self.events as f64;
+    fn drain_estimate(&self, s: System, payload: u32, txn: u32, events: u64) -> f64 {
+        let n = events as f64;
         let big = if payload > 1000 { 2.0 } else { 1.0 };
         let small_txn = if txn == 1 { 1.6 } else { 1.0 };
         let (rate, startup) = match s {
-            System::PgRecvlogical => (150_000.0, 0.5),
-            System::PgDrain => (120_000.0, 0.5),
-            System::Walcast => (60_000.0, 1.0),
-            System::Debezium | System::DebeziumHeartbeat => (15_000.0, 12.0),
-            System::KafkaLimit => (80_000.0, 1.0),
-            System::Polling => (12_000.0, 1.0),
+            System::PgRecvlogical => (60_000.0, 0.5),
+            System::PgDrain => (50_000.0, 0.5),
+            System::Walcast => (30_000.0, 1.0),
+            System::Debezium | System::DebeziumHeartbeat => (12_000.0, 12.0),
+            System::KafkaLimit => (120_000.0, 1.0),
+            System::Polling => (40_000.0, 1.0),
         };
         n / rate * big * small_txn + startup + 3.0
     }
@@ -146,15 +154,15 @@ impl Plan {
     pub fn estimates(&self) -> Vec<f64> {
         let mut v = vec![3.0];
         if self.backlog {
-            for (p, t) in self.backlog_configs() {
+            for (p, t, n) in self.backlog_configs() {
                 let fill_rate = match (p > 1000, t) {
-                    (true, _) => 18_000.0,
-                    (false, 1) => 25_000.0,
-                    (false, _) => 90_000.0,
+                    (true, _) => 15_000.0,
+                    (false, 1) => 12_000.0,
+                    (false, _) => 50_000.0,
                 };
-                v.push(self.events as f64 / fill_rate + 3.0);
+                v.push(n as f64 / fill_rate + 3.0);
                 for s in self.backlog_systems() {
-                    v.push(self.drain_estimate(s, p, t));
+                    v.push(self.drain_estimate(s, p, t, n));
                 }
             }
         }
@@ -246,9 +254,14 @@ pub struct BacklogResult {
 }
 
 impl BacklogResult {
-    /// `200B × txn 10`.
+    /// `200B × txn 10, 200k events`.
     pub fn label(&self) -> String {
-        format!("{} × txn {}", size_label(self.payload), self.txn)
+        format!(
+            "{} × txn {}, {} events",
+            size_label(self.payload),
+            self.txn,
+            crate::svg::short(self.events as f64)
+        )
     }
 
     /// The run of a system.
@@ -279,8 +292,7 @@ fn per_mevent(secs: f64, events: u64) -> f64 {
 }
 
 /// Runs the backlog drain for one configuration.
-pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32) -> Result<BacklogResult> {
-    let n = ctx.plan.events;
+pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<BacklogResult> {
     let label = format!("backlog {} × txn {txn}", size_label(payload));
     ctx.progress.phase(&format!(
         "{label}: committing {} events while every relay is stopped",
