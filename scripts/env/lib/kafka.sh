@@ -12,10 +12,18 @@
 #   node-<n>/logs/server.log (log4j2), node-<n>/logs/kafka.out (JVM stdout/err),
 #   node-<n>/kafka.pid    the recorded pid
 #
-# Everything is per node <n> (node.id = n) so a multi-node cluster is a matter
-# of WALCAST_KAFKA_NODES > 1 plus formatting with --initial-controllers
-# instead of --standalone (see kafka_format); today only 1 is supported.
-# Ports of node n: WALCAST_KAFKA_PORT + 10*(n-1), WALCAST_KAFKA_CONTROLLER_PORT + 10*(n-1).
+# Everything is per node <n> (node.id = n). WALCAST_KAFKA_NODES (1-5, default
+# 1) nodes run, each broker + controller; one node is formatted --standalone,
+# several with --initial-controllers (all nodes are voters), and the
+# replication factors are min(nodes, 3) with min.insync.replicas = factor - 1
+# (3 nodes: RF 3, min ISR 2).
+# Ports of node n (B = WALCAST_KAFKA_PORT + 10*(n-1)):
+#   B                                          PLAINTEXT listener (advertised as is)
+#   WALCAST_KAFKA_CONTROLLER_PORT + 10*(n-1)   CONTROLLER listener
+#   B + 2                                      PROXIED listener, advertised as 127.0.0.1:B+3
+# Nothing listens on B+3 unless a test runs its fault proxy there (forwarding
+# to B+2): clients that bootstrap from B+3 then reach every broker through
+# the proxies (tests/src/proxy.rs).
 
 WALCAST_KAFKA_NODES="${WALCAST_KAFKA_NODES:-1}"
 WALCAST_KAFKA_HEAP_OPTS="${WALCAST_KAFKA_HEAP_OPTS:--Xmx1g -Xms256m}"
@@ -29,15 +37,54 @@ KAFKA_READY_PATTERN='Kafka Server started|Transition from STARTING to STARTED'
 
 kafka_check_config() {
   [[ -n "$KAFKA_VERSION" ]] || die "cannot read <kafka.version> from $KAFKA_POM"
-  [[ "$WALCAST_KAFKA_NODES" == 1 ]] ||
-    die "WALCAST_KAFKA_NODES=$WALCAST_KAFKA_NODES: only a single Kafka node is supported so far"
+  [[ "$WALCAST_KAFKA_NODES" =~ ^[1-5]$ ]] ||
+    die "WALCAST_KAFKA_NODES=$WALCAST_KAFKA_NODES: expected a node count from 1 to 5"
   check_port_number WALCAST_KAFKA_PORT "$WALCAST_KAFKA_PORT"
   check_port_number WALCAST_KAFKA_CONTROLLER_PORT "$WALCAST_KAFKA_CONTROLLER_PORT"
+  # every port of every node must be distinct
+  local n p seen=" "
+  for n in $(kafka_nodes); do
+    for p in "$(kafka_broker_port "$n")" "$(kafka_proxied_port "$n")" "$(kafka_proxy_front_port "$n")" "$(kafka_controller_port "$n")"; do
+      check_port_number "a Kafka port of node $n" "$p"
+      [[ "$seen" != *" $p "* ]] ||
+        die "Kafka ports collide at $p (node $n): keep WALCAST_KAFKA_CONTROLLER_PORT away from WALCAST_KAFKA_PORT + {0,2,3} + 10*k"
+      seen+="$p "
+    done
+  done
 }
 
 kafka_nodes() { seq 1 "$WALCAST_KAFKA_NODES"; }
 kafka_broker_port() { echo $((WALCAST_KAFKA_PORT + 10 * ($1 - 1))); }
+kafka_proxied_port() { echo $((WALCAST_KAFKA_PORT + 10 * ($1 - 1) + 2)); }
+kafka_proxy_front_port() { echo $((WALCAST_KAFKA_PORT + 10 * ($1 - 1) + 3)); }
 kafka_controller_port() { echo $((WALCAST_KAFKA_CONTROLLER_PORT + 10 * ($1 - 1))); }
+
+# "SERVICE" or "SERVICE:N" arguments to node numbers: kafka = every node,
+# kafka:N = node N
+kafka_select() { # <arg> -> node numbers, one per line
+  case "$1" in
+    kafka) kafka_nodes ;;
+    kafka:*)
+      local n="${1#kafka:}"
+      if ! [[ "$n" =~ ^[0-9]+$ ]] || ((n < 1 || n > WALCAST_KAFKA_NODES)); then
+        die "$1: no such Kafka node (WALCAST_KAFKA_NODES=$WALCAST_KAFKA_NODES)"
+      fi
+      echo "$n"
+      ;;
+    *) die "not a Kafka service: $1" ;;
+  esac
+}
+
+# "<listener port>:<advertised proxy port>" of every node, comma-separated
+# (scripts/dev env print: WALCAST_KAFKA_PROXIED_PORTS)
+kafka_proxied_ports() {
+  local n out=()
+  for n in $(kafka_nodes); do out+=("$(kafka_proxied_port "$n"):$(kafka_proxy_front_port "$n")"); done
+  (
+    IFS=,
+    echo "${out[*]}"
+  )
+}
 kafka_node_dir() { echo "$KAFKA_BASE/node-$1"; }
 kafka_node_log() { echo "$KAFKA_BASE/node-$1/logs/server.log"; }
 kafka_node_out() { echo "$KAFKA_BASE/node-$1/logs/kafka.out"; }
@@ -108,6 +155,14 @@ kafka_pid() { # <n>
   echo "$pid"
 }
 
+# the state letter of /proc/<pid>/stat (R, S, T = stopped by SIGSTOP, ...)
+pid_state() { # <pid>
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+  stat="${stat##*) }"
+  echo "${stat%% *}"
+}
+
 # ------------------------------------------------------------ formatting ----
 
 kafka_render_properties() { # <n>
@@ -117,6 +172,8 @@ kafka_render_properties() { # <n>
   min_isr=$((rf > 1 ? rf - 1 : 1))
   sed -e "s|@NODE_ID@|$n|g" \
     -e "s|@BROKER_PORT@|$(kafka_broker_port "$n")|g" \
+    -e "s|@PROXIED_PORT@|$(kafka_proxied_port "$n")|g" \
+    -e "s|@PROXY_FRONT_PORT@|$(kafka_proxy_front_port "$n")|g" \
     -e "s|@CONTROLLER_PORT@|$(kafka_controller_port "$n")|g" \
     -e "s|@QUORUM_BOOTSTRAP@|$(kafka_quorum_bootstrap)|g" \
     -e "s|@LOG_DIRS@|$dir/data|g" \
@@ -140,8 +197,29 @@ kafka_new_cluster_id() {
   echo "$id"
 }
 
+# the directory id of node <n>'s metadata log dir (needed up front by
+# --initial-controllers; kept in node-<n>/directory.id until formatted)
+kafka_directory_id() { # <n>
+  local f
+  f="$(kafka_node_dir "$1")/directory.id"
+  [[ -s "$f" ]] || kafka_new_cluster_id >"$f"
+  cat "$f"
+}
+
+# id@host:port:directory-id of every voter (all nodes)
+kafka_initial_controllers() {
+  local n out=()
+  for n in $(kafka_nodes); do
+    out+=("$n@127.0.0.1:$(kafka_controller_port "$n"):$(kafka_directory_id "$n")")
+  done
+  (
+    IFS=,
+    echo "${out[*]}"
+  )
+}
+
 kafka_format() {
-  local n dir cid
+  local n dir cid quorum=()
   mkdir -p "$KAFKA_BASE"
   if [[ -f "$KAFKA_BASE/format.conf" ]]; then
     if [[ "$(cat "$KAFKA_BASE/format.conf")" != "$(kafka_format_conf)" ]]; then
@@ -150,16 +228,21 @@ kafka_format() {
   fi
   [[ -s "$KAFKA_BASE/cluster.id" ]] || kafka_new_cluster_id >"$KAFKA_BASE/cluster.id"
   cid="$(cat "$KAFKA_BASE/cluster.id")"
+  for n in $(kafka_nodes); do mkdir -p "$(kafka_node_dir "$n")/logs"; done
+  # one node: --standalone makes it the only voter; several: every node is
+  # an initial voter (KIP-853), so a majority must run for the cluster to work
+  if ((WALCAST_KAFKA_NODES == 1)); then
+    quorum=(--standalone)
+  else
+    quorum=(--initial-controllers "$(kafka_initial_controllers)")
+  fi
   for n in $(kafka_nodes); do
     dir="$(kafka_node_dir "$n")"
-    mkdir -p "$dir/logs"
     kafka_render_properties "$n"
     [[ -f "$dir/data/meta.properties" ]] && continue
     info "kafka: formatting KRaft storage of node $n (cluster id $cid)"
     rm -rf "$dir/data"
-    # single node: --standalone makes it the only voter. A multi-node
-    # cluster would pass --initial-controllers id@host:port:dir-id,... here.
-    if ! kafka_java kafka.tools.StorageTool format --standalone -t "$cid" \
+    if ! kafka_java kafka.tools.StorageTool format "${quorum[@]}" -t "$cid" \
       -c "$dir/server.properties" >"$dir/logs/format.log" 2>&1; then
       err "kafka: formatting the storage of node $n failed"
       show_log_tail "$dir/logs/format.log"
@@ -189,15 +272,16 @@ kafka_node_ready() { # <n> <log offset>
   tail -c "+$((offset + 1))" "$log" | grep -Eq "$KAFKA_READY_PATTERN"
 }
 
-kafka_launch() {
+kafka_launch() { # [node...] (default: every node)
   ensure_kafka_libs
   ensure_java
   KAFKA_LAUNCHED=()
-  local n pid dir log offset pidfile port
+  local n pid dir log offset pidfile port nodes=("$@")
+  ((${#nodes[@]})) || mapfile -t nodes < <(kafka_nodes)
   mkdir -p "$KAFKA_BASE"
   # nodes already running are reused
   local to_start=()
-  for n in $(kafka_nodes); do
+  for n in "${nodes[@]}"; do
     if pid="$(kafka_pid "$n")"; then
       if port_open "$(kafka_broker_port "$n")"; then
         info "kafka: node $n already running (pid $pid, 127.0.0.1:$(kafka_broker_port "$n"))"
@@ -212,7 +296,7 @@ kafka_launch() {
       info "kafka: removing stale pid file of node $n (pid $(cat "$pidfile") is no longer running it)"
       rm -f "$pidfile"
     fi
-    for port in "$(kafka_broker_port "$n")" "$(kafka_controller_port "$n")"; do
+    for port in "$(kafka_broker_port "$n")" "$(kafka_controller_port "$n")" "$(kafka_proxied_port "$n")"; do
       if port_open "$port"; then
         die "kafka: port 127.0.0.1:$port is used by a process that is not this dev env's Kafka (set WALCAST_KAFKA_PORT / WALCAST_KAFKA_CONTROLLER_PORT)"
       fi
@@ -263,18 +347,21 @@ kafka_wait_ready() {
   KAFKA_LAUNCHED=()
 }
 
-kafka_start() {
-  kafka_launch
+kafka_start() { # [node...]
+  kafka_launch "$@"
   kafka_wait_ready
 }
 
 # ----------------------------------------------------------- stop / kill ----
 
-kafka_stop() {
+kafka_stop() { # [node...] (default: every node)
   kafka_check_config
-  local n pid any=0
-  for n in $(kafka_nodes); do
+  local n pid any=0 nodes=("$@")
+  ((${#nodes[@]})) || mapfile -t nodes < <(kafka_nodes)
+  for n in "${nodes[@]}"; do
     if pid="$(kafka_pid "$n")"; then
+      # a paused node would never handle SIGTERM
+      kill -CONT "$pid" 2>/dev/null || true
       any=1
       info "kafka: stopping node $n (pid $pid)"
       terminate_pid "$pid" "kafka node $n"
@@ -286,10 +373,11 @@ kafka_stop() {
 
 # SIGKILL (a crash); the pid file stays behind like after a real crash and
 # the next start cleans it up
-kafka_kill() {
+kafka_kill() { # [node...] (default: every node)
   kafka_check_config
-  local n pid any=0
-  for n in $(kafka_nodes); do
+  local n pid any=0 nodes=("$@")
+  ((${#nodes[@]})) || mapfile -t nodes < <(kafka_nodes)
+  for n in "${nodes[@]}"; do
     if pid="$(kafka_pid "$n")"; then
       any=1
       info "kafka: SIGKILL node $n (pid $pid)"
@@ -298,6 +386,23 @@ kafka_kill() {
     fi
   done
   ((any)) || info "kafka: not running"
+}
+
+# SIGSTOP / SIGCONT (a hung JVM: connections stay open, nothing answers)
+kafka_signal() { # <STOP|CONT> [node...]
+  kafka_check_config
+  local sig="$1" n pid nodes
+  shift
+  nodes=("$@")
+  ((${#nodes[@]})) || mapfile -t nodes < <(kafka_nodes)
+  for n in "${nodes[@]}"; do
+    if pid="$(kafka_pid "$n")"; then
+      info "kafka: SIG$sig node $n (pid $pid)"
+      kill -"$sig" "$pid"
+    else
+      info "kafka: node $n is not running"
+    fi
+  done
 }
 
 kafka_running() {
@@ -309,7 +414,9 @@ kafka_status_line() {
   local n pid state
   for n in $(kafka_nodes); do
     if pid="$(kafka_pid "$n")"; then
-      if port_open "$(kafka_broker_port "$n")"; then state="running"; else state="starting"; fi
+      if [[ "$(pid_state "$pid")" == T ]]; then
+        state="paused"
+      elif port_open "$(kafka_broker_port "$n")"; then state="running"; else state="starting"; fi
       printf '%-7s %-8s pid %-8s 127.0.0.1:%-6s Kafka %s node %s  data %s  log %s\n' \
         kafka "$state" "$pid" "$(kafka_broker_port "$n")" "$KAFKA_VERSION" "$n" \
         "$(kafka_node_dir "$n")/data" "$(kafka_node_log "$n")"
