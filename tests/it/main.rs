@@ -9,4 +9,5 @@ mod bad_setup;
 mod faults;
 mod pgoutput_live;
 mod relay;
+mod reliability;
 mod tls;

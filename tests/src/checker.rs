@@ -429,6 +429,39 @@ mod tests {
     }
 
     #[test]
+    fn unknown_outcomes_may_or_may_not_appear() {
+        let mut l = log();
+        l.insert(2, txn(&[("u1", "a"), ("u2", "c")], Outcome::Unknown, 0));
+        let base = [
+            ("a1", "a"),
+            ("b1", "b"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b2", "b"),
+        ];
+        // Absent: not lost.
+        let r = check(&l, &obs(&base), &[]);
+        assert!(r.is_clean(), "{r}");
+        // Present (it did commit): neither phantom nor out of order.
+        let mut with = base.to_vec();
+        with.insert(2, ("u1", "a"));
+        with.push(("u2", "c"));
+        let r = check(&l, &obs(&with), &[]);
+        assert!(r.is_clean(), "{r}");
+        assert_eq!(r.observed, 7);
+        // An unknown transaction is never counted as committed.
+        assert_eq!(r.committed, 5);
+    }
+
+    #[test]
+    fn the_report_names_what_it_found() {
+        let r = check(&log(), &obs(&[("a1", "a")]), &[]);
+        let text = r.to_string();
+        assert!(text.contains("lost=4"), "{text}");
+        assert!(text.contains("lost: "), "the lost ids are named: {text}");
+    }
+
+    #[test]
     fn catches_split_keys() {
         let mut o = obs(&[
             ("a1", "a"),

@@ -28,6 +28,8 @@ pub struct TestEnv {
     pub kafka_bootstrap: String,
     /// Postgres 17 port, when it runs.
     pub pg17_port: Option<u16>,
+    /// Every `WALCAST_*` variable of the environment (`scripts/dev env print`).
+    pub vars: HashMap<String, String>,
 }
 
 static ENV: OnceLock<TestEnv> = OnceLock::new();
@@ -59,16 +61,27 @@ fn dev(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn parse_exports(text: &str) -> HashMap<String, String> {
+/// The `export K=V` lines of `scripts/dev env print` (values quoted by
+/// bash's `printf %q`: `'…'`, or backslash escapes such as `\,` in a list).
+pub fn parse_exports(text: &str) -> HashMap<String, String> {
+    let unquote = |v: &str| -> String {
+        if let Some(inner) = v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+            return inner.to_string();
+        }
+        let mut out = String::new();
+        let mut chars = v.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => out.extend(chars.next()),
+                c => out.push(c),
+            }
+        }
+        out
+    };
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("export "))
         .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                v.trim_matches(|c| c == '\'' || c == '"').to_string(),
-            )
-        })
+        .map(|(k, v)| (k.to_string(), unquote(v)))
         .collect()
 }
 
@@ -100,6 +113,11 @@ impl TestEnv {
                 repl_password: get("WALCAST_PG_REPL_PASSWORD"),
                 kafka_bootstrap: get("WALCAST_KAFKA_BOOTSTRAP"),
                 pg17_port: vars.get("WALCAST_PG17_PORT").and_then(|p| p.parse().ok()),
+                vars: vars
+                    .iter()
+                    .filter(|(k, _)| k.starts_with("WALCAST_"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             }
         })
     }
@@ -127,6 +145,11 @@ impl TestEnv {
         SERVICES.write().await
     }
 
+    /// A `WALCAST_*` variable of the environment.
+    pub fn var(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+
     /// Runs `scripts/dev env ARGS…` (service control for fault tests).
     pub fn control(&self, args: &[&str]) {
         let mut full = vec!["env"];
@@ -141,8 +164,9 @@ mod tests {
 
     #[test]
     fn exports_parse() {
-        let m = parse_exports("export A=1\nexport B='x y'\n# c\n");
+        let m = parse_exports("export A=1\nexport B='x y'\n# c\nexport C=h:1\\,h:2\n");
         assert_eq!(m["A"], "1");
         assert_eq!(m["B"], "x y");
+        assert_eq!(m["C"], "h:1,h:2", "printf %q escapes commas");
     }
 }

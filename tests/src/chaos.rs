@@ -1,0 +1,529 @@
+//! Tools of the reliability suite: the scenario report, process signals and
+//! memory readings, a reader that keeps only what the checker needs, the
+//! observation taken at each kill, and topic creation with a replication
+//! factor.
+//!
+//! The same tests are the short suite (CI: `scripts/dev test`) and the long
+//! one (`scripts/dev chaos`): the long one sets `WALCAST_CHAOS_CYCLES` (more
+//! cycles, larger transactions) and `WALCAST_CHAOS_REPORT` (a directory each
+//! scenario appends its row to).
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::checker::{KillObservation, Observed, Report};
+use crate::env::TestEnv;
+use crate::pg::TestDb;
+
+/// `WALCAST_CHAOS_CYCLES` when set (the long suite), else `short`.
+pub fn cycles(short: usize) -> usize {
+    std::env::var("WALCAST_CHAOS_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(short)
+}
+
+/// True when the long suite runs (`WALCAST_CHAOS_CYCLES` is set).
+pub fn long_suite() -> bool {
+    std::env::var_os("WALCAST_CHAOS_CYCLES").is_some()
+}
+
+/// `short` in CI, `long` in the long suite.
+pub fn pick<T>(short: T, long: T) -> T {
+    if long_suite() {
+        long
+    } else {
+        short
+    }
+}
+
+/// True when the suite runs against a build that is known to be broken
+/// (`scripts/dev chaos --broken-build`): scenarios then assert that the
+/// checker found violations instead of asserting that it found none.
+pub fn expect_violations() -> bool {
+    std::env::var("WALCAST_EXPECT_VIOLATIONS").is_ok_and(|v| v == "1")
+}
+
+/// One row of the report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScenarioResult {
+    /// Scenario name.
+    pub scenario: String,
+    /// Fault cycles (kills, outages, …).
+    pub cycles: usize,
+    /// Committed events.
+    pub events: usize,
+    /// Records read from Kafka.
+    pub observed: usize,
+    /// Committed events missing from Kafka.
+    pub lost: usize,
+    /// Records of rolled-back transactions (or ids nobody wrote).
+    pub phantom: usize,
+    /// First occurrences out of commit order.
+    pub reordered: usize,
+    /// Records repeating an event.
+    pub duplicates: usize,
+    /// Duplicates that are not a replayed suffix.
+    pub duplicates_not_suffix: usize,
+    /// Ack-safety violations.
+    pub ack_safety: usize,
+    /// Peak resident memory of walcast (max VmHWM over its processes), bytes.
+    pub peak_rss_bytes: Option<u64>,
+    /// The bound it was checked against, bytes.
+    pub rss_bound_bytes: Option<u64>,
+    /// Wall time.
+    pub seconds: f64,
+    /// Anything else worth reading.
+    pub notes: String,
+}
+
+impl ScenarioResult {
+    /// A result for `scenario` from a checker report.
+    pub fn new(scenario: &str, cycles: usize, report: &Report, started: Instant) -> Self {
+        ScenarioResult {
+            scenario: scenario.into(),
+            cycles,
+            events: report.committed,
+            observed: report.observed,
+            lost: report.lost.len(),
+            phantom: report.phantom.len(),
+            reordered: report.order_violations.len(),
+            duplicates: report.duplicates,
+            duplicates_not_suffix: report.duplicates_not_suffix.len(),
+            ack_safety: report.ack_safety.len(),
+            seconds: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a note.
+    pub fn note(mut self, note: impl AsRef<str>) -> Self {
+        if !self.notes.is_empty() {
+            self.notes.push_str("; ");
+        }
+        self.notes.push_str(note.as_ref());
+        self
+    }
+
+    /// Sets the memory figures.
+    pub fn rss(mut self, peak: Option<u64>, bound: Option<u64>) -> Self {
+        self.peak_rss_bytes = peak;
+        self.rss_bound_bytes = bound;
+        self
+    }
+
+    /// The markdown row (the header is [`MARKDOWN_HEADER`]).
+    pub fn markdown_row(&self) -> String {
+        let mib = |b: Option<u64>| {
+            b.map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
+                .unwrap_or_else(|| "-".into())
+        };
+        format!(
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} / {} | {:.0} s | {} |",
+            self.scenario,
+            self.cycles,
+            self.events,
+            self.lost,
+            self.phantom,
+            self.reordered,
+            self.duplicates,
+            if self.duplicates_not_suffix == 0 {
+                "replayed suffixes".to_string()
+            } else {
+                format!("{} NOT a replayed suffix", self.duplicates_not_suffix)
+            },
+            self.ack_safety,
+            mib(self.peak_rss_bytes),
+            mib(self.rss_bound_bytes),
+            self.seconds,
+            self.notes.replace('|', "/"),
+        )
+    }
+
+    /// Prints the row and, when `WALCAST_CHAOS_REPORT` names a directory
+    /// (`scripts/dev chaos`), appends it to `results.jsonl` and `rows.md` there.
+    pub fn record(&self) {
+        eprintln!("RELIABILITY {}", self.markdown_row());
+        let Some(dir) = std::env::var_os("WALCAST_CHAOS_REPORT") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let _ = std::fs::create_dir_all(&dir);
+        let append = |name: &str, line: String| {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+            {
+                let _ = writeln!(f, "{line}");
+            }
+        };
+        append(
+            "results.jsonl",
+            serde_json::to_string(self).unwrap_or_default(),
+        );
+        if !dir.join("rows.md").exists() {
+            append("rows.md", MARKDOWN_HEADER.to_string());
+        }
+        append("rows.md", self.markdown_row());
+    }
+}
+
+/// The header of the markdown report.
+pub const MARKDOWN_HEADER: &str = "| scenario | cycles | events | lost | phantom | reordered | duplicates | ack-safety | peak RSS / bound | time | notes |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
+
+/// Sends a signal (`STOP`, `CONT`, `KILL`, …) to a process we started.
+pub fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let kb: u64 = line
+        .trim_start_matches(field)
+        .trim_start_matches(':')
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Peak resident memory (`VmHWM`) of a live process, bytes.
+pub fn peak_rss(pid: u32) -> Option<u64> {
+    status_field(pid, "VmHWM")
+}
+
+/// Current resident memory (`VmRSS`), bytes.
+pub fn current_rss(pid: u32) -> Option<u64> {
+    status_field(pid, "VmRSS")
+}
+
+/// The max of two optional readings.
+pub fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Creates topics (idempotent) with a replication factor and topic configs.
+pub async fn create_topics(
+    bootstrap: &str,
+    topics: &[String],
+    partitions: i32,
+    replication: i32,
+    configs: &[(&str, &str)],
+) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating the admin client")?;
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            let mut n = NewTopic::new(t, partitions, TopicReplication::Fixed(replication));
+            for (k, v) in configs {
+                n = n.set(k, v);
+            }
+            n
+        })
+        .collect();
+    let results = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("create_topics")?;
+    for r in results {
+        if let Err((topic, code)) = r {
+            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                bail!("creating topic {topic}: {code}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads topics from the beginning keeping only (id header, key, partition,
+/// offset): what the checker needs, so a gigabyte of payloads costs nothing.
+pub struct IdReader {
+    consumer: BaseConsumer,
+    topics: Vec<String>,
+    /// Everything read, per partition in offset order.
+    pub observed: Vec<Observed>,
+    seen: HashSet<String>,
+    next: HashMap<(String, i32), i64>,
+}
+
+impl std::fmt::Debug for IdReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdReader")
+            .field("topics", &self.topics)
+            .field("observed", &self.observed.len())
+            .finish()
+    }
+}
+
+impl IdReader {
+    /// Assigns every partition of `topics` (which must exist) from the beginning.
+    pub fn new(bootstrap: &str, topics: &[String]) -> Result<IdReader> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set(
+                "group.id",
+                format!("walcast-chaos-{}", uuid::Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.max.bytes", "52428800")
+            .create()
+            .context("creating the consumer")?;
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            for p in 0..partitions(&consumer, t)? {
+                tpl.add_partition_offset(t, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl).context("assign")?;
+        Ok(IdReader {
+            consumer,
+            topics: topics.to_vec(),
+            observed: Vec::new(),
+            seen: HashSet::new(),
+            next: HashMap::new(),
+        })
+    }
+
+    /// Polls one record; returns its id when one arrived.
+    fn poll_once(&mut self, timeout: Duration) -> Option<String> {
+        match self.consumer.poll(timeout) {
+            None | Some(Err(_)) => None,
+            Some(Ok(m)) => {
+                let id = m
+                    .headers()
+                    .and_then(|h| {
+                        h.iter()
+                            .find(|h| h.key == "id")
+                            .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                    })
+                    .unwrap_or_default();
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                self.next
+                    .insert((m.topic().to_string(), m.partition()), m.offset() + 1);
+                self.seen.insert(id.clone());
+                self.observed.push(Observed {
+                    id: id.clone(),
+                    key,
+                    partition: m.partition(),
+                    offset: m.offset(),
+                });
+                Some(id)
+            }
+        }
+    }
+
+    /// Distinct ids read so far.
+    pub fn ids(&self) -> &HashSet<String> {
+        &self.seen
+    }
+
+    /// Reads until any id of `want` was seen; false on timeout.
+    pub fn wait_any(&mut self, want: &HashSet<String>, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        if want.iter().any(|id| self.seen.contains(id)) {
+            return true;
+        }
+        while Instant::now() < deadline {
+            if let Some(id) = self.poll_once(Duration::from_millis(100)) {
+                if want.contains(&id) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Reads until every id of `want` was seen; false on timeout.
+    pub fn wait_for(&mut self, want: &HashSet<String>, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut missing: HashSet<&str> = want
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !self.seen.contains(*id))
+            .collect();
+        while !missing.is_empty() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            if let Some(id) = self.poll_once(Duration::from_millis(100)) {
+                missing.remove(id.as_str());
+            }
+        }
+        true
+    }
+
+    /// Reads up to the high watermarks the partitions have now.
+    pub fn read_to_end(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut high: HashMap<(String, i32), i64> = HashMap::new();
+        for t in self.topics.clone() {
+            for p in 0..partitions(&self.consumer, &t)? {
+                // Right after a broker restart or pause, leaders may be
+                // unavailable for a few seconds: retry until the deadline.
+                let h = loop {
+                    match self
+                        .consumer
+                        .fetch_watermarks(&t, p, Duration::from_secs(5))
+                    {
+                        Ok((_, h)) => break h,
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(e).with_context(|| format!("watermarks of {t}/{p}"))
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(250)),
+                    }
+                };
+                high.insert((t.clone(), p), h);
+            }
+        }
+        loop {
+            let done = high
+                .iter()
+                .all(|(k, h)| *h == 0 || self.next.get(k).copied().unwrap_or(0) >= *h);
+            if done {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("could not read to the high watermarks {high:?} in time");
+            }
+            self.poll_once(Duration::from_millis(100));
+        }
+    }
+}
+
+fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .with_context(|| format!("metadata for {topic}"))?;
+    let n = md
+        .topics()
+        .first()
+        .map(|m| m.partitions().len())
+        .unwrap_or(0);
+    if n == 0 {
+        bail!("topic {topic} has no partitions (does it exist?)");
+    }
+    Ok(n as i32)
+}
+
+/// Waits until no connection holds the test's slot.
+pub async fn wait_slot_released(env: &TestEnv, db: &TestDb, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while db.slot_active(env).await? {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("slot {} is still active after {timeout:?}", db.slot);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+/// What the test sees right after walcast died: the slot's confirmed LSN
+/// (once the walsender let go of it) and every id Kafka holds (`reader`
+/// reads on from where it stopped at the previous kill, up to the current
+/// high watermarks).
+pub async fn observe_kill(
+    env: &TestEnv,
+    db: &TestDb,
+    reader: &mut IdReader,
+) -> Result<KillObservation> {
+    wait_slot_released(env, db, Duration::from_secs(30)).await?;
+    let confirmed_lsn = db
+        .confirmed_flush_lsn(env)
+        .await?
+        .context("the slot disappeared")?;
+    tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(120)))?;
+    Ok(KillObservation {
+        confirmed_lsn,
+        ids_in_kafka: reader.seen.clone(),
+    })
+}
+
+/// The walsender serving the test's slot (None when nobody holds it).
+pub async fn walsender_pid(env: &TestEnv, db: &TestDb) -> Result<Option<i32>> {
+    let c = db.admin(env).await?;
+    let row = c
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot],
+        )
+        .await?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// `pg_terminate_backend` of the walsender serving the test's slot.
+pub async fn terminate_walsender(env: &TestEnv, db: &TestDb) -> Result<bool> {
+    let c = db.admin(env).await?;
+    let row = c
+        .query_one(
+            "SELECT coalesce(bool_or(pg_terminate_backend(active_pid)), false) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&db.slot],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Samples a process's peak resident memory (`VmHWM`) until it exits or the
+/// probe is finished: the peak of a process that is about to be killed or
+/// abort itself, which cannot be read afterwards.
+#[derive(Debug)]
+pub struct RssProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl RssProbe {
+    /// Starts sampling `pid` every 50 ms.
+    pub fn start(pid: u32) -> RssProbe {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = None;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match peak_rss(pid) {
+                    Some(v) => peak = max_opt(peak, Some(v)),
+                    None => break,
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        RssProbe { stop, thread }
+    }
+
+    /// The highest peak seen.
+    pub fn finish(self) -> Option<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().ok().flatten()
+    }
+}
