@@ -226,15 +226,18 @@ pub fn tables(r: &Results) -> String {
              preflight, connections). The Postgres limit is the faster of pg-recvlogical and \
              pg-drain; \"vs lower limit\" compares with the lower of it and kafka-limit. CPU = \
              user+sys of the system's own process from spawn to the last record (\"drain only\": \
-             from streaming on); Postgres CPU = all PostgreSQL processes over the same interval.\n"
+             from streaming on); Postgres CPU = all PostgreSQL processes over the same interval. \
+             \"other load\" = cores busy with processes outside the run (the machine's busy time \
+             minus the system's, PostgreSQL's, the broker's and the harness's CPU): well above 0, \
+             someone else's work shared the cores and the row is disturbed.\n"
         );
         let _ = writeln!(
             t,
-            "| backlog | system | events/s | incl. startup | startup s | vs lower limit | CPU s / M ev | CPU s / M ev (drain only) | peak RSS MB | Postgres CPU s / M ev | broker CPU s | complete |"
+            "| backlog | system | events/s | incl. startup | startup s | vs lower limit | CPU s / M ev | CPU s / M ev (drain only) | peak RSS MB | Postgres CPU s / M ev | broker CPU s | other load (cores) | complete |"
         );
         let _ = writeln!(
             t,
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
         );
         for b in &r.backlog {
             let limit = lower_limit(b).map(|l| l.1);
@@ -245,7 +248,7 @@ pub fn tables(r: &Results) -> String {
                 };
                 let _ = writeln!(
                     t,
-                    "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {} |",
+                    "| {} | {} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.0} | {:.1} | {:.1} | {:.2} | {} |",
                     b.label(),
                     run.system.name(),
                     group(run.rate_eps as u64),
@@ -257,6 +260,7 @@ pub fn tables(r: &Results) -> String {
                     mb(run.usage.peak_rss_bytes),
                     run.pg_cpu_s_per_mevent,
                     run.usage.kafka_cpu_s,
+                    run.usage.outside_cores(),
                     if run.complete {
                         format!("yes ({})", group(run.events))
                     } else {
@@ -286,20 +290,20 @@ pub fn tables(r: &Results) -> String {
             t,
             "Latency = from COMMIT returning to the writer to the consumer receiving the record \
              (one clock, one process). \"keeps up\" = every event in Kafka within 1 s of the \
-             writer stopping. CPU over the window and the catch-up.\n"
+             writer stopping. CPU over the window and the catch-up. \"other load\" as above.\n"
         );
         let _ = writeln!(
             t,
-            "| rate | system | written ev/s | p50 ms | p99 ms | p99.9 ms | max ms | behind at end | caught up after | keeps up | CPU s / M ev | peak RSS MB | Postgres CPU s |"
+            "| rate | system | written ev/s | p50 ms | p99 ms | p99.9 ms | max ms | behind at end | caught up after | keeps up | CPU s / M ev | peak RSS MB | Postgres CPU s | other load (cores) |"
         );
         let _ = writeln!(
             t,
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
         );
         for s in &r.steady {
             let _ = writeln!(
                 t,
-                "| {} (txn {}) | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} s | {} | {:.1} | {:.0} | {:.1} |",
+                "| {} (txn {}) | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.2} s | {} | {:.1} | {:.0} | {:.1} | {:.2} |",
                 s.rate.label(),
                 s.rate.txn,
                 s.system.name(),
@@ -313,7 +317,8 @@ pub fn tables(r: &Results) -> String {
                 if s.keeps_up { "yes" } else { "**no**" },
                 s.cpu_s_per_mevent,
                 mb(s.usage.peak_rss_bytes),
-                s.usage.pg_cpu_s
+                s.usage.pg_cpu_s,
+                s.usage.outside_cores()
             );
         }
         let _ = writeln!(t);
@@ -506,6 +511,21 @@ pub fn markdown(r: &Results, plots: &[(String, String)]) -> String {
         "Load average: {:.2} at the start, {:.2} at the end, at most {:.2} at the end of a measurement.\n",
         m.load_start, m.load_end, m.load_max
     );
+    let outside: Vec<f64> = r
+        .backlog
+        .iter()
+        .flat_map(|b| b.runs.iter().map(|x| x.usage.outside_cores()))
+        .chain(r.steady.iter().map(|s| s.usage.outside_cores()))
+        .collect();
+    if !outside.is_empty() {
+        let _ = writeln!(
+            t,
+            "Cores busy with processes outside the run (other users of the machine) during the measurements: {:.2} on average, {:.2} at most (of {}).\n",
+            outside.iter().sum::<f64>() / outside.len() as f64,
+            outside.iter().copied().fold(0.0, f64::max),
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        );
+    }
     let _ = writeln!(t, "Command: `{}`\n", m.command);
     if !m.notes.is_empty() {
         let _ = writeln!(t, "Notes:\n");

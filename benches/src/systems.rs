@@ -138,10 +138,26 @@ pub struct Usage {
     pub kafka_cpu_s: f64,
     /// Busy seconds of the whole machine (all cores) during the run.
     pub machine_busy_s: f64,
+    /// user + sys seconds of the harness itself (writer, consumer, sampling).
+    #[serde(default)]
+    pub harness_cpu_s: f64,
     /// Wall-clock seconds of the run.
     pub wall_s: f64,
     /// 1-minute load average at the end of the run.
     pub load_avg: f64,
+}
+
+impl Usage {
+    /// Cores used by processes outside the run (other users of the machine):
+    /// machine busy time minus the system's, PostgreSQL's, the broker's and
+    /// the harness's CPU, per second of the run.
+    pub fn outside_cores(&self) -> f64 {
+        if self.wall_s <= 0.0 {
+            return 0.0;
+        }
+        let ours = self.cpu_s + self.pg_cpu_s + self.kafka_cpu_s + self.harness_cpu_s;
+        ((self.machine_busy_s - ours) / self.wall_s).max(0.0)
+    }
 }
 
 /// A started system.
@@ -163,6 +179,7 @@ pub struct Proc {
     pg_cpu0: f64,
     kafka_cpu0: f64,
     machine0: f64,
+    harness0: f64,
     children0: f64,
     exit: Option<ExitStatus>,
     exit_cpu: Option<f64>,
@@ -445,6 +462,7 @@ impl Proc {
         let pg_cpu0 = pg_pid.and_then(procstat::tree_cpu_secs).unwrap_or(0.0);
         let kafka_cpu0 = kafka_pid.and_then(procstat::cpu_secs).unwrap_or(0.0);
         let machine0 = procstat::machine_busy_secs().unwrap_or(0.0);
+        let harness0 = procstat::cpu_secs(std::process::id()).unwrap_or(0.0);
         let children0 = reaped_children_cpu();
         let spawned_ns = clock::now_ns();
         let child = cmd
@@ -483,6 +501,7 @@ impl Proc {
             pg_cpu0,
             kafka_cpu0,
             machine0,
+            harness0,
             children0,
             exit: None,
             exit_cpu: None,
@@ -530,6 +549,7 @@ impl Proc {
                 .map(|c| c - self.kafka_cpu0)
                 .unwrap_or(0.0),
             machine_busy_s: procstat::machine_busy_secs().unwrap_or(0.0) - self.machine0,
+            harness_cpu_s: procstat::cpu_secs(std::process::id()).unwrap_or(0.0) - self.harness0,
             wall_s: clock::secs(self.spawned_ns, clock::now_ns()),
             load_avg: procstat::load_average().unwrap_or(0.0),
         }

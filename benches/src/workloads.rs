@@ -669,6 +669,7 @@ impl Usage {
             pg_cpu_s: self.pg_cpu_s - earlier.pg_cpu_s,
             kafka_cpu_s: self.kafka_cpu_s - earlier.kafka_cpu_s,
             machine_busy_s: self.machine_busy_s - earlier.machine_busy_s,
+            harness_cpu_s: self.harness_cpu_s - earlier.harness_cpu_s,
             wall_s: self.wall_s - earlier.wall_s,
             load_avg: self.load_avg,
         }
