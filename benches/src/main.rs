@@ -375,14 +375,14 @@ async fn run(args: RunArgs) -> Result<()> {
                 ],
             )
             .is_empty();
-            format!(
-                "{rev}{}",
-                if dirty {
-                    " (with uncommitted changes)"
-                } else {
-                    ""
+            match std::env::var("WALCAST_BENCH_REV") {
+                Ok(r) if !r.is_empty() => r,
+                _ if rev.is_empty() => {
+                    "(unknown revision: not a git checkout; set WALCAST_BENCH_REV)".into()
                 }
-            )
+                _ if dirty => format!("{rev} (with uncommitted changes)"),
+                _ => rev,
+            }
         },
         debezium: format!(
             "Debezium PostgreSQL connector {} on Kafka Connect {}, Kafka broker 4.3.1",
