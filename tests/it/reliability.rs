@@ -13,7 +13,7 @@
 //!    slow (throttled) broker link;
 //! 2. `walsender_terminated_and_postgres_restarts`: pg_terminate_backend of
 //!    the walsender, `pg_ctl restart -m fast|immediate` while a large
-//!    transaction streams and while one is being written;
+//!    transaction streams and while one is being written, Postgres paused;
 //! 3. `brokers_paused`: every broker SIGSTOPped longer than the producer's
 //!    request timeout (connection kept, nothing acknowledged), then longer
 //!    than its delivery timeout (restart from the slot);
@@ -364,9 +364,9 @@ async fn kill_and_failpoint_cycles() -> Result<()> {
 
 // ------------------------------------------------------------------ 2 ----
 
-/// Scenario 2: the walsender is terminated (pg_terminate_backend), and
-/// Postgres restarts with `-m fast` and `-m immediate` while walcast streams
-/// a large transaction, and while one is being written.
+/// Scenario 2: the walsender is terminated (pg_terminate_backend), Postgres
+/// restarts with `-m fast` and `-m immediate` while walcast streams a large
+/// transaction and while one is being written, and Postgres hangs (SIGSTOP).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn walsender_terminated_and_postgres_restarts() -> Result<()> {
     let env = TestEnv::get();
@@ -374,11 +374,20 @@ async fn walsender_terminated_and_postgres_restarts() -> Result<()> {
     let mut rig = Rig::new(env, "chaospg", &env.kafka_bootstrap, 1, &[]).await?;
     let rounds = pick(1, 3);
     let large = pick(50_000u64, 200_000);
+    let pg_pause = pick(8, 25);
     let mut rng = rng("walsender_terminated_and_postgres_restarts");
     let load = Workload::start(env, &rig.db, WorkloadSpec::default(), rng.random());
     let mut w = rig.start(&rig.config(&env.kafka_bootstrap), &[])?;
     let mut big = WriterLog::default();
     let mut terminated = 0;
+    let (mut slow_unknown, mut slow_seqs) = (0, std::collections::HashMap::new());
+    rig.admin
+        .batch_execute(
+            "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON business DEFERRABLE INITIALLY DEFERRED
+                 FOR EACH ROW WHEN (NEW.note = 'slow') EXECUTE FUNCTION slow_commit();",
+        )
+        .await?;
     let mut reader = IdReader::new(&env.kafka_bootstrap, &rig.topics)?;
     for _ in 0..rounds {
         // The walsender is terminated twice; walcast reconnects each time.
@@ -416,6 +425,40 @@ async fn walsender_terminated_and_postgres_restarts() -> Result<()> {
             blocking(|| env.control(&["restart", "pg", "--mode", mode]));
             rig.reconnect().await?;
         }
+        // A restart during a COMMIT (a deferred trigger makes it take 3 s):
+        // the writer cannot know the outcome; the WAL tells.
+        let mut c = rig.db.admin(env).await?;
+        let rows = workload::make_rows(&mut rng, &WorkloadSpec::default(), &mut slow_seqs);
+        let committing = tokio::spawn(async move {
+            let tag = uuid::Uuid::new_v4().to_string();
+            let tx = c.transaction().await?;
+            workload::insert_rows(&tx, &tag, &rows).await?;
+            tx.execute(
+                "INSERT INTO business (tag, note) VALUES ($1, 'slow')",
+                &[&tag],
+            )
+            .await?;
+            let outcome = match tx.commit().await {
+                Ok(()) => Outcome::Committed,
+                Err(_) => Outcome::Unknown,
+            };
+            anyhow::Ok((
+                walcast_tests::checker::WrittenTxn {
+                    events: rows.events(),
+                    outcome,
+                    end_lsn: None,
+                },
+                tag,
+            ))
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        blocking(|| env.control(&["restart", "pg", "--mode", "fast"]));
+        rig.reconnect().await?;
+        let (txn, tag) = committing.await??;
+        if txn.outcome == Outcome::Unknown {
+            slow_unknown += 1;
+        }
+        big.push(txn, tag);
         // A restart while a large transaction is being written.
         let mut c = rig.db.admin(env).await?;
         let writing = tokio::spawn(async move { write_large_txn(&mut c, large, 500, 20).await });
@@ -425,24 +468,31 @@ async fn walsender_terminated_and_postgres_restarts() -> Result<()> {
         if let Ok((txn, tag)) = writing.await? {
             big.push(txn, tag);
         }
+        // Postgres hangs (every process SIGSTOPped): longer than walcast's
+        // silence timeout (1.5 x wal_sender_timeout = 15 s) in the long suite.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        blocking(|| env.control(&["pause", "pg"]));
+        tokio::time::sleep(Duration::from_secs(pg_pause)).await;
+        blocking(|| env.control(&["resume", "pg"]));
+        rig.reconnect().await?;
     }
     let mut log = load.stop()?;
-    let unknown = log.unknown();
+    let unknown = log.unknown() + big.unknown();
     log.extend(big);
     let report = rig.verify(&mut log, &[], Duration::from_secs(300)).await?;
     rig.note_rss(&w);
     let alive = w.is_running();
     w.kill9()?;
     let result = ScenarioResult::new(
-        "2. walsender terminated, Postgres restart fast/immediate in a large txn",
-        rounds * 5,
+        "2. walsender terminated, Postgres restart fast/immediate in a large txn, Postgres paused",
+        rounds * 7,
         &report,
         rig.started,
     )
     .rss(rig.peak_rss, None)
     .note(format!(
-        "{terminated} walsenders terminated, {} restarts, large transactions of {large} rows, {unknown} commits with unknown outcome (resolved from the WAL)",
-        rounds * 3
+        "{terminated} walsenders terminated, {} restarts, large transactions of {large} rows, Postgres SIGSTOPped for {pg_pause} s per round, {unknown} commits with unknown outcome ({slow_unknown} by a restart during a slow COMMIT; resolved from the WAL)",
+        rounds * 4
     ));
     judge(&result, &report, &tail(&w.log_text(), 40))?;
     ensure!(alive, "walcast exited instead of reconnecting");
@@ -862,8 +912,8 @@ async fn network_faults() -> Result<()> {
     )
     .rss(rig.peak_rss, Some(bound))
     .note(format!(
-        "{}; idle RSS {} MiB, RSS at the end {} MiB",
-        faults.join(", "),
+        "{rounds} round(s) of: {}; idle RSS {} MiB, RSS at the end {} MiB",
+        faults[..faults.len() / rounds].join(", "),
         idle >> 20,
         rss_now.unwrap_or(0) >> 20
     ));
