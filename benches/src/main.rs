@@ -441,8 +441,10 @@ async fn run(args: RunArgs) -> Result<()> {
         work_dir: out.join("work"),
         progress: Progress::new(estimates),
     };
-    ctx.progress.phase("preparing the bench databases");
+    ctx.progress
+        .phase("preparing the bench databases and warming the broker up");
     db::create_databases(&ctx.env, &[ctx.plan.steady_payload]).await?;
+    workloads::warm_up_kafka(&mut ctx, if args.quick { 20_000 } else { 500_000 }).await?;
     let mut results = Results {
         meta,
         ..Results::default()

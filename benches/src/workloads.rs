@@ -152,7 +152,7 @@ impl Plan {
 
     /// Estimated seconds of every phase, in order (for the progress line).
     pub fn estimates(&self) -> Vec<f64> {
-        let mut v = vec![3.0];
+        let mut v = vec![8.0];
         if self.backlog {
             for (p, t, n) in self.backlog_configs() {
                 let fill_rate = match (p > 1000, t) {
@@ -289,6 +289,41 @@ fn per_mevent(secs: f64, events: u64) -> f64 {
     } else {
         secs * 1e6 / events as f64
     }
+}
+
+/// Warms the broker up (its JIT, page cache and request paths) with the
+/// bare producer and a consumer, so the first system measured does not pay
+/// for a cold JVM on the Kafka side.
+pub async fn warm_up_kafka(ctx: &mut Ctx, events: u64) -> Result<()> {
+    let spec = Spec {
+        system: System::KafkaLimit,
+        dir: ctx.work_dir.join("warm-up"),
+        slot: String::new(),
+        topic_prefix: format!("bench.{}.warmup", ctx.run_id),
+        events,
+        payload: 200,
+        end_lsn: None,
+    };
+    let topic = spec.topic();
+    kafka::create_topics(&ctx.env.kafka_bootstrap, std::slice::from_ref(&topic)).await?;
+    let consumer = TopicConsumer::start(&ctx.env.kafka_bootstrap, &topic)?;
+    let mut proc = Proc::start(&ctx.env, &ctx.tuning, &spec)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while consumer.distinct() < events && Instant::now() < deadline {
+        if proc.exited().is_some_and(|s| !s.success()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = consumer.distinct();
+    proc.stop(Duration::from_secs(10))?;
+    consumer.finish()?;
+    kafka::delete_topics(&ctx.env.kafka_bootstrap, &[topic]).await?;
+    ctx.progress.status(&format!(
+        "broker warmed up with {} records through a producer and a consumer",
+        group(got)
+    ));
+    Ok(())
 }
 
 /// Runs the backlog drain for one configuration.
