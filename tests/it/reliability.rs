@@ -56,9 +56,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 const EXIT_OPERATOR: i32 = 2;
 const EXIT_PERMANENT: i32 = 3;
 
-/// The pgwire-replication hand-over buffer between the socket and the relay
-/// (crates/postgres: `with_buffer_size(512)`), in messages.
-const PG_BUFFER_MESSAGES: u64 = 512;
+/// The replication hand-over buffer between the socket and the relay, in messages.
+const PG_BUFFER_MESSAGES: u64 = walcast_postgres::REPLICATION_BUFFER_MESSAGES as u64;
 
 /// One scenario's database, topics, auditor and walcast settings.
 struct Rig {
@@ -1661,7 +1660,7 @@ async fn huge_transactions_stay_within_memory_bounds() -> Result<()> {
     )
     .rss(Some(peak), Some(bound))
     .note(format!(
-        "max_in_flight_bytes {} MiB; bound = idle RSS {} MiB + 64 MiB + 2 x in-flight + 512 x {} KiB rows (replication buffer); peak {} MiB after the {rows}-row transaction (written in {:.0} s, in Kafka after {:.0} s), {} MiB after the large one (written in {:.0} s, in Kafka after {:.0} s)",
+        "max_in_flight_bytes {} MiB; bound = idle RSS {} MiB + 64 MiB + 2 x in-flight + {PG_BUFFER_MESSAGES} x {} KiB rows (replication buffer); peak {} MiB after the {rows}-row transaction (written in {:.0} s, in Kafka after {:.0} s), {} MiB after the large one (written in {:.0} s, in Kafka after {:.0} s)",
         max_in_flight >> 20,
         idle >> 20,
         max_row >> 10,

@@ -10,7 +10,9 @@
 mod preflight;
 mod source;
 
-pub use preflight::{accept_slot_gap, connect, ConnectOptions, Connected, ServerInfo};
+pub use preflight::{
+    accept_slot_gap, connect, ConnectOptions, Connected, ServerInfo, REPLICATION_BUFFER_MESSAGES,
+};
 pub use source::PgSource;
 
 use walcast_core::{Error, ErrorKind};

@@ -68,6 +68,14 @@ fn silence_timeout(wal_sender_timeout_ms: u64) -> Option<Duration> {
     (wal_sender_timeout_ms > 0).then(|| Duration::from_millis(wal_sender_timeout_ms * 3 / 2))
 }
 
+/// Messages the replication connection reads ahead of the relay (the
+/// hand-over buffer between the socket and the pipeline). It is bounded by
+/// count only, so whole rows wait here outside the pipeline's in-flight byte
+/// bound: walcast's memory can exceed that bound by this many of the largest
+/// rows. Small, because the relay consumes far faster than one message per
+/// socket read; past it, the server's sends block on TCP back-pressure.
+pub const REPLICATION_BUFFER_MESSAGES: usize = 64;
+
 fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     let pg = &opts.pg;
     let tls = match pg.sslmode {
@@ -94,9 +102,7 @@ fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     // `PgSource` relies on to detect a dead one). Status updates for a
     // confirmed LSN still go out within status_interval_ms.
     .with_wakeup_interval(IDLE_WAKEUP)
-    // Bounded hand-over buffer between the socket and the relay: row messages
-    // wait here, so keep it small (the relay's own in-flight bounds do the rest).
-    .with_buffer_size(512)
+    .with_buffer_size(REPLICATION_BUFFER_MESSAGES)
     // Text output must not depend on the server's defaults.
     .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex")
 }
