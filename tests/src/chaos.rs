@@ -14,8 +14,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -226,44 +224,7 @@ pub fn max_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     }
 }
 
-/// Creates topics (idempotent) with a replication factor and topic configs.
-pub async fn create_topics(
-    bootstrap: &str,
-    topics: &[String],
-    partitions: i32,
-    replication: i32,
-    configs: &[(&str, &str)],
-) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .context("creating the admin client")?;
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| {
-            let mut n = NewTopic::new(t, partitions, TopicReplication::Fixed(replication));
-            for (k, v) in configs {
-                n = n.set(k, v);
-            }
-            n
-        })
-        .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .context("create_topics")?;
-    for r in results {
-        if let Err((topic, code)) = r {
-            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                bail!("creating topic {topic}: {code}");
-            }
-        }
-    }
-    Ok(())
-}
+pub use crate::kafka::create_topics_with as create_topics;
 
 /// Reads topics from the beginning keeping only (id header, key, partition,
 /// offset): what the checker needs, so a gigabyte of payloads costs nothing.

@@ -49,13 +49,30 @@ impl Record {
 
 /// Creates topics (idempotent) with `partitions` partitions, replication factor 1.
 pub async fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) -> Result<()> {
+    create_topics_with(bootstrap, topics, partitions, 1, &[]).await
+}
+
+/// Creates topics (idempotent) with a replication factor and topic configs.
+pub async fn create_topics_with<S: AsRef<str>>(
+    bootstrap: &str,
+    topics: &[S],
+    partitions: i32,
+    replication: i32,
+    configs: &[(&str, &str)],
+) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
         .context("creating the admin client")?;
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            let mut n = NewTopic::new(t.as_ref(), partitions, TopicReplication::Fixed(replication));
+            for (k, v) in configs {
+                n = n.set(k, v);
+            }
+            n
+        })
         .collect();
     let results = admin
         .create_topics(
