@@ -266,13 +266,7 @@ impl Pipeline {
                     .in_flight_bytes
                     .store(bytes_in_flight, Ordering::Relaxed);
                 let flush = tracker.flush_lsn();
-                if flush > confirmed {
-                    confirmed = flush;
-                    source.confirm(flush);
-                    self.progress
-                        .confirmed_lsn
-                        .store(u64::from(flush), Ordering::Relaxed);
-                    on_confirm(flush);
+                if self.advance(source, &mut confirmed, flush, &mut on_confirm) {
                     if let Some(fp) = &self.failpoints {
                         if fp.hit(Point::AfterAck) {
                             wait_reported(source, flush).await;
@@ -334,15 +328,7 @@ impl Pipeline {
                 }
             }
         }
-        let flush = tracker.flush_lsn();
-        if flush > confirmed {
-            confirmed = flush;
-            source.confirm(flush);
-            self.progress
-                .confirmed_lsn
-                .store(u64::from(flush), Ordering::Relaxed);
-            on_confirm(flush);
-        }
+        self.advance(source, &mut confirmed, tracker.flush_lsn(), &mut on_confirm);
         if let Some(e) = stop_error {
             return Err(e);
         }
@@ -350,6 +336,28 @@ impl Pipeline {
             confirmed,
             abandoned_events: tracker.in_flight_events(),
         })
+    }
+
+    /// Confirms `flush` to the source (then to the progress counters and
+    /// `on_confirm`) if it is past `confirmed`; true if it moved. `flush` must
+    /// come from the ack tracker.
+    fn advance<S: ReplicationSource>(
+        &self,
+        source: &mut S,
+        confirmed: &mut Lsn,
+        flush: Lsn,
+        on_confirm: &mut impl FnMut(Lsn),
+    ) -> bool {
+        if flush <= *confirmed {
+            return false;
+        }
+        *confirmed = flush;
+        source.confirm(flush);
+        self.progress
+            .confirmed_lsn
+            .store(u64::from(flush), Ordering::Relaxed);
+        on_confirm(flush);
+        true
     }
 }
 
