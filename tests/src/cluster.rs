@@ -224,21 +224,16 @@ impl KafkaCluster {
 
     /// The node leading `topic`'s `partition` (from the cluster's metadata).
     pub fn leader_of(&self, topic: &str, partition: i32) -> Result<i32> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .create()?;
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let t = md.topics().first().context("no such topic")?;
-        let p = t
-            .partitions()
-            .iter()
-            .find(|p| p.id() == partition)
-            .context("no such partition")?;
-        Ok(p.leader())
+        Ok(self.partition_state(topic, partition)?.0)
     }
 
     /// In-sync replicas of `topic`'s `partition`.
     pub fn isr_of(&self, topic: &str, partition: i32) -> Result<Vec<i32>> {
+        Ok(self.partition_state(topic, partition)?.1)
+    }
+
+    /// Leader and in-sync replicas of `topic`'s `partition` (cluster metadata).
+    fn partition_state(&self, topic: &str, partition: i32) -> Result<(i32, Vec<i32>)> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.bootstrap)
             .create()?;
@@ -249,7 +244,7 @@ impl KafkaCluster {
             .iter()
             .find(|p| p.id() == partition)
             .context("no such partition")?;
-        Ok(p.isr().to_vec())
+        Ok((p.leader(), p.isr().to_vec()))
     }
 
     /// Stops the cluster if this handle started it.
