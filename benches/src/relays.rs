@@ -314,6 +314,7 @@ pub async fn pg_drain(a: PgDrainArgs) -> Result<()> {
         tables: cfg.outbox_tables().map_err(|e| anyhow::anyhow!("{e}"))?,
         columns: cfg.outbox.columns.clone(),
         state: StateStore::new(&cfg.pipeline.state_dir),
+        max_row_bytes: cfg.pipeline.max_row_bytes,
     };
     let started = Instant::now();
     let connected = walcast_postgres::connect(&opts)
@@ -324,7 +325,8 @@ pub async fn pg_drain(a: PgDrainArgs) -> Result<()> {
     let mut filter = OutboxFilter::new(
         cfg.outbox_tables().map_err(|e| anyhow::anyhow!("{e}"))?,
         cfg.outbox.columns.clone(),
-    );
+    )
+    .with_partitions(connected.partitions.clone());
     let mut router =
         Router::new(TopicTemplate::parse(&cfg.outbox.topic).map_err(|e| anyhow::anyhow!("{e}"))?);
     let mut events = 0u64;

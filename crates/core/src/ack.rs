@@ -1,6 +1,6 @@
 //! The ack tracker: which LSN may be confirmed to Postgres.
 //!
-//! This type implements rules 1–3 of `shared/design/delivery-rules.md`:
+//! This type implements rules 1–3 of `docs/delivery-rules.md`:
 //!
 //! - The flush LSN is the `commit_end_lsn` of the longest prefix of received
 //!   transactions whose events are all delivered. A transaction with no events
@@ -11,7 +11,11 @@
 //! - The flush LSN never moves backwards.
 //!
 //! It does no I/O and keeps O(1) work per event: transactions live in a FIFO
-//! addressed by a monotonically increasing ticket.
+//! addressed by a monotonically increasing ticket. A transaction that is fully
+//! acknowledged when its Commit arrives (no events, or all delivered already)
+//! behind one still waiting is merged into the one before it, so the FIFO
+//! holds at most `in_flight_events + 1` transactions however many empty
+//! transactions stream past a stuck event (rule 10: the tracker is bounded too).
 
 use std::collections::VecDeque;
 
@@ -149,7 +153,17 @@ impl AckTracker {
         if self.open_ticket() != Some(ticket) {
             return Err(AckError::NotOpen(ticket));
         }
-        if let Some(txn) = self.txns.back_mut() {
+        let len = self.txns.len();
+        if len >= 2 && self.txns[len - 1].outstanding == 0 && !BROKEN_ACK_FOR_TESTS {
+            // Acknowledged already: the transaction before it (committed,
+            // waiting) now carries its end LSN. No delivery can name the
+            // dropped ticket (it has nothing outstanding), and the next begin()
+            // reuses the number.
+            self.txns.pop_back();
+            if let Some(prev) = self.txns.back_mut() {
+                prev.end_lsn = Some(end_lsn);
+            }
+        } else if let Some(txn) = self.txns.back_mut() {
             txn.end_lsn = Some(end_lsn);
         }
         self.advance();
@@ -233,6 +247,37 @@ mod tests {
         assert_eq!(t.flush_lsn(), lsn(0), "one event still in flight");
         t.delivered(a).unwrap();
         assert_eq!(t.flush_lsn(), lsn(10));
+    }
+
+    #[test]
+    fn empty_transactions_behind_a_stuck_event_do_not_grow_the_queue() {
+        let mut t = AckTracker::new(lsn(0));
+        let a = t.begin().unwrap();
+        t.event_sent(a).unwrap();
+        t.commit(a, lsn(10)).unwrap();
+        for i in 0..100_000u64 {
+            let e = t.begin().unwrap();
+            t.commit(e, lsn(20 + i)).unwrap();
+            assert!(
+                t.pending_transactions() <= 2,
+                "queue grew to {}",
+                t.pending_transactions()
+            );
+        }
+        assert_eq!(t.flush_lsn(), lsn(0), "the stuck event holds the LSN");
+        // A transaction with an event behind them still waits for its own event.
+        let b = t.begin().unwrap();
+        t.event_sent(b).unwrap();
+        t.commit(b, lsn(200_000)).unwrap();
+        t.delivered(a).unwrap();
+        assert_eq!(
+            t.flush_lsn(),
+            lsn(20 + 99_999),
+            "the empty ones acked with a"
+        );
+        t.delivered(b).unwrap();
+        assert_eq!(t.flush_lsn(), lsn(200_000));
+        assert!(t.is_idle());
     }
 
     #[test]

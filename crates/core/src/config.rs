@@ -203,6 +203,13 @@ pub struct PipelineConfig {
     /// At most this many bytes (key + value + headers) in flight.
     #[serde(default = "default_max_in_flight_bytes")]
     pub max_in_flight_bytes: u64,
+    /// The largest row change (one pgoutput message: the row's columns in
+    /// text form) walcast accepts from the replication stream. It is checked
+    /// before the row is buffered; a larger row stops walcast (exit 3) without
+    /// moving the slot past it. It also sizes the replication read-ahead (see
+    /// README: Memory).
+    #[serde(default = "default_max_row_bytes")]
+    pub max_row_bytes: u64,
     /// On SIGTERM/SIGINT, how long to wait for outstanding deliveries.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -303,6 +310,9 @@ fn default_max_in_flight_events() -> u64 {
 fn default_max_in_flight_bytes() -> u64 {
     64 * 1024 * 1024
 }
+fn default_max_row_bytes() -> u64 {
+    2 * 1024 * 1024
+}
 fn default_shutdown_timeout_ms() -> u64 {
     30_000
 }
@@ -346,6 +356,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             max_in_flight_events: default_max_in_flight_events(),
             max_in_flight_bytes: default_max_in_flight_bytes(),
+            max_row_bytes: default_max_row_bytes(),
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             restart_backoff_initial_ms: default_backoff_initial_ms(),
             restart_backoff_max_ms: default_backoff_max_ms(),
@@ -653,6 +664,16 @@ impl Config {
             return Err(Error::operator(
                 "pipeline.max_in_flight_events and pipeline.max_in_flight_bytes must be positive",
             ));
+        }
+        if p.max_row_bytes < 1024
+            || p.max_row_bytes > p.max_in_flight_bytes
+            || p.max_row_bytes > 1 << 30
+        {
+            return Err(Error::operator(format!(
+                "pipeline.max_row_bytes = {} must be at least 1024, at most pipeline.max_in_flight_bytes ({}) and at most 1 GiB",
+                p.max_row_bytes, p.max_in_flight_bytes
+            ))
+            .with_hint("a row must fit in the in-flight window; raise max_in_flight_bytes or lower max_row_bytes"));
         }
         if p.restart_backoff_initial_ms == 0
             || p.restart_backoff_max_ms < p.restart_backoff_initial_ms

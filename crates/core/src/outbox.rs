@@ -2,8 +2,16 @@
 //! configured outbox tables, resolved by schema-qualified name through the
 //! stream's Relation messages (so ALTER TABLE mid-stream is followed).
 //!
-//! Everything else (UPDATE, DELETE, TRUNCATE, other tables) is skipped but
-//! still counts towards acknowledgement through its transaction.
+//! UPDATE, DELETE and TRUNCATE on an outbox table are skipped but still count
+//! towards acknowledgement through their transaction. A partition of an
+//! outbox table (published under its own name, for example WAL written before
+//! `publish_via_partition_root` was set) counts as its outbox table.
+//!
+//! A row change of any other relation is never skipped (rule 5a of
+//! `docs/delivery-rules.md`): walcast's publication should carry only the
+//! outbox tables, so such a change means a partition walcast was not told
+//! about, a renamed or swapped outbox, or a publication with extra tables. The
+//! filter returns an operator error and the slot does not move past it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -28,10 +36,20 @@ pub enum Row {
         /// The outbox columns.
         row: OutboxRow,
     },
-    /// A row change that is not an event (other table, or not an INSERT).
+    /// A row change on an outbox table that is not an event (UPDATE, DELETE,
+    /// TRUNCATE).
     Skipped,
     /// Anything else (Relation, Type, Origin, …).
     Other,
+}
+
+/// What a relation of the stream is to walcast.
+#[derive(Debug, Clone)]
+enum RelationKind {
+    /// An outbox table (or one of its partitions).
+    Outbox(Mapping),
+    /// Any other relation: a row change on it stops walcast.
+    Foreign(Arc<str>),
 }
 
 #[derive(Debug, Clone)]
@@ -51,9 +69,11 @@ struct Mapping {
 pub struct OutboxFilter {
     decoder: Decoder,
     tables: HashSet<TableName>,
+    /// Partitions (at any depth) of partitioned outbox tables, by name, with
+    /// the outbox table they belong to.
+    partitions: HashMap<TableName, TableName>,
     columns: OutboxColumns,
-    /// `None`: a relation that is not an outbox.
-    relations: HashMap<u32, Option<Mapping>>,
+    relations: HashMap<u32, RelationKind>,
 }
 
 impl OutboxFilter {
@@ -62,19 +82,34 @@ impl OutboxFilter {
         OutboxFilter {
             decoder: Decoder::new(1),
             tables: tables.into_iter().collect(),
+            partitions: HashMap::new(),
             columns,
             relations: HashMap::new(),
         }
     }
 
-    fn resolve(&self, rel: &Relation) -> Result<Option<Mapping>> {
-        let name = TableName {
+    /// Tells the filter which relations are partitions of which outbox table
+    /// (read from the catalog at start). Their rows are events of that table.
+    pub fn with_partitions(
+        mut self,
+        partitions: impl IntoIterator<Item = (TableName, TableName)>,
+    ) -> Self {
+        self.partitions = partitions.into_iter().collect();
+        self
+    }
+
+    fn resolve(&self, rel: &Relation) -> Result<RelationKind> {
+        let relation = TableName {
             schema: rel.schema().to_string(),
             name: rel.name.as_str().to_string(),
         };
-        if !self.tables.contains(&name) {
-            return Ok(None);
-        }
+        let name = if self.tables.contains(&relation) {
+            relation
+        } else if let Some(root) = self.partitions.get(&relation) {
+            root.clone()
+        } else {
+            return Ok(RelationKind::Foreign(Arc::from(relation.to_string())));
+        };
         let c = &self.columns;
         let find = |opt: &str, col: &str| -> Result<usize> {
             rel.column_index(col).ok_or_else(|| {
@@ -87,7 +122,7 @@ impl OutboxFilter {
             })
         };
         let payload = find("payload", &c.payload)?;
-        Ok(Some(Mapping {
+        Ok(RelationKind::Outbox(Mapping {
             table: Arc::from(name.to_string()),
             id: find("id", &c.id)?,
             aggregatetype: find("aggregatetype", &c.aggregatetype)?,
@@ -105,7 +140,8 @@ impl OutboxFilter {
     /// # Errors
     /// A permanent error for bytes that are not valid pgoutput or a row of a
     /// relation never described; an operator error when an outbox table lost
-    /// a required column.
+    /// a required column, and for a row change of a relation that is not an
+    /// outbox table (see the module documentation).
     pub fn decode(&mut self, data: &Bytes) -> Result<Row> {
         let msg = self.decoder.decode(data).map_err(|e| {
             Error::permanent(format!("cannot decode a pgoutput message: {e}"))
@@ -119,8 +155,10 @@ impl OutboxFilter {
             }
             Message::Insert(ins) => {
                 let mapping = match self.relations.get(&ins.rel_id) {
-                    Some(Some(m)) => m,
-                    Some(None) => return Ok(Row::Skipped),
+                    Some(RelationKind::Outbox(m)) => m,
+                    Some(RelationKind::Foreign(name)) => {
+                        return Err(self.foreign_change(name, "INSERT"))
+                    }
                     None => {
                         return Err(Error::permanent(format!(
                             "an INSERT arrived for relation {} before its Relation message",
@@ -174,8 +212,40 @@ impl OutboxFilter {
                     row,
                 })
             }
-            Message::Update(_) | Message::Delete(_) | Message::Truncate(_) => Ok(Row::Skipped),
+            Message::Update(u) => self.other_change(u.rel_id, "UPDATE"),
+            Message::Delete(d) => self.other_change(d.rel_id, "DELETE"),
+            Message::Truncate(t) => {
+                for rel_id in &t.rel_ids {
+                    if let Some(RelationKind::Foreign(name)) = self.relations.get(rel_id) {
+                        return Err(self.foreign_change(name, "TRUNCATE"));
+                    }
+                }
+                Ok(Row::Skipped)
+            }
             _ => Ok(Row::Other),
         }
+    }
+
+    /// An UPDATE or DELETE: skipped on an outbox table, an error elsewhere.
+    fn other_change(&self, rel_id: u32, what: &str) -> Result<Row> {
+        match self.relations.get(&rel_id) {
+            Some(RelationKind::Foreign(name)) => Err(self.foreign_change(name, what)),
+            _ => Ok(Row::Skipped),
+        }
+    }
+
+    fn foreign_change(&self, relation: &str, what: &str) -> Error {
+        let mut configured: Vec<String> = self.tables.iter().map(ToString::to_string).collect();
+        configured.sort();
+        Error::operator(format!(
+            "the replication stream carries an {what} on {relation}, which is not a configured outbox table ({}) nor a partition of one known at start; walcast stops before the slot passes it",
+            configured.join(", ")
+        ))
+        .with_hint(format!(
+            "if {relation} is a partition of an outbox table, make the publication publish via the root (ALTER PUBLICATION <publication> SET (publish_via_partition_root = true)) and restart walcast; \
+             if an outbox table was renamed or swapped, fix outbox.tables or the publication; \
+             if the publication carries other tables, drop them from it (ALTER PUBLICATION <publication> DROP TABLE {relation}). \
+             Nothing was skipped: walcast resumes at this change once fixed"
+        ))
     }
 }

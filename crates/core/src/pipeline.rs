@@ -1,11 +1,13 @@
 //! The relay loop: read the slot, route outbox INSERTs, hand them to the sink,
 //! confirm the LSN only when the ack tracker says so.
 //!
-//! Rules kept here (see `shared/design/delivery-rules.md`):
+//! Rules kept here (see `docs/delivery-rules.md`):
 //! - deliveries are handled before new input (`biased` select), so the flush
 //!   LSN moves as soon as it may;
 //! - in-flight events are bounded by count and bytes; when full, the loop stops
-//!   reading the stream (the source keeps status updates flowing);
+//!   reading the stream (the source keeps status updates flowing). An event
+//!   that does not fit waits, already read, until deliveries free room: the
+//!   bytes in flight never exceed the bound (one event alone may fill it);
 //! - any delivery failure ends the loop with an error: the caller discards the
 //!   sink and restarts from the slot. Nothing is skipped or retried alone;
 //! - on shutdown the loop stops reading, waits for outstanding deliveries up to
@@ -24,14 +26,15 @@ use crate::ack::{AckTracker, TxnTicket};
 use crate::error::{Decision, Error, Result};
 use crate::failpoint::{Failpoints, Point};
 use crate::outbox::{OutboxFilter, Row};
-use crate::route::Router;
+use crate::route::{OutboxEvent, Router};
 use crate::sink::EventSink;
 use crate::source::{ReplicationSource, SourceEvent};
 
 /// Flow-control and shutdown settings.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
-    /// At most this many undelivered events.
+    /// At most this many undelivered events, and at most this many
+    /// transactions waiting for acknowledgement in the ack tracker.
     pub max_in_flight_events: u64,
     /// At most this many undelivered bytes.
     pub max_in_flight_bytes: u64,
@@ -57,8 +60,11 @@ pub struct Progress {
     pub events_delivered: AtomicU64,
     /// Transactions whose Commit was read.
     pub transactions: AtomicU64,
-    /// Row changes read that are not outbox inserts (skipped, still acknowledged).
+    /// Row changes on outbox tables that are not inserts (skipped, still acknowledged).
     pub changes_skipped: AtomicU64,
+    /// Transactional logical decoding messages read and not relayed (walcast
+    /// does not turn them into events yet; each prefix is logged once).
+    pub messages_ignored: AtomicU64,
     /// Events currently in flight.
     pub in_flight_events: AtomicU64,
     /// Bytes currently in flight.
@@ -152,6 +158,10 @@ impl Pipeline {
         let mut deliveries = FuturesUnordered::new();
         let mut open: Option<(TxnTicket, Lsn)> = None;
         let mut bytes_in_flight: u64 = 0;
+        // An event read but not yet handed to the sink because the byte bound
+        // was full; nothing more is read until it went out.
+        let mut waiting: Option<(TxnTicket, OutboxEvent)> = None;
+        let mut warned_prefixes = std::collections::HashSet::new();
         let mut last_delivery = Instant::now();
         let mut stall_warned = false;
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -164,7 +174,12 @@ impl Pipeline {
         // function: a non-retryable error first drains (below).
         let result: Result<Option<PipelineExit>> = async {
             Ok(loop {
-                let has_room = tracker.in_flight_events() < self.settings.max_in_flight_events
+                // The tracker's queue counts too: transactions whose events
+                // were delivered behind a stuck one wait there (empty ones are
+                // merged, so only transactions that had events count).
+                let has_room = waiting.is_none()
+                    && tracker.in_flight_events() < self.settings.max_in_flight_events
+                    && (tracker.pending_transactions() as u64) <= self.settings.max_in_flight_events
                     && bytes_in_flight < self.settings.max_in_flight_bytes;
                 tokio::select! {
                     biased;
@@ -179,6 +194,16 @@ impl Pipeline {
                         if let Some(fp) = &self.failpoints {
                             if fp.hit(Point::AfterDelivery) {
                                 Failpoints::fire(Point::AfterDelivery);
+                            }
+                        }
+                        if waiting.as_ref().is_some_and(|(_, e)| {
+                            fits(bytes_in_flight, e.size_bytes(), self.settings.max_in_flight_bytes)
+                        }) {
+                            if let Some((ticket, event)) = waiting.take() {
+                                let size = event.size_bytes();
+                                deliveries.push(dispatch(sink, &mut tracker, ticket, event)?);
+                                bytes_in_flight += size;
+                                self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     }
@@ -204,14 +229,19 @@ impl Pipeline {
                                         })?;
                                         let event = self.router.route(&table, commit_lsn, row)?;
                                         let size = event.size_bytes();
-                                        let delivery = sink.send(event)?;
-                                        tracker.event_sent(ticket).map_err(protocol_error)?;
-                                        bytes_in_flight += size;
-                                        if deliveries.is_empty() {
-                                            last_delivery = Instant::now();
+                                        if !deliveries.is_empty()
+                                            && !fits(bytes_in_flight, size, self.settings.max_in_flight_bytes)
+                                        {
+                                            waiting = Some((ticket, event));
+                                        } else {
+                                            let delivery = dispatch(sink, &mut tracker, ticket, event)?;
+                                            bytes_in_flight += size;
+                                            if deliveries.is_empty() {
+                                                last_delivery = Instant::now();
+                                            }
+                                            deliveries.push(delivery);
+                                            self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                                         }
-                                        deliveries.push(delivery.map(move |r| (ticket, size, r)));
-                                        self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                                     }
                                     Row::Skipped => {
                                         self.progress.changes_skipped.fetch_add(1, Ordering::Relaxed);
@@ -226,10 +256,21 @@ impl Pipeline {
                                 tracker.commit(ticket, end_lsn).map_err(protocol_error)?;
                                 self.progress.transactions.fetch_add(1, Ordering::Relaxed);
                             }
+                            SourceEvent::Message { transactional: true, prefix, lsn, .. } => {
+                                // Not events (yet): they still count towards
+                                // acknowledgement through their transaction.
+                                self.progress.messages_ignored.fetch_add(1, Ordering::Relaxed);
+                                if warned_prefixes.len() < 64 && warned_prefixes.insert(prefix.clone()) {
+                                    tracing::warn!(
+                                        prefix = %prefix,
+                                        %lsn,
+                                        "a transactional logical decoding message (pg_logical_emit_message(true, {prefix:?}, ...)) was read and NOT relayed: walcast relays only INSERTs on outbox tables for now. Messages with this prefix are counted, not logged again"
+                                    );
+                                }
+                            }
                             SourceEvent::Message { .. } => {
-                                // Logical decoding messages are not events (yet): they
-                                // still count towards acknowledgement through their
-                                // transaction or the next keepalive.
+                                // Non-transactional messages (heartbeats of other
+                                // tools) are never events.
                             }
                             SourceEvent::KeepAlive { wal_end } => {
                                 tracker.server_position(wal_end);
@@ -359,6 +400,25 @@ impl Pipeline {
         on_confirm(flush);
         true
     }
+}
+
+/// Hands `event` of the open transaction `ticket` to the sink; the returned
+/// future resolves to the ticket, the event's size and the delivery result.
+fn dispatch<K: EventSink>(
+    sink: &mut K,
+    tracker: &mut AckTracker,
+    ticket: TxnTicket,
+    event: OutboxEvent,
+) -> Result<impl std::future::Future<Output = (TxnTicket, u64, Result<()>)> + use<K>> {
+    let size = event.size_bytes();
+    let delivery = sink.send(event)?;
+    tracker.event_sent(ticket).map_err(protocol_error)?;
+    Ok(delivery.map(move |r| (ticket, size, r)))
+}
+
+/// True when an event of `size` bytes may join `in_flight` bytes under `max`.
+fn fits(in_flight: u64, size: u64, max: u64) -> bool {
+    in_flight.saturating_add(size) <= max
 }
 
 /// Waits (bounded) until the source reported `lsn` to the server, when it can tell.

@@ -279,8 +279,9 @@ async fn stops_reading_when_in_flight_is_full_and_resumes_after_acks() {
 
 #[tokio::test]
 async fn the_byte_bound_holds_too() {
-    // Each event is ~1 KB; 2.5 KB of room admits three (the last one may
-    // cross the bound), then reading stops.
+    // Each event is ~1.1 KB; 2.5 KB of room admits two. The third is read and
+    // waits outside the window (bytes in flight never exceed the bound), and
+    // nothing more is read meanwhile.
     let h = start(1000, 2_500);
     h.source.push(begin(150));
     h.source.push(data(relation()));
@@ -289,14 +290,135 @@ async fn the_byte_bound_holds_too() {
     }
     h.source.push(commit(200));
     settle().await;
-    assert_eq!(h.pending.lock().unwrap().len(), 3);
+    assert_eq!(h.pending.lock().unwrap().len(), 2);
+    assert_eq!(
+        h.source.read.load(Ordering::SeqCst),
+        5,
+        "begin, relation, e0..e2"
+    );
+    assert!(h.progress.in_flight_bytes.load(Ordering::SeqCst) <= 2_500);
+    // One delivery frees room for the waiting event, in order.
+    deliver(&h, "e0", Ok(()));
+    settle().await;
+    let ids: Vec<String> = h
+        .pending
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(ids, ["e1", "e2"]);
+    assert!(h.progress.in_flight_bytes.load(Ordering::SeqCst) <= 2_500);
     h.stop.send(true).unwrap();
-    for i in 0..3 {
+    for i in 1..3 {
         deliver(&h, &format!("e{i}"), Ok(()));
     }
     let exit = h.task.await.unwrap().unwrap();
     // The transaction is incomplete: nothing confirmed beyond the start.
     assert!(matches!(exit, PipelineExit::Shutdown { confirmed, .. } if confirmed == Lsn::new(100)));
+}
+
+#[tokio::test]
+async fn a_keepalive_while_a_transaction_is_open_does_not_move_the_lsn() {
+    let h = start(100, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    // The server's position is far ahead (other databases write WAL), but a
+    // transaction is open: rule 3.
+    h.source.push(SourceEvent::KeepAlive {
+        wal_end: Lsn::new(5_000),
+    });
+    settle().await;
+    deliver(&h, "a1", Ok(()));
+    settle().await;
+    h.source.push(SourceEvent::KeepAlive {
+        wal_end: Lsn::new(6_000),
+    });
+    settle().await;
+    assert_eq!(
+        h.source.last_confirmed(),
+        None,
+        "nothing may be confirmed inside an open transaction"
+    );
+    h.source.push(commit(200));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    // Now idle: the next keepalive moves it (rule 2).
+    h.source.push(SourceEvent::KeepAlive {
+        wal_end: Lsn::new(7_000),
+    });
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(7_000)));
+    h.stop.send(true).unwrap();
+    h.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn waiting_transactions_are_bounded_behind_a_stuck_event() {
+    // One event is stuck; 50 transactions with one event each are delivered
+    // behind it, then thousands of empty ones stream past. The tracker holds
+    // at most max_in_flight_events transactions: reading stops instead.
+    let h = start(10, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("stuck", "s", 10)));
+    h.source.push(commit(200));
+    let mut lsn = 200;
+    for i in 0..50 {
+        h.source.push(begin(lsn + 50));
+        h.source.push(data(insert(&format!("t{i}"), "k", 10)));
+        lsn += 100;
+        h.source.push(commit(lsn));
+    }
+    for _ in 0..5_000 {
+        h.source.push(begin(lsn + 50));
+        lsn += 100;
+        h.source.push(commit(lsn));
+    }
+    let total = 4 + 50 * 3 + 5_000 * 2;
+    for _ in 0..60 {
+        settle().await;
+        let ids: Vec<String> = h
+            .pending
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .filter(|id| id != "stuck")
+            .collect();
+        for id in ids {
+            deliver(&h, &id, Ok(()));
+        }
+    }
+    let read = h.source.read.load(Ordering::SeqCst);
+    assert!(
+        read < total,
+        "read everything ({read}) while an event was stuck"
+    );
+    assert_eq!(h.source.last_confirmed(), None);
+    // Unstuck: everything is read and confirmed.
+    deliver(&h, "stuck", Ok(()));
+    for _ in 0..60 {
+        settle().await;
+        let ids: Vec<String> = h
+            .pending
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            deliver(&h, &id, Ok(()));
+        }
+        if h.source.last_confirmed() == Some(Lsn::new(lsn)) {
+            break;
+        }
+    }
+    assert_eq!(h.source.read.load(Ordering::SeqCst), total);
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(lsn)));
+    h.stop.send(true).unwrap();
+    h.task.await.unwrap().unwrap();
 }
 
 #[tokio::test]

@@ -11,7 +11,8 @@ mod preflight;
 mod source;
 
 pub use preflight::{
-    accept_slot_gap, connect, ConnectOptions, Connected, ServerInfo, REPLICATION_BUFFER_MESSAGES,
+    accept_slot_gap, connect, replication_buffer_messages, ConnectOptions, Connected, ServerInfo,
+    REPLICATION_READ_AHEAD_BYTES,
 };
 pub use source::PgSource;
 
@@ -80,9 +81,12 @@ pub(crate) fn classify(e: pgwire_replication::PgWireError, what: &str, cfg_user:
             ErrorKind::OperatorAction,
             "check postgres.sslmode and postgres.ssl_root_cert, and that the server has TLS enabled".into(),
         ),
-        (P::MessageTooLarge { .. }, _) => (
+        (P::MessageTooLarge { payload_bytes, limit_bytes }, _) => (
             ErrorKind::Permanent,
-            "a single row change is larger than walcast accepts; make outbox rows smaller".into(),
+            format!(
+                "a row change of {payload_bytes} bytes is larger than pipeline.max_row_bytes ({limit_bytes}); walcast stops without moving the slot past it. \
+                 Raise pipeline.max_row_bytes (memory: README, Memory) and the Kafka record limits if the row should be relayed, then start walcast again"
+            ),
         ),
         _ => (
             ErrorKind::Retryable,

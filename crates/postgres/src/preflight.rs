@@ -27,6 +27,8 @@ pub struct ConnectOptions {
     pub columns: OutboxColumns,
     /// Where slot records live.
     pub state: StateStore,
+    /// `pipeline.max_row_bytes`: the largest replication message accepted.
+    pub max_row_bytes: u64,
 }
 
 /// Facts about the server, read on the replication session.
@@ -55,6 +57,9 @@ pub struct Connected {
     pub slot: SlotIdentity,
     /// True when this run created the slot.
     pub created_slot: bool,
+    /// Partitions (at any depth) of partitioned outbox tables, each with its
+    /// outbox table, as the catalog listed them at start.
+    pub partitions: Vec<(TableName, TableName)>,
 }
 
 /// How long the replication client stays silent when it has nothing to report.
@@ -68,13 +73,22 @@ fn silence_timeout(wal_sender_timeout_ms: u64) -> Option<Duration> {
     (wal_sender_timeout_ms > 0).then(|| Duration::from_millis(wal_sender_timeout_ms * 3 / 2))
 }
 
-/// Messages the replication connection reads ahead of the relay (the
-/// hand-over buffer between the socket and the pipeline). It is bounded by
-/// count only, so whole rows wait here outside the pipeline's in-flight byte
-/// bound: walcast's memory can exceed that bound by this many of the largest
-/// rows. Small, because the relay consumes far faster than one message per
-/// socket read; past it, the server's sends block on TCP back-pressure.
-pub const REPLICATION_BUFFER_MESSAGES: usize = 64;
+/// Bytes of rows the replication connection may read ahead of the relay (the
+/// hand-over buffer between the socket and the pipeline), outside the
+/// pipeline's in-flight byte bound. The buffer is bounded by message count,
+/// so its size in messages is this budget divided by `pipeline.max_row_bytes`
+/// (see [`replication_buffer_messages`]).
+pub const REPLICATION_READ_AHEAD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Messages the replication connection reads ahead of the relay for a given
+/// `pipeline.max_row_bytes`: `REPLICATION_READ_AHEAD_BYTES / max_row_bytes`,
+/// between 4 and 64. walcast's memory can exceed the in-flight bound by this
+/// many rows of at most `max_row_bytes` each. Small, because the relay
+/// consumes far faster than one message per socket read; past it, the
+/// server's sends block on TCP back-pressure.
+pub fn replication_buffer_messages(max_row_bytes: u64) -> usize {
+    (REPLICATION_READ_AHEAD_BYTES / max_row_bytes.max(1)).clamp(4, 64) as usize
+}
 
 fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     let pg = &opts.pg;
@@ -102,7 +116,10 @@ fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     // `PgSource` relies on to detect a dead one). Status updates for a
     // confirmed LSN still go out within status_interval_ms.
     .with_wakeup_interval(IDLE_WAKEUP)
-    .with_buffer_size(REPLICATION_BUFFER_MESSAGES)
+    .with_buffer_size(replication_buffer_messages(opts.max_row_bytes))
+    // A row larger than this is refused before it is buffered (the stream
+    // ends with a permanent error naming pipeline.max_row_bytes).
+    .with_max_message_size(usize::try_from(opts.max_row_bytes).unwrap_or(usize::MAX))
     // Text output must not depend on the server's defaults.
     .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex")
 }
@@ -228,8 +245,9 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
 
-    check_tables(&mut s).await?;
-    ensure_publication(&mut s).await?;
+    let partitioned = check_tables(&mut s).await?;
+    let partitions = list_partitions(&mut s, &partitioned).await?;
+    ensure_publication(&mut s, &partitioned, server_version_num).await?;
 
     let slot_id = SlotIdentity {
         system_identifier: info.system_identifier.clone(),
@@ -272,16 +290,20 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         info,
         slot: slot_id,
         created_slot,
+        partitions,
     })
 }
 
-async fn check_tables(s: &mut Session<'_>) -> Result<()> {
+/// Checks that every outbox table exists with the required columns; returns
+/// the partitioned ones.
+async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> {
     let cols = &s.opts.columns;
+    let mut partitioned = Vec::new();
     for t in &s.opts.tables {
         let rows = s
             .query(
                 &format!(
-                    "SELECT a.attname FROM pg_catalog.pg_class c \
+                    "SELECT a.attname, c.relkind FROM pg_catalog.pg_class c \
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                      WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
@@ -300,6 +322,14 @@ async fn check_tables(s: &mut Session<'_>) -> Result<()> {
                 "create it (see README: the outbox table), or fix outbox.tables; walcast reads the columns {}, {}, {}, {}, {}",
                 cols.id, cols.aggregatetype, cols.aggregateid, cols.r#type, cols.payload
             )));
+        }
+        if rows
+            .first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .as_deref()
+            == Some("p")
+        {
+            partitioned.push(t.clone());
         }
         let names: Vec<String> = rows
             .into_iter()
@@ -324,10 +354,59 @@ async fn check_tables(s: &mut Session<'_>) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(partitioned)
 }
 
-async fn ensure_publication(s: &mut Session<'_>) -> Result<()> {
+/// Every partition (at any depth) of the partitioned outbox tables, with its
+/// outbox table: their rows are events of that table even when published
+/// under the partition's own name (WAL written before the publication was
+/// switched to `publish_via_partition_root`).
+async fn list_partitions(
+    s: &mut Session<'_>,
+    partitioned: &[TableName],
+) -> Result<Vec<(TableName, TableName)>> {
+    let mut out = Vec::new();
+    for root in partitioned {
+        // The catalogs only: walcast's role may lack USAGE on the schema.
+        let rows = s
+            .query(
+                &format!(
+                    "WITH RECURSIVE tree(relid) AS ( \
+                       SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                       WHERE n.nspname = {} AND c.relname = {} \
+                       UNION ALL SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.relid) \
+                     SELECT n.nspname, c.relname FROM tree t \
+                     JOIN pg_catalog.pg_class c ON c.oid = t.relid \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE NOT (n.nspname = {} AND c.relname = {})",
+                    quote_literal(&root.schema),
+                    quote_literal(&root.name),
+                    quote_literal(&root.schema),
+                    quote_literal(&root.name)
+                ),
+                "listing the outbox table's partitions",
+            )
+            .await?;
+        for r in rows {
+            if let (Some(schema), Some(name)) =
+                (r.first().cloned().flatten(), r.get(1).cloned().flatten())
+            {
+                out.push((TableName { schema, name }, root.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Creates the publication, or checks an existing one: it must publish
+/// INSERTs of exactly the outbox tables (rule 5a: walcast stops at a row of
+/// any other relation, so a publication of more tables would stop it), and
+/// publish partitioned outbox tables via their root.
+async fn ensure_publication(
+    s: &mut Session<'_>,
+    partitioned: &[TableName],
+    server_version_num: u32,
+) -> Result<()> {
     let pg = &s.opts.pg;
     let name = quote_literal(&pg.publication);
     let tables_sql = s
@@ -339,12 +418,12 @@ async fn ensure_publication(s: &mut Session<'_>) -> Result<()> {
         .join(", ");
     let rows = s
         .query(
-            &format!("SELECT pubinsert, puballtables FROM pg_catalog.pg_publication WHERE pubname = {name}"),
+            &format!("SELECT pubinsert, puballtables, pubviaroot FROM pg_catalog.pg_publication WHERE pubname = {name}"),
             "reading the publication",
         )
         .await?;
     let create_sql = format!(
-        "CREATE PUBLICATION {} FOR TABLE {tables_sql} WITH (publish = 'insert')",
+        "CREATE PUBLICATION {} FOR TABLE {tables_sql} WITH (publish = 'insert', publish_via_partition_root = true)",
         quote_ident(&pg.publication)
     );
     let Some(row) = rows.into_iter().next() else {
@@ -362,9 +441,10 @@ async fn ensure_publication(s: &mut Session<'_>) -> Result<()> {
                 "run as the owner of the outbox tables: {create_sql}; walcast's role only needs REPLICATION once it exists"
             ))
         })?;
-        tracing::info!(publication = %pg.publication, tables = %tables_sql, "created publication (publish = 'insert')");
+        tracing::info!(publication = %pg.publication, tables = %tables_sql, "created publication (publish = 'insert', publish_via_partition_root = true)");
         return Ok(());
     };
+    let publication = quote_ident(&pg.publication);
     if row.first().cloned().flatten().as_deref() != Some("t") {
         return Err(Error::operator(format!(
             "publication {} does not publish INSERTs",
@@ -376,7 +456,50 @@ async fn ensure_publication(s: &mut Session<'_>) -> Result<()> {
         )));
     }
     if row.get(1).cloned().flatten().as_deref() == Some("t") {
-        return Ok(());
+        return Err(Error::operator(format!(
+            "publication {} is FOR ALL TABLES; walcast needs a publication of only its outbox tables",
+            pg.publication
+        ))
+        .with_hint(format!(
+            "walcast stops at a change of any table it does not relay (so a renamed or swapped outbox is never mistaken for another table). \
+             Give walcast its own publication: set postgres.publication to a new name (walcast creates it), or as the tables' owner: {create_sql}"
+        )));
+    }
+    if server_version_num >= 150_000 {
+        let schemas = s
+            .query(
+                &format!(
+                    "SELECT n.nspname FROM pg_catalog.pg_publication_namespace pn \
+                     JOIN pg_catalog.pg_publication p ON p.oid = pn.pnpubid \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = pn.pnnspid WHERE p.pubname = {name}"
+                ),
+                "reading the publication's schemas",
+            )
+            .await?;
+        if let Some(schema) = schemas.first().and_then(|r| r.first().cloned().flatten()) {
+            return Err(Error::operator(format!(
+                "publication {} publishes every table of schema {schema} (FOR TABLES IN SCHEMA); walcast needs a publication of only its outbox tables",
+                pg.publication
+            ))
+            .with_hint(format!(
+                "give walcast its own publication: set postgres.publication to a new name (walcast creates it), or as the tables' owner: {create_sql}"
+            )));
+        }
+    }
+    if !partitioned.is_empty() && row.get(2).cloned().flatten().as_deref() != Some("t") {
+        let list = partitioned
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Error::operator(format!(
+            "publication {} publishes the partitioned outbox table(s) {list} under their partitions' names (publish_via_partition_root = false)",
+            pg.publication
+        ))
+        .with_hint(format!(
+            "as the publication's owner: ALTER PUBLICATION {publication} SET (publish_via_partition_root = true); then start walcast again. \
+             (Rows already written under the partitions' names are still relayed as events of their outbox table.)"
+        )));
     }
     let published = s
         .query(
@@ -384,6 +507,43 @@ async fn ensure_publication(s: &mut Session<'_>) -> Result<()> {
             "reading the publication's tables",
         )
         .await?;
+    let configured: std::collections::HashSet<(&str, &str)> = s
+        .opts
+        .tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.name.as_str()))
+        .collect();
+    let extra: Vec<TableName> = published
+        .iter()
+        .filter_map(|r| {
+            Some(TableName {
+                schema: r.first().cloned().flatten()?,
+                name: r.get(1).cloned().flatten()?,
+            })
+        })
+        .filter(|t| !configured.contains(&(t.schema.as_str(), t.name.as_str())))
+        .collect();
+    if !extra.is_empty() {
+        let list = extra
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let quoted = extra
+            .iter()
+            .map(TableName::quoted)
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Error::operator(format!(
+            "publication {} also publishes {list}, which {} not in outbox.tables",
+            pg.publication,
+            if extra.len() == 1 { "is" } else { "are" }
+        ))
+        .with_hint(format!(
+            "walcast stops at a change of any table it does not relay. If {list} should be relayed, add it to outbox.tables; \
+             otherwise, as the publication's owner: ALTER PUBLICATION {publication} DROP TABLE {quoted}; or give walcast its own publication"
+        )));
+    }
     for t in &s.opts.tables {
         let found = published.iter().any(|r| {
             r.first().cloned().flatten().as_deref() == Some(t.schema.as_str())

@@ -258,6 +258,7 @@ fn connect_options(cfg: &Config) -> Result<ConnectOptions, Error> {
         tables: cfg.outbox_tables()?,
         columns: cfg.outbox.columns.clone(),
         state: StateStore::new(&cfg.pipeline.state_dir),
+        max_row_bytes: cfg.pipeline.max_row_bytes,
     })
 }
 
@@ -354,7 +355,8 @@ async fn run_once(
         server_version = connected.info.server_version_num,
         "streaming from the slot"
     );
-    let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone());
+    let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone())
+        .with_partitions(connected.partitions.clone());
     let router = Router::new(TopicTemplate::parse(&cfg.outbox.topic)?);
     let mut pipeline = Pipeline::new(
         PipelineSettings {
