@@ -57,7 +57,13 @@ const EXIT_OPERATOR: i32 = 2;
 const EXIT_PERMANENT: i32 = 3;
 
 /// The replication hand-over buffer between the socket and the relay, in messages.
-const PG_BUFFER_MESSAGES: u64 = walcast_postgres::REPLICATION_BUFFER_MESSAGES as u64;
+/// The replication read-ahead in messages for a `pipeline.max_row_bytes`.
+fn pg_buffer_messages(max_row_bytes_setting: u64) -> u64 {
+    walcast_postgres::replication_buffer_messages(max_row_bytes_setting) as u64
+}
+
+/// walcast's default `pipeline.max_row_bytes`.
+const DEFAULT_MAX_ROW_BYTES: u64 = 2 * 1024 * 1024;
 
 /// One scenario's database, topics, auditor and walcast settings.
 struct Rig {
@@ -85,7 +91,10 @@ impl Rig {
     ) -> Result<Rig> {
         let db = TestDb::create(env, tag).await?;
         let topics = workload::topics(&db);
-        create_topics(bootstrap, &topics, 3, replication, configs).await?;
+        // Append-time stamps fence the ack-safety check (observe_kill).
+        let mut configs = configs.to_vec();
+        configs.push(chaos::APPEND_TIME_TOPIC_CONFIG);
+        create_topics(bootstrap, &topics, 3, replication, &configs).await?;
         let admin = db.admin(env).await?;
         let auditor = Auditor::create(&admin, &db).await?;
         // walcast's slot exists before anything is written (walcast would
@@ -308,11 +317,12 @@ async fn kill_and_failpoint_cycles() -> Result<()> {
         };
         let mut w = rig.start(if throttled { &slow } else { &direct }, &vars)?;
         let probe = RssProbe::start(w.pid());
-        match kind {
+        let died_at = match kind {
             KillKind::Random => {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
                 w.kill9()?;
                 fired[0] += 1;
+                chaos::now_ms()
             }
             _ => {
                 let status = blocking(|| w.wait_exit(Duration::from_secs(20)));
@@ -327,12 +337,15 @@ async fn kill_and_failpoint_cycles() -> Result<()> {
                     w.kill9()?;
                     fired[0] += 1;
                 }
+                // The exit was seen within wait_exit's polling interval of
+                // the abort: a slightly later fence than a kill's.
+                chaos::now_ms()
             }
-        }
+        };
         rig.peak_rss = max_opt(rig.peak_rss, probe.finish());
         logs.push_str(&tail(&w.log_text(), 5));
         logs.push('\n');
-        kills.push(observe_kill(env, &rig.db, &mut snapshot).await?);
+        kills.push(observe_kill(env, &rig.db, &mut snapshot, died_at).await?);
     }
     proxies.each(FaultProxy::clear);
     // A last run to deliver everything.
@@ -355,7 +368,19 @@ async fn kill_and_failpoint_cycles() -> Result<()> {
             fired[1] > 0 && fired[2] > 0,
             "the failpoints never fired: {fired:?}"
         );
-        ensure!(kills.iter().any(|k| k.confirmed_lsn > 0));
+        // The kills were real: at some kill Kafka held a whole transaction
+        // the slot had not yet confirmed (delivered, confirmation pending),
+        // and the confirmed position moved between kills.
+        ensure!(
+            report.delivered_unconfirmed_at_kills > 0,
+            "no kill caught a delivered but unconfirmed transaction: {report}"
+        );
+        ensure!(
+            kills
+                .windows(2)
+                .any(|k| k[1].confirmed_lsn > k[0].confirmed_lsn),
+            "the confirmed LSN never moved between kills"
+        );
     }
     drop(proxies);
     rig.cleanup().await
@@ -567,6 +592,10 @@ async fn brokers_paused() -> Result<()> {
         anyhow::Ok((max_confirmed, pid_during, confirmed))
     }
     .await;
+    // Nothing can be appended while the brokers are paused: what was appended
+    // before the resume is what Kafka held when the slot was read (requests
+    // the paused brokers had buffered land after it and do not count).
+    let resumed_at = chaos::now_ms();
     blocking(|| env.control(&["resume", "kafka"]));
     let (max_confirmed, pid_during, confirmed) = result?;
     let observation = async {
@@ -574,7 +603,7 @@ async fn brokers_paused() -> Result<()> {
         blocking(|| snap.read_to_end(Duration::from_secs(60)))?;
         anyhow::Ok(KillObservation {
             confirmed_lsn: confirmed,
-            ids_in_kafka: snap.ids().clone(),
+            ids_in_kafka: snap.ids_appended_by(resumed_at),
         })
     }
     .await;
@@ -709,10 +738,10 @@ async fn cluster_leader_killed_and_quorum_lost() -> Result<()> {
 
 /// The memory walcast may use: twice the in-flight bytes (librdkafka's copy
 /// of each queued record plus the compressed batches built from them), the
-/// replication hand-over buffer full of the largest rows, and a fixed
-/// overhead.
-fn rss_bound(max_in_flight_bytes: u64, max_row_bytes: u64, fixed: u64) -> u64 {
-    fixed + 2 * max_in_flight_bytes + PG_BUFFER_MESSAGES * max_row_bytes
+/// replication hand-over buffer (sized by the `pipeline.max_row_bytes`
+/// setting) full of the largest rows written, and a fixed overhead.
+fn rss_bound(max_in_flight_bytes: u64, max_row_setting: u64, largest_row: u64, fixed: u64) -> u64 {
+    fixed + 2 * max_in_flight_bytes + pg_buffer_messages(max_row_setting) * largest_row
 }
 
 /// The fixed overhead walcast's bound allows: its resident memory once
@@ -902,7 +931,12 @@ async fn network_faults() -> Result<()> {
     let text = w.log_text();
     let rss_now = current_rss(w.pid());
     w.kill9()?;
-    let bound = rss_bound(max_in_flight, max_row, fixed_overhead(idle));
+    let bound = rss_bound(
+        max_in_flight,
+        DEFAULT_MAX_ROW_BYTES,
+        max_row,
+        fixed_overhead(idle),
+    );
     let result = ScenarioResult::new(
         "5. network faults (TCP proxy)",
         faults.len(),
@@ -1076,8 +1110,9 @@ async fn lost_slot_is_refused() -> Result<()> {
     ));
     tokio::time::sleep(Duration::from_secs(1)).await;
     w.kill9()?;
+    let died_at = chaos::now_ms();
     let mut snapshot = IdReader::new(&env.kafka_bootstrap, &rig.topics)?;
-    let kill = observe_kill(env, &rig.db, &mut snapshot).await?;
+    let kill = observe_kill(env, &rig.db, &mut snapshot, died_at).await?;
     rig.admin
         .execute("SELECT pg_drop_replication_slot($1)", &[&rig.db.slot])
         .await?;
@@ -1614,12 +1649,20 @@ async fn huge_transactions_stay_within_memory_bounds() -> Result<()> {
     let rows = pick(200_000u64, 1_000_000);
     let gib_rows = pick(2_048u64, 16_384); // of 64 KiB: 128 MiB / 1 GiB
     let row_pad = 64 * 1024;
+    // Rows near pipeline.max_row_bytes (and under Kafka's default 1,000,000
+    // byte record limit): the read-ahead then holds its most.
+    let max_row_setting: u64 = 1024 * 1024;
+    let wide_rows = pick(96u64, 512);
+    let wide_pad = 960_000;
     let max_in_flight: u64 = 32 * 1024 * 1024;
-    let cfg = rig.config(&env.kafka_bootstrap).set(
-        "pipeline",
-        "max_in_flight_bytes",
-        &max_in_flight.to_string(),
-    );
+    let cfg = rig
+        .config(&env.kafka_bootstrap)
+        .set(
+            "pipeline",
+            "max_in_flight_bytes",
+            &max_in_flight.to_string(),
+        )
+        .set("pipeline", "max_row_bytes", &max_row_setting.to_string());
     let mut w = rig.start(&cfg, &[])?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = peak_rss(w.pid()).context("walcast's VmHWM")?;
@@ -1640,36 +1683,58 @@ async fn huge_transactions_stay_within_memory_bounds() -> Result<()> {
     let peak_rows = peak_rss(w.pid()).context("walcast's VmHWM")?;
     let t1 = Instant::now();
     let (txn, tag) = write_large_txn(&mut c, gib_rows, 100, row_pad).await?;
+    let ids: HashSet<String> = txn.events.iter().map(|e| e.id.clone()).collect();
     log.push(txn, tag);
     let written_gib = t1.elapsed();
-    let report = rig.verify(&mut log, &[], timeout).await?;
+    ensure!(
+        blocking(|| reader.wait_for(&ids, timeout)),
+        "the {gib_rows}-row transaction did not arrive"
+    );
     let relayed_gib = t1.elapsed();
+    let peak_gib = peak_rss(w.pid()).context("walcast's VmHWM")?;
+    let t2 = Instant::now();
+    let (txn, tag) = write_large_txn(&mut c, wide_rows, 10, wide_pad).await?;
+    log.push(txn, tag);
+    let written_wide = t2.elapsed();
+    let report = rig.verify(&mut log, &[], timeout).await?;
+    let relayed_wide = t2.elapsed();
     let peak = peak_rss(w.pid()).context("walcast's VmHWM")?;
     let text = w.log_text();
     w.kill9()?;
-    let max_row = row_pad as u64 + 300;
-    let bound = rss_bound(max_in_flight, max_row, fixed_overhead(idle));
+    let max_row = wide_pad as u64 + 300;
+    let bound = rss_bound(
+        max_in_flight,
+        max_row_setting,
+        max_row,
+        fixed_overhead(idle),
+    );
     let result = ScenarioResult::new(
         &format!(
             "9. huge transactions ({rows} rows; {} MiB in {gib_rows} rows of 64 KiB)",
             (gib_rows * row_pad as u64) >> 20
         ),
-        2,
+        3,
         &report,
         rig.started,
     )
     .rss(Some(peak), Some(bound))
     .note(format!(
-        "max_in_flight_bytes {} MiB; bound = idle RSS {} MiB + 64 MiB + 2 x in-flight + {PG_BUFFER_MESSAGES} x {} KiB rows (replication buffer); peak {} MiB after the {rows}-row transaction (written in {:.0} s, in Kafka after {:.0} s), {} MiB after the large one (written in {:.0} s, in Kafka after {:.0} s)",
+        "max_in_flight_bytes {} MiB, max_row_bytes {} KiB; bound = idle RSS {} MiB + 64 MiB + 2 x in-flight + {} x {} KiB rows (replication buffer); peak {} MiB after the {rows}-row transaction (written in {:.0} s, in Kafka after {:.0} s), {} MiB after the large one (written in {:.0} s, in Kafka after {:.0} s), {} MiB after {wide_rows} rows of {} KiB (written in {:.0} s, in Kafka after {:.0} s)",
         max_in_flight >> 20,
+        max_row_setting >> 10,
         idle >> 20,
+        pg_buffer_messages(max_row_setting),
         max_row >> 10,
         peak_rows >> 20,
         written_rows.as_secs_f64(),
         relayed_rows.as_secs_f64(),
-        peak >> 20,
+        peak_gib >> 20,
         written_gib.as_secs_f64(),
-        relayed_gib.as_secs_f64()
+        relayed_gib.as_secs_f64(),
+        peak >> 20,
+        wide_pad >> 10,
+        written_wide.as_secs_f64(),
+        relayed_wide.as_secs_f64()
     ));
     judge(&result, &report, &tail(&text, 30))?;
     ensure!(

@@ -234,6 +234,9 @@ pub struct IdReader {
     /// Everything read, per partition in offset order.
     pub observed: Vec<Observed>,
     seen: HashSet<String>,
+    /// When the broker first appended each id (ms since the epoch; the
+    /// topics use `message.timestamp.type = LogAppendTime`).
+    appended: HashMap<String, i64>,
     next: HashMap<(String, i32), i64>,
 }
 
@@ -272,6 +275,7 @@ impl IdReader {
             topics: topics.to_vec(),
             observed: Vec::new(),
             seen: HashSet::new(),
+            appended: HashMap::new(),
             next: HashMap::new(),
         })
     }
@@ -292,6 +296,14 @@ impl IdReader {
                 let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
                 self.next
                     .insert((m.topic().to_string(), m.partition()), m.offset() + 1);
+                // Only the broker's append time fences the ack-safety check;
+                // a record with another timestamp type makes every append
+                // time unknown (i64::MAX: "after any kill").
+                let appended = match m.timestamp() {
+                    rdkafka::Timestamp::LogAppendTime(ms) => ms,
+                    _ => i64::MAX,
+                };
+                self.appended.entry(id.clone()).or_insert(appended);
                 self.seen.insert(id.clone());
                 self.observed.push(Observed {
                     id: id.clone(),
@@ -307,6 +319,18 @@ impl IdReader {
     /// Distinct ids read so far.
     pub fn ids(&self) -> &HashSet<String> {
         &self.seen
+    }
+
+    /// Distinct ids the broker had appended at or before `at_ms` (ms since
+    /// the epoch): what Kafka held at that moment, whatever produce requests
+    /// in flight then landed later. Needs topics with
+    /// `message.timestamp.type = LogAppendTime` ([`APPEND_TIME_TOPIC_CONFIG`]).
+    pub fn ids_appended_by(&self, at_ms: i64) -> HashSet<String> {
+        self.appended
+            .iter()
+            .filter(|(_, t)| **t <= at_ms)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Reads until any id of `want` was seen; false on timeout.
@@ -417,6 +441,7 @@ pub async fn observe_kill(
     env: &TestEnv,
     db: &TestDb,
     reader: &mut IdReader,
+    died_at_ms: i64,
 ) -> Result<KillObservation> {
     wait_slot_released(env, db, Duration::from_secs(30)).await?;
     let confirmed_lsn = db
@@ -426,8 +451,22 @@ pub async fn observe_kill(
     tokio::task::block_in_place(|| reader.read_to_end(Duration::from_secs(120)))?;
     Ok(KillObservation {
         confirmed_lsn,
-        ids_in_kafka: reader.seen.clone(),
+        // Fenced: records that produce requests in flight at the kill wrote
+        // afterwards do not count as "in Kafka when the LSN was confirmed".
+        ids_in_kafka: reader.ids_appended_by(died_at_ms),
     })
+}
+
+/// The topic config that makes the broker stamp each record with its append
+/// time, which [`IdReader::ids_appended_by`] fences the ack-safety check with.
+pub const APPEND_TIME_TOPIC_CONFIG: (&str, &str) = ("message.timestamp.type", "LogAppendTime");
+
+/// Milliseconds since the Unix epoch (the broker's clock: same machine).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// The walsender serving the test's slot (None when nobody holds it).

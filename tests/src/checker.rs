@@ -79,6 +79,11 @@ pub struct Report {
     pub duplicates_not_suffix: Vec<String>,
     /// Transactions at or below a confirmed LSN that were not in Kafka at that kill.
     pub ack_safety: Vec<String>,
+    /// Transactions (summed over the kills) above the confirmed LSN whose
+    /// events were all in Kafka at the kill: delivered, confirmation still
+    /// pending. Zero over many kills means the kills never hit the window
+    /// the ack-safety check is about (a test that proves nothing).
+    pub delivered_unconfirmed_at_kills: usize,
     /// Keys whose records are spread over more than one partition.
     pub split_keys: Vec<String>,
 }
@@ -228,7 +233,13 @@ pub fn check(txns: &[WrittenTxn], observed: &[Observed], kills: &[KillObservatio
                 continue;
             }
             let Some(end) = t.end_lsn else { continue };
-            if end <= kill.confirmed_lsn {
+            if end > kill.confirmed_lsn {
+                if !t.events.is_empty()
+                    && t.events.iter().all(|e| kill.ids_in_kafka.contains(&e.id))
+                {
+                    report.delivered_unconfirmed_at_kills += 1;
+                }
+            } else {
                 if let Some(missing) = t.events.iter().find(|e| !kill.ids_in_kafka.contains(&e.id))
                 {
                     report.ack_safety.push(format!(
@@ -415,6 +426,20 @@ mod tests {
             }],
         );
         assert!(r.is_clean(), "{r}");
+        // Transaction #3 (end 300; a2 in Kafka, a3 not) is not whole; with a3
+        // in Kafka too it counts as delivered but unconfirmed.
+        assert_eq!(r.delivered_unconfirmed_at_kills, 0, "{r}");
+        let mut more = in_kafka.clone();
+        more.insert("a3".into());
+        let r = check(
+            &log(),
+            &all,
+            &[KillObservation {
+                confirmed_lsn: 200,
+                ids_in_kafka: more,
+            }],
+        );
+        assert_eq!(r.delivered_unconfirmed_at_kills, 1, "{r}");
         // A transaction half in Kafka at or below the confirmed LSN is a violation too.
         in_kafka.remove("b1");
         let r = check(

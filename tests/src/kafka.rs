@@ -26,6 +26,9 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     /// Headers in order.
     pub headers: Vec<(String, Vec<u8>)>,
+    /// When the broker appended it (ms since the epoch), on topics with
+    /// `message.timestamp.type = LogAppendTime`; `None` on others.
+    pub appended_ms: Option<i64>,
 }
 
 impl Record {
@@ -174,6 +177,10 @@ impl TopicReader {
                     key: m.key().map(|k| k.to_vec()),
                     value: m.payload().map(|v| v.to_vec()),
                     headers,
+                    appended_ms: match m.timestamp() {
+                        rdkafka::Timestamp::LogAppendTime(ms) => Some(ms),
+                        _ => None,
+                    },
                 });
                 Ok(true)
             }
