@@ -393,3 +393,53 @@ async fn oversize_rows_and_logical_messages() -> Result<()> {
     db.drop(env).await?;
     Ok(())
 }
+
+/// Issue 10 item 1: an outbox swapped for a new table of the same name while
+/// walcast runs (the new table is outside the publication, so its rows never
+/// reach the stream) stops walcast with the fix, instead of relaying nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_outbox_stops_walcast() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create(env, "swap").await?;
+    let c = db.admin(env).await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = WalcastConfig::for_db(env, &db, dir.path()).set(
+        "postgres",
+        "catalog_check_interval_ms",
+        "500",
+    );
+    let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+    w.wait_streaming()?;
+    c.batch_execute(
+        "BEGIN;
+         ALTER TABLE outbox RENAME TO outbox_old;
+         CREATE TABLE outbox (LIKE outbox_old INCLUDING ALL);
+         COMMIT;
+         INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'k', 'T', '{}');",
+    )
+    .await?;
+    let status = w.wait_exit(Duration::from_secs(30))?;
+    let text = w.log_text();
+    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{text}");
+    assert!(
+        text.contains("was replaced by another table of the same name")
+            && text.contains(&format!(
+                "ALTER PUBLICATION \"{}\" ADD TABLE \"public\".\"outbox\"",
+                db.publication
+            )),
+        "{text}"
+    );
+    // A restart refuses too: the publication does not hold the new table.
+    let file = dir.path().join("again.toml");
+    std::fs::write(&file, &cfg.toml)?;
+    let (status, out) = Walcast::run_to_exit(
+        &bin(),
+        &["run", "--config", file.to_str().unwrap()],
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
+    drop(c);
+    db.drop(env).await?;
+    Ok(())
+}

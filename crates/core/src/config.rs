@@ -118,6 +118,11 @@ pub struct PostgresConfig {
     /// How long to wait for a slot that another connection holds before failing.
     #[serde(default = "default_slot_wait_timeout_ms")]
     pub slot_wait_timeout_ms: u64,
+    /// How often walcast checks, on a short session of its own, that each
+    /// outbox table is still the table its publication holds (a table
+    /// renamed and replaced while walcast runs stops it). `0` turns it off.
+    #[serde(default = "default_catalog_check_interval_ms")]
+    pub catalog_check_interval_ms: u64,
     /// `application_name` of walcast's sessions.
     #[serde(default = "default_application_name")]
     pub application_name: String,
@@ -270,6 +275,9 @@ fn default_status_interval_ms() -> u64 {
 }
 fn default_slot_wait_timeout_ms() -> u64 {
     30_000
+}
+fn default_catalog_check_interval_ms() -> u64 {
+    10_000
 }
 fn default_application_name() -> String {
     "walcast".into()

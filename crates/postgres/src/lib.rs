@@ -7,9 +7,11 @@
 //! the very server and session the stream then opens on.
 #![warn(missing_docs)]
 
+mod catalog;
 mod preflight;
 mod source;
 
+pub use catalog::{compare as compare_catalog, watch_catalog, CatalogEntry};
 pub use preflight::{
     accept_slot_gap, connect, replication_buffer_messages, ConnectOptions, Connected, ServerInfo,
     REPLICATION_READ_AHEAD_BYTES,

@@ -60,6 +60,8 @@ pub struct Connected {
     /// Partitions (at any depth) of partitioned outbox tables, each with its
     /// outbox table, as the catalog listed them at start.
     pub partitions: Vec<(TableName, TableName)>,
+    /// The outbox tables' identity at start, for [`crate::watch_catalog`].
+    pub catalog: Vec<crate::CatalogEntry>,
 }
 
 /// How long the replication client stays silent when it has nothing to report.
@@ -124,13 +126,21 @@ fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex")
 }
 
-struct Session<'a> {
+pub(crate) struct Session<'a> {
     client: ReplicationClient,
     opts: &'a ConnectOptions,
 }
 
 impl Session<'_> {
-    async fn query(&mut self, sql: &str, what: &str) -> Result<Vec<Vec<Option<String>>>> {
+    pub(crate) fn opts(&self) -> &ConnectOptions {
+        self.opts
+    }
+
+    pub(crate) async fn query(
+        &mut self,
+        sql: &str,
+        what: &str,
+    ) -> Result<Vec<Vec<Option<String>>>> {
         let rows = self
             .client
             .simple_query(sql)
@@ -155,7 +165,7 @@ fn lsn(s: &str, what: &str) -> Result<Lsn> {
 
 /// Opens the gated replication session (bounded by `connect_timeout_ms`) and
 /// identifies the server.
-async fn open_session(
+pub(crate) async fn open_session(
     opts: &ConnectOptions,
 ) -> Result<(Session<'_>, pgwire_replication::IdentifySystem)> {
     let pg = &opts.pg;
@@ -248,6 +258,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
     let partitioned = check_tables(&mut s).await?;
     let partitions = list_partitions(&mut s, &partitioned).await?;
     ensure_publication(&mut s, &partitioned, server_version_num).await?;
+    let catalog = crate::catalog::read_catalog(&mut s).await?;
 
     let slot_id = SlotIdentity {
         system_identifier: info.system_identifier.clone(),
@@ -291,6 +302,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         slot: slot_id,
         created_slot,
         partitions,
+        catalog,
     })
 }
 

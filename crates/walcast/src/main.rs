@@ -374,22 +374,32 @@ async fn run_once(
     let state = opts.state.clone();
     let slot_id = connected.slot.clone();
     let mut last_saved = Instant::now();
-    let result = pipeline
-        .run(
-            &mut source,
-            &mut sink,
-            connected.start_lsn,
-            stop,
-            move |lsn| {
-                if last_saved.elapsed() >= Duration::from_secs(5) {
-                    last_saved = Instant::now();
-                    if let Err(e) = state.save(&slot_id, lsn) {
-                        tracing::warn!("{e}");
-                    }
+    let run = pipeline.run(
+        &mut source,
+        &mut sink,
+        connected.start_lsn,
+        stop,
+        move |lsn| {
+            if last_saved.elapsed() >= Duration::from_secs(5) {
+                last_saved = Instant::now();
+                if let Err(e) = state.save(&slot_id, lsn) {
+                    tracing::warn!("{e}");
                 }
-            },
-        )
-        .await;
+            }
+        },
+    );
+    // A swapped outbox table never shows in the stream: watch the catalog.
+    let catalog = connected.catalog.clone();
+    let watch = async {
+        match cfg.postgres.catalog_check_interval_ms {
+            0 => std::future::pending().await,
+            ms => walcast_postgres::watch_catalog(opts, catalog, Duration::from_millis(ms)).await,
+        }
+    };
+    let result = tokio::select! {
+        r = run => r,
+        e = watch => Err(e),
+    };
     match result {
         Ok(exit) => {
             if let Err(e) = opts.state.save(&connected.slot, progress.confirmed()) {
