@@ -61,7 +61,13 @@ async fn kill_9_under_load_loses_nothing() -> Result<()> {
     let admin = db.admin(env).await?;
     let auditor = create_auditor(&admin, &db).await?;
     let state = tempfile::tempdir()?;
-    let cfg = WalcastConfig::for_db(env, &db, state.path());
+    // Batches wait 400 ms before they are sent, longer than the 200 ms status
+    // interval: a build that confirmed an LSN before Kafka acknowledged its
+    // events would have it in the slot while the events are still queued, and
+    // the kills would catch it (seen with a build that counted an event as
+    // delivered when sent: ack-safety violations). A correct build only gets
+    // slower.
+    let cfg = WalcastConfig::for_db(env, &db, state.path()).set("kafka", "linger_ms", "400");
     let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
     w.wait_streaming()?;
 
