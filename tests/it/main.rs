@@ -6,6 +6,7 @@
 mod common;
 
 mod bad_setup;
+mod broker_rejection;
 mod faults;
 mod pgoutput_live;
 mod relay;
