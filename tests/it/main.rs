@@ -6,6 +6,7 @@
 mod common;
 
 mod bad_setup;
+mod broker_rejection;
 mod edges;
 mod faults;
 mod pgoutput_live;

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -92,6 +94,70 @@ pub async fn create_topics_with<S: AsRef<str>>(
         }
     }
     Ok(())
+}
+
+fn admin(bootstrap: &str) -> Result<AdminClient<DefaultClientContext>> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .context("creating the admin client")
+}
+
+/// Sets topic configs (AlterConfigs: the listed keys replace the topic's
+/// overrides) and waits until the cluster reports them.
+pub async fn alter_topic_config(
+    bootstrap: &str,
+    topic: &str,
+    configs: &[(&str, &str)],
+) -> Result<()> {
+    let admin = admin(bootstrap)?;
+    let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (k, v) in configs {
+        alter = alter.set(k, v);
+    }
+    let results = admin
+        .alter_configs(
+            [&alter],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("alter_configs")?;
+    for r in results {
+        if let Err((_, code)) = r {
+            bail!("altering topic {topic}: {code}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut all = true;
+        for (k, v) in configs {
+            all &= topic_config(bootstrap, topic, k).await?.as_deref() == Some(*v);
+        }
+        if all {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("topic {topic} does not report {configs:?} after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One config value of a topic, as the cluster reports it.
+pub async fn topic_config(bootstrap: &str, topic: &str, key: &str) -> Result<Option<String>> {
+    let admin = admin(bootstrap)?;
+    let mut results = admin
+        .describe_configs(
+            [&ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("describe_configs")?;
+    let r = results
+        .pop()
+        .context("no result")?
+        .map_err(|code| anyhow::anyhow!("describing topic {topic}: {code}"))?;
+    Ok(r.get(key).and_then(|e| e.value.clone()))
 }
 
 /// Reads topics from the beginning and keeps what it read.

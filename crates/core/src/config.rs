@@ -694,30 +694,116 @@ impl Config {
     }
 }
 
-/// librdkafka properties walcast sets itself because its guarantees depend on them.
-const PROTECTED_KAFKA_PROPERTIES: &[&str] = &[
-    "enable.idempotence",
-    "acks",
-    "request.required.acks",
-    "partitioner",
-    "bootstrap.servers",
-    "metadata.broker.list",
-    "message.timeout.ms",
-    "delivery.timeout.ms",
-    "compression.type",
-    "compression.codec",
-    "linger.ms",
-    "queue.buffering.max.ms",
-    "transactional.id",
-    "enable.gapless.guarantee",
+/// A group of librdkafka properties walcast sets itself because its
+/// guarantees depend on them: why, and what to use instead.
+struct Protected {
+    keys: &'static [&'static str],
+    why: &'static str,
+    instead: &'static str,
+}
+
+/// librdkafka properties that `kafka.properties` may not set (aliases included).
+const PROTECTED_KAFKA_PROPERTIES: &[Protected] = &[
+    Protected {
+        keys: &["enable.idempotence", "acks", "request.required.acks"],
+        why: "walcast confirms a position only after an idempotent acks=all write; anything weaker can lose acknowledged events or reorder them on a retry",
+        instead: "remove it: walcast always uses enable.idempotence=true and acks=all",
+    },
+    Protected {
+        keys: &["enable.gapless.guarantee"],
+        why: "walcast sets it to true: without it, after a record fails for good the producer skips it and delivers the partition's later records, which then land in Kafka ahead of it",
+        instead: "remove it",
+    },
+    Protected {
+        keys: &["retries", "message.send.max.retries"],
+        why: "walcast lets the producer retry without limit (librdkafka's default); a retry limit turns a broker outage into failed records and a stopped producer",
+        instead: "remove it; kafka.delivery_timeout_ms bounds how long walcast waits for Kafka before it restarts from the slot",
+    },
+    Protected {
+        keys: &["max.in.flight.requests.per.connection", "max.in.flight"],
+        why: "the idempotent producer keeps a partition's order only with at most 5 requests in flight, and walcast relies on that order",
+        instead: "remove it (librdkafka's default of 5 is the idempotent maximum)",
+    },
+    Protected {
+        keys: &["message.timeout.ms", "delivery.timeout.ms"],
+        why: "a message timeout inside the producer lets the later records of a partition overtake the timed-out ones",
+        instead: "use kafka.delivery_timeout_ms",
+    },
+    Protected {
+        keys: &["queue.buffering.max.messages", "queue.buffering.max.kbytes"],
+        why: "walcast sizes the producer's queue from its in-flight bounds so that the queue is never the tighter limit",
+        instead: "set pipeline.max_in_flight_events and pipeline.max_in_flight_bytes",
+    },
+    Protected {
+        keys: &["queuing.strategy"],
+        why: "anything but fifo sends newer records first",
+        instead: "remove it",
+    },
+    Protected {
+        keys: &["delivery.report.only.error"],
+        why: "walcast confirms a position only on a successful delivery report",
+        instead: "remove it",
+    },
+    Protected {
+        keys: &["partitioner"],
+        why: "events are partitioned like the Java client does (murmur2_random) so that one aggregate's events stay in one partition, in order",
+        instead: "remove it",
+    },
+    Protected {
+        keys: &["transactional.id"],
+        why: "walcast's producer is idempotent, not transactional",
+        instead: "remove it",
+    },
+    Protected {
+        keys: &["compression.type", "compression.codec"],
+        why: "walcast sets it from its own option",
+        instead: "use kafka.compression",
+    },
+    Protected {
+        keys: &["linger.ms", "queue.buffering.max.ms"],
+        why: "walcast sets it from its own option",
+        instead: "use kafka.linger_ms",
+    },
+    Protected {
+        keys: &["bootstrap.servers", "metadata.broker.list"],
+        why: "walcast sets it from its own option",
+        instead: "use kafka.bootstrap_servers",
+    },
 ];
 
-fn check_kafka_property(key: &str, _value: &str) -> Result<()> {
-    if PROTECTED_KAFKA_PROPERTIES.contains(&key) {
-        return Err(Error::operator(format!(
-            "kafka.properties.{key:?} cannot be set: walcast sets it because its delivery guarantee depends on it"
-        ))
-        .with_hint("remove it; use the dedicated [kafka] option where one exists (bootstrap_servers, compression, linger_ms, delivery_timeout_ms)"));
+/// librdkafka size properties walcast reads itself (the record size check and
+/// the batch size cap): they must be plain byte counts.
+const NUMERIC_KAFKA_PROPERTIES: &[(&str, u64, u64)] = &[
+    ("message.max.bytes", 1_000, 1_000_000_000),
+    ("batch.size", 1, 2_147_483_647),
+];
+
+/// Checks one `kafka.properties` entry.
+///
+/// # Errors
+/// An operator error saying why the key cannot be set and what to use
+/// instead, or that a size walcast reads is not a byte count.
+fn check_kafka_property(key: &str, value: &str) -> Result<()> {
+    if let Some(p) = PROTECTED_KAFKA_PROPERTIES
+        .iter()
+        .find(|p| p.keys.contains(&key))
+    {
+        return Err(
+            Error::operator(format!("kafka.properties.{key:?} cannot be set: {}", p.why))
+                .with_hint(p.instead),
+        );
+    }
+    if let Some((_, min, max)) = NUMERIC_KAFKA_PROPERTIES.iter().find(|(k, _, _)| *k == key) {
+        let ok = value
+            .trim()
+            .parse::<u64>()
+            .is_ok_and(|v| (*min..=*max).contains(&v));
+        if !ok {
+            return Err(Error::operator(format!(
+                "kafka.properties.{key:?} = {value:?} is not a byte count from {min} to {max}"
+            ))
+            .with_hint("write it as a plain number of bytes, for example \"5000000\""));
+        }
     }
     Ok(())
 }
@@ -865,6 +951,65 @@ mod tests {
         let err = Config::from_toml(&format!("{MIN}\n[outbox]\ntopic = \"bad topic ${{x}}\"\n"))
             .unwrap_err();
         assert!(err.to_string().contains("outbox.topic"), "{err}");
+    }
+
+    #[test]
+    fn durability_relevant_kafka_properties_are_protected() {
+        for key in [
+            "enable.idempotence",
+            "acks",
+            "request.required.acks",
+            "enable.gapless.guarantee",
+            "retries",
+            "message.send.max.retries",
+            "max.in.flight.requests.per.connection",
+            "max.in.flight",
+            "message.timeout.ms",
+            "delivery.timeout.ms",
+            "queue.buffering.max.messages",
+            "queue.buffering.max.kbytes",
+            "queuing.strategy",
+            "delivery.report.only.error",
+            "partitioner",
+            "transactional.id",
+            "compression.type",
+            "linger.ms",
+            "bootstrap.servers",
+        ] {
+            let err = Config::from_toml(&format!("{MIN}\n[kafka.properties]\n\"{key}\" = \"1\"\n"))
+                .unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::OperatorAction, "{key}");
+            let text = err.to_string();
+            assert!(text.contains(key), "{key}: {text}");
+            assert!(text.contains("cannot be set: "), "{key} says why: {text}");
+            assert!(err.hint().is_some_and(|h| !h.is_empty()), "{key}: {text}");
+        }
+        let err = Config::from_toml(&format!("{MIN}\n[kafka.properties]\n\"retries\" = \"3\"\n"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("kafka.delivery_timeout_ms"),
+            "{err}"
+        );
+        // Sizes walcast reads must be byte counts; tuning keys pass through.
+        for (key, value) in [
+            ("message.max.bytes", "5MB"),
+            ("message.max.bytes", "10"),
+            ("batch.size", "-1"),
+        ] {
+            let err = Config::from_toml(&format!(
+                "{MIN}\n[kafka.properties]\n\"{key}\" = \"{value}\"\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("byte count"),
+                "{key}={value}: {err}"
+            );
+        }
+        let c = Config::from_toml(&format!(
+            "{MIN}\n[kafka.properties]\n\"message.max.bytes\" = \"5000000\"\n\"batch.size\" = \"65536\"\n\"socket.keepalive.enable\" = \"true\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.kafka.properties.len(), 3);
     }
 
     #[test]

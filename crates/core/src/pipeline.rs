@@ -8,8 +8,13 @@
 //!   reading the stream (the source keeps status updates flowing). An event
 //!   that does not fit waits, already read, until deliveries free room: the
 //!   bytes in flight never exceed the bound (one event alone may fill it);
-//! - any delivery failure ends the loop with an error: the caller discards the
-//!   sink and restarts from the slot. Nothing is skipped or retried alone;
+//! - any delivery failure ends the loop with an error at once: nothing
+//!   produced after the failed event is awaited or confirmed (rule 7), the
+//!   caller discards the sink (dropping its queue) and restarts from the slot.
+//!   Nothing is skipped or retried alone;
+//! - an input that can never be published, found before it was handed to the
+//!   sink (an unroutable row, a record over the size limit), stops the loop
+//!   AT that input: the events read before it are awaited and confirmed first;
 //! - on shutdown the loop stops reading, waits for outstanding deliveries up to
 //!   a timeout, and confirms what was delivered.
 
@@ -137,10 +142,13 @@ impl Pipeline {
     /// Any source, decode, routing or delivery error. The caller must then
     /// [`EventSink::abort`] the sink and drop the source before restarting.
     /// An error that stops walcast ([`Decision::Exit`]: an event that can
-    /// never be published, a dropped outbox column) is returned only after the
-    /// deliveries of the events read before it were awaited (up to
-    /// `shutdown_timeout`) and confirmed; shut the source down then, so that
-    /// confirmation reaches the server.
+    /// never be published, a dropped outbox column) and that was found before
+    /// the event reached the sink is returned only after the deliveries of the
+    /// events read before it were awaited (up to `shutdown_timeout`) and
+    /// confirmed; shut the source down then, so that confirmation reaches the
+    /// server. A failed delivery is returned at once, whatever its kind: the
+    /// events sent after the failed one may belong to its partition and must
+    /// not reach Kafka ahead of it, so none of them is awaited.
     pub async fn run<S, K>(
         &mut self,
         source: &mut S,
@@ -164,6 +172,9 @@ impl Pipeline {
         let mut warned_prefixes = std::collections::HashSet::new();
         let mut last_delivery = Instant::now();
         let mut stall_warned = false;
+        // Set when the loop ends because a delivery failed (as opposed to an
+        // input found bad before it was sent): then nothing is drained.
+        let mut delivery_failed = false;
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.progress
@@ -185,7 +196,10 @@ impl Pipeline {
                     biased;
                     Some((ticket, size, result)) = deliveries.next(), if !deliveries.is_empty() => {
                         let result: Result<()> = result;
-                        result?;
+                        if let Err(e) = result {
+                            delivery_failed = true;
+                            return Err(e);
+                        }
                         tracker.delivered(ticket).map_err(protocol_error)?;
                         bytes_in_flight -= size;
                         last_delivery = Instant::now();
@@ -229,6 +243,7 @@ impl Pipeline {
                                         })?;
                                         let event = self.router.route(&table, commit_lsn, row)?;
                                         let size = event.size_bytes();
+                                        sink.prepare(&event).await?;
                                         if !deliveries.is_empty()
                                             && !fits(bytes_in_flight, size, self.settings.max_in_flight_bytes)
                                         {
@@ -321,6 +336,11 @@ impl Pipeline {
         let stop_error = match result {
             Ok(Some(exit)) => return Ok(exit),
             Ok(None) => None,
+            // A delivery failed: whatever came after it in its partition must
+            // not land ahead of it (delivery rule 7), so nothing is drained;
+            // the caller drops the producer's queue. What was confirmed before
+            // the failure stays confirmed.
+            Err(e) if delivery_failed => return Err(e),
             // Stop AT a bad input (an unpublishable row, a dropped column): the
             // events read before it are valid, so deliver and confirm them first
             // and leave the slot right before the bad transaction, instead of

@@ -85,6 +85,19 @@ impl TopicTemplate {
         }
         Ok(topic)
     }
+
+    /// Whether `topic` is one this template can render (for finding the
+    /// outbox topics that already exist in a cluster).
+    pub fn matches(&self, topic: &str) -> bool {
+        match &self.suffix {
+            None => topic == self.prefix,
+            Some(s) => {
+                topic.len() >= self.prefix.len() + s.len()
+                    && topic.starts_with(&self.prefix)
+                    && topic.ends_with(s.as_str())
+            }
+        }
+    }
 }
 
 /// The outbox columns of one row, already converted to bytes (text form, or
@@ -293,5 +306,13 @@ mod tests {
         assert!(TopicTemplate::parse("").is_err());
         let t = TopicTemplate::parse("${routedByValue}.events").unwrap();
         assert_eq!(t.render("Order").unwrap(), "Order.events");
+        assert!(t.matches("Order.events"));
+        assert!(!t.matches("Order.events2"));
+        let t = TopicTemplate::parse("outbox.event.${routedByValue}").unwrap();
+        assert!(t.matches("outbox.event.Payment"));
+        assert!(!t.matches("outbox.other"));
+        let t = TopicTemplate::parse("fixed-topic").unwrap();
+        assert!(t.matches("fixed-topic"));
+        assert!(!t.matches("fixed-topic-2"));
     }
 }

@@ -65,7 +65,10 @@ impl ReplicationSource for FakeSource {
 
 type Pending = Arc<Mutex<Vec<(String, oneshot::Sender<Result<()>>)>>>;
 
-struct FakeSink(Pending);
+/// Hands events over as pending deliveries; refuses (in `send`, before
+/// producing, like a record over the size limit) events whose id starts
+/// with "big"; counts `prepare` calls.
+struct FakeSink(Pending, Arc<AtomicUsize>);
 
 struct FakeDelivery(oneshot::Receiver<Result<()>>);
 
@@ -82,9 +85,16 @@ impl Future for FakeDelivery {
 
 impl EventSink for FakeSink {
     type Delivery = FakeDelivery;
+    fn prepare(&mut self, _event: &OutboxEvent) -> impl Future<Output = Result<()>> + Send {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(()))
+    }
     fn send(&mut self, event: OutboxEvent) -> Result<FakeDelivery> {
         let (tx, rx) = oneshot::channel();
         let id = String::from_utf8_lossy(event.event_id()).into_owned();
+        if id.starts_with("big") {
+            return Err(Error::permanent(format!("event {id} is too large")));
+        }
         self.0.lock().unwrap().push((id, tx));
         Ok(FakeDelivery(rx))
     }
@@ -162,6 +172,7 @@ struct Harness {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<PipelineExit>>,
     progress: Arc<Progress>,
+    prepared: Arc<AtomicUsize>,
 }
 
 fn start(max_events: u64, max_bytes: u64) -> Harness {
@@ -189,7 +200,8 @@ fn start_with(max_events: u64, max_bytes: u64, delivery_timeout: Duration) -> Ha
         progress.clone(),
     );
     let mut src = FakeSource(source.clone());
-    let mut sink = FakeSink(pending.clone());
+    let prepared = Arc::new(AtomicUsize::new(0));
+    let mut sink = FakeSink(pending.clone(), prepared.clone());
     let task = tokio::spawn(async move {
         pipeline
             .run(&mut src, &mut sink, Lsn::new(100), stop_rx, |_| {})
@@ -201,6 +213,7 @@ fn start_with(max_events: u64, max_bytes: u64, delivery_timeout: Duration) -> Ha
         stop,
         task,
         progress,
+        prepared,
     }
 }
 
@@ -435,6 +448,93 @@ async fn a_failed_delivery_stops_the_pipeline_without_confirming() {
     let err = h.task.await.unwrap().unwrap_err();
     assert_eq!(err.kind(), walcast_core::ErrorKind::Retryable);
     assert_eq!(h.source.last_confirmed(), None);
+}
+
+/// Delivery rule 7: once a delivery failed, nothing sent after it is awaited
+/// or confirmed, even for a permanent failure (which stops walcast): the
+/// later events may belong to the failed one's partition.
+#[tokio::test]
+async fn a_failed_delivery_stops_at_once_without_awaiting_later_events() {
+    let h = start(100, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(commit(200));
+    h.source.push(begin(250));
+    h.source.push(data(insert("a2", "a", 10)));
+    h.source.push(commit(300));
+    h.source.push(begin(350));
+    h.source.push(data(insert("a3", "a", 10)));
+    h.source.push(data(insert("b1", "b", 10)));
+    h.source.push(commit(400));
+    settle().await;
+    assert_eq!(h.pending.lock().unwrap().len(), 4);
+    deliver(&h, "a1", Ok(()));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    deliver(&h, "a2", Err(Error::permanent("event a2 is too large")));
+    let err = tokio::time::timeout(Duration::from_secs(1), h.task)
+        .await
+        .expect("the pipeline stops at once instead of waiting for a3 and b1")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Permanent);
+    assert!(err.to_string().contains("a2"), "{err}");
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    let left: Vec<String> = h
+        .pending
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(left, ["a3", "b1"], "never awaited");
+}
+
+/// A record the sink refuses before producing it (too large) stops the
+/// pipeline AT it: what was sent before it is awaited and confirmed, nothing
+/// after it is sent.
+#[tokio::test]
+async fn a_record_refused_by_the_sink_stops_after_the_events_before_it() {
+    let h = start(100, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(commit(200));
+    h.source.push(begin(250));
+    h.source.push(data(insert("a2", "a", 10)));
+    h.source.push(data(insert("big1", "a", 10)));
+    h.source.push(data(insert("a3", "a", 10)));
+    h.source.push(commit(300));
+    settle().await;
+    assert!(!h.task.is_finished(), "it waits for a1 and a2");
+    assert_eq!(
+        h.prepared.load(Ordering::SeqCst),
+        3,
+        "prepare runs before each send"
+    );
+    let sent: Vec<String> = h
+        .pending
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(
+        sent,
+        ["a1", "a2"],
+        "nothing after the refused event is sent"
+    );
+    deliver(&h, "a1", Ok(()));
+    deliver(&h, "a2", Ok(()));
+    let err = h.task.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Permanent);
+    assert!(err.to_string().contains("big1"), "{err}");
+    assert_eq!(
+        h.source.last_confirmed(),
+        Some(Lsn::new(200)),
+        "confirmed up to the refused event's transaction, not into it"
+    );
 }
 
 #[tokio::test]

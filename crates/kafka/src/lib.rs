@@ -4,23 +4,39 @@
 //! Guarantees (the [`EventSink`] contract): `enable.idempotence=true` (which
 //! implies `acks=all`), Java-compatible key partitioning (`murmur2_random`), so
 //! one aggregate's events land in one partition in order; a delivery future
-//! resolves `Ok` only on a successful delivery report. Settings the guarantee
+//! resolves `Ok` only on a successful delivery report. With
+//! `enable.gapless.guarantee=true` a record that fails for good stops the
+//! producer (a librdkafka fatal error) instead of being skipped, so no later
+//! record of its partition reaches Kafka ahead of it; the error reported is the
+//! failed record's own. Records over their topic's `max.message.bytes` are
+//! refused before they are produced ([`limits`]). Settings the guarantee
 //! depends on cannot be overridden through `kafka.properties`.
 #![warn(missing_docs)]
 
+pub mod limits;
+
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
+use tokio::sync::watch;
 use walcast_core::config::KafkaConfig;
-use walcast_core::route::OutboxEvent;
+use walcast_core::route::{OutboxEvent, TopicTemplate, HEADER_ID};
 use walcast_core::sink::EventSink;
-use walcast_core::{Error, ErrorKind, Result};
+use walcast_core::{Error, ErrorKind, Lsn, Result};
+
+pub use limits::{
+    batch_cap, event_size_estimate, record_size_estimate, LimitSource, TopicLimit, TopicLimits,
+};
+use limits::{Admin, DEFAULT_BATCH_SIZE, DEFAULT_PRODUCER_MESSAGE_MAX_BYTES};
 
 /// Settings derived from the pipeline that size the producer's queue.
 #[derive(Debug, Clone, Copy)]
@@ -33,13 +49,19 @@ pub struct QueueLimits {
 
 /// The librdkafka configuration walcast uses: its own guarantees first, then
 /// the user's pass-through properties (protected keys were rejected by config
-/// validation).
+/// validation). [`KafkaSink`] also caps `batch.size` to the topics' limits.
 pub fn client_config(cfg: &KafkaConfig, limits: QueueLimits) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("client.id", "walcast")
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // A record that fails for good (too large, for example) must stop the
+        // producer: without this librdkafka skips it, renumbers the
+        // partition's later records and delivers them, so they land in Kafka
+        // before the failed one is ever written (issue 10). With it the
+        // producer raises a fatal error and sends nothing more.
+        .set("enable.gapless.guarantee", "true")
         .set("partitioner", "murmur2_random")
         .set("compression.type", &cfg.compression)
         .set("linger.ms", cfg.linger_ms.to_string())
@@ -71,77 +93,238 @@ pub fn client_config(cfg: &KafkaConfig, limits: QueueLimits) -> ClientConfig {
     c
 }
 
+/// The producer's own record limit: `kafka.properties."message.max.bytes"`,
+/// else librdkafka's default.
+pub fn producer_message_max_bytes(cfg: &KafkaConfig) -> u64 {
+    property_u64(cfg, "message.max.bytes").unwrap_or(DEFAULT_PRODUCER_MESSAGE_MAX_BYTES)
+}
+
+fn property_u64(cfg: &KafkaConfig, key: &str) -> Option<u64> {
+    cfg.properties.get(key).and_then(|v| v.trim().parse().ok())
+}
+
+/// The `batch.size` a producer gets: the user's (or librdkafka's default),
+/// capped so that a batch fits the smallest topic limit known.
+pub fn batch_size_for(cfg: &KafkaConfig, smallest_limit: Option<u64>) -> u64 {
+    let wanted = property_u64(cfg, "batch.size").unwrap_or(DEFAULT_BATCH_SIZE);
+    match smallest_limit {
+        Some(l) => wanted.min(batch_cap(l)),
+        None => wanted,
+    }
+}
+
+/// The admin client's configuration: the connection and security settings
+/// of the producer, without its idempotence (it never produces).
+fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("client.id", "walcast-admin");
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// How long a delivery that failed only because another record stopped the
+/// producer waits for that record's own error (the one reported).
+const ROOT_CAUSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What a delivery future needs to describe its record in an error.
+#[derive(Debug, Clone)]
+struct RecordInfo {
+    topic: Arc<str>,
+    id: Bytes,
+    table: Arc<str>,
+    source_lsn: Lsn,
+    estimate: u64,
+    topic_limit: Option<TopicLimit>,
+    batch_size: u64,
+}
+
+impl RecordInfo {
+    fn id(&self) -> String {
+        String::from_utf8_lossy(&self.id).into_owned()
+    }
+}
+
+/// The first record failure of a sink, copied for the deliveries it took
+/// down with it.
+#[derive(Debug, Clone)]
+struct Failure {
+    kind: ErrorKind,
+    message: String,
+    hint: Option<String>,
+}
+
+impl Failure {
+    fn of(e: &Error) -> Self {
+        let message = match std::error::Error::source(e) {
+            Some(s) => format!("{}: {s}", e.message()),
+            None => e.message().to_string(),
+        };
+        Failure {
+            kind: e.kind(),
+            message,
+            hint: e.hint().map(str::to_string),
+        }
+    }
+
+    fn to_error(&self) -> Error {
+        let e = Error::new(self.kind, self.message.clone());
+        match &self.hint {
+            Some(h) => e.with_hint(h.clone()),
+            None => e,
+        }
+    }
+}
+
+/// State shared by a sink and its delivery futures.
+struct Shared {
+    producer: FutureProducer,
+    /// The first record that failed on its own account (not because the
+    /// producer had already stopped).
+    root: watch::Sender<Option<Failure>>,
+}
+
+impl Shared {
+    fn record_root(&self, e: &Error) {
+        self.root.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(Failure::of(e));
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
 /// The Kafka sink.
 pub struct KafkaSink {
     producer: FutureProducer,
+    admin: Arc<Admin>,
     bootstrap: String,
+    limits: TopicLimits,
+    /// Topics this sink checked (their limit fits its batch size).
+    seen: HashMap<Arc<str>, TopicLimit>,
+    producer_max: u64,
+    batch_size: u64,
+    lookup_timeout: Duration,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
             .field("bootstrap", &self.bootstrap)
+            .field("batch_size", &self.batch_size)
+            .field("producer_max", &self.producer_max)
             .finish_non_exhaustive()
     }
 }
 
 impl KafkaSink {
-    /// Creates the producer (no network I/O yet).
+    /// Reaches the cluster, reads the record size limits (the brokers'
+    /// default and the `max.message.bytes` of every existing topic that
+    /// `template` can render) into `limits`, and creates the producer with a
+    /// `batch.size` that fits them.
+    ///
+    /// # Errors
+    /// A retryable error naming the bootstrap servers when the cluster cannot
+    /// be reached or does not answer; an operator error when librdkafka
+    /// rejects the configuration.
+    pub async fn connect(
+        cfg: &KafkaConfig,
+        queue: QueueLimits,
+        template: &TopicTemplate,
+        limits: &TopicLimits,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let admin = Arc::new(create_admin(cfg)?);
+        limits::read_cluster_limits(&admin, &cfg.bootstrap_servers, template, limits, timeout)
+            .await?;
+        let sink = Self::build(cfg, queue, admin, limits.clone(), timeout)?;
+        tracing::info!(
+            batch_size = sink.batch_size,
+            producer_message_max_bytes = sink.producer_max,
+            smallest_topic_limit = limits.smallest(),
+            "Kafka producer sized to the topics' max.message.bytes"
+        );
+        Ok(sink)
+    }
+
+    /// Creates the producer (no network I/O yet) from the limits already in
+    /// `limits`; topics are looked up when first seen.
     ///
     /// # Errors
     /// An operator error when librdkafka rejects the configuration.
-    pub fn new(cfg: &KafkaConfig, limits: QueueLimits) -> Result<Self> {
-        let producer: FutureProducer = client_config(cfg, limits).create().map_err(|e| {
-            Error::operator("the Kafka producer configuration was rejected")
-                .with_source(e)
-                .with_hint(
-                    "check [kafka] and kafka.properties against librdkafka's CONFIGURATION.md",
-                )
-        })?;
-        Ok(KafkaSink {
-            producer,
-            bootstrap: cfg.bootstrap_servers.clone(),
-        })
+    pub fn new(cfg: &KafkaConfig, queue: QueueLimits, limits: TopicLimits) -> Result<Self> {
+        let admin = Arc::new(create_admin(cfg)?);
+        Self::build(cfg, queue, admin, limits, Duration::from_secs(10))
     }
 
-    /// Asks the cluster for its metadata, so an unreachable broker is reported
-    /// clearly before any event is read.
-    ///
-    /// # Errors
-    /// A retryable error naming the bootstrap servers.
-    pub async fn check_reachable(&self, timeout: Duration) -> Result<()> {
-        let producer = self.producer.clone();
-        let bootstrap = self.bootstrap.clone();
-        tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, timeout)
-                .map(|_| ())
-                .map_err(|e| {
-                    Error::retryable(format!(
-                        "cannot reach Kafka at {bootstrap} within {}s",
-                        timeout.as_secs()
-                    ))
-                    .with_source(e)
-                    .with_hint("check that the brokers run and that kafka.bootstrap_servers (and security settings in kafka.properties) are right; walcast retries with backoff")
-                })
+    fn build(
+        cfg: &KafkaConfig,
+        queue: QueueLimits,
+        admin: Arc<Admin>,
+        limits: TopicLimits,
+        lookup_timeout: Duration,
+    ) -> Result<Self> {
+        let batch_size = batch_size_for(cfg, limits.smallest());
+        let mut config = client_config(cfg, queue);
+        config.set("batch.size", batch_size.to_string());
+        let producer: FutureProducer = config.create().map_err(rejected_config)?;
+        let (root, _) = watch::channel(None);
+        Ok(KafkaSink {
+            shared: Arc::new(Shared {
+                producer: producer.clone(),
+                root,
+            }),
+            producer,
+            admin,
+            bootstrap: cfg.bootstrap_servers.clone(),
+            limits,
+            seen: HashMap::new(),
+            producer_max: producer_message_max_bytes(cfg),
+            batch_size,
+            lookup_timeout,
         })
-        .await
-        .map_err(|e| Error::retryable("metadata check task failed").with_source(e))?
     }
 
     /// The underlying producer (for tools and tests).
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
     }
+
+    /// The `batch.size` the producer was built with.
+    pub fn batch_size(&self) -> u64 {
+        self.batch_size
+    }
+}
+
+fn rejected_config(e: KafkaError) -> Error {
+    Error::operator("the Kafka producer configuration was rejected")
+        .with_source(e)
+        .with_hint("check [kafka] and kafka.properties against librdkafka's CONFIGURATION.md")
+}
+
+fn create_admin(cfg: &KafkaConfig) -> Result<Admin> {
+    admin_config(cfg).create().map_err(rejected_config)
+}
+
+fn code_of(err: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match err {
+        KafkaError::MessageProduction(code) => Some(*code),
+        other => other.rdkafka_error_code(),
+    }
 }
 
 /// Sorts a Kafka error into walcast's kinds.
 pub fn classify(err: &KafkaError) -> ErrorKind {
-    let code = match err {
-        KafkaError::MessageProduction(code) => Some(*code),
-        other => other.rdkafka_error_code(),
-    };
+    classify_code(code_of(err))
+}
+
+fn classify_code(code: Option<RDKafkaErrorCode>) -> ErrorKind {
     match code {
         Some(
             RDKafkaErrorCode::MessageSizeTooLarge
@@ -153,6 +336,7 @@ pub fn classify(err: &KafkaError) -> ErrorKind {
         Some(
             RDKafkaErrorCode::TopicAuthorizationFailed
             | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::TransactionalIdAuthorizationFailed
             | RDKafkaErrorCode::UnknownTopic
             | RDKafkaErrorCode::UnknownTopicOrPartition
             | RDKafkaErrorCode::PolicyViolation,
@@ -161,38 +345,212 @@ pub fn classify(err: &KafkaError) -> ErrorKind {
     }
 }
 
-fn delivery_error(err: KafkaError, topic: &str, event_id: &str, size: usize) -> Error {
-    let kind = classify(&err);
+/// A failure that is not the record's own: the producer stopped (fatal
+/// error) or dropped its queue because of another record.
+fn is_collateral(err: &KafkaError) -> bool {
+    matches!(
+        code_of(err),
+        Some(
+            RDKafkaErrorCode::PurgeQueue
+                | RDKafkaErrorCode::PurgeInflight
+                | RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::GaplessGuarantee
+        )
+    )
+}
+
+/// Rounds a size up for a suggested setting: 1 % more, to the next KiB.
+fn suggested(bytes: u64) -> u64 {
+    (bytes + bytes / 100).div_ceil(1024) * 1024
+}
+
+/// The error for an event found too large before it was produced.
+fn too_large(
+    event: &OutboxEvent,
+    estimate: u64,
+    topic_limit: Option<TopicLimit>,
+    producer_max: u64,
+) -> Error {
+    let topic = &*event.topic;
+    let need = suggested(estimate);
+    let mut over = Vec::new();
+    let mut fixes = Vec::new();
+    if let Some(l) = topic_limit.filter(|l| estimate > l.bytes) {
+        match l.source {
+            LimitSource::Topic => {
+                over.push(format!(
+                    "topic {topic:?} accepts at most {} bytes (its max.message.bytes)",
+                    l.bytes
+                ));
+                fixes.push(format!(
+                    "raise the topic's max.message.bytes to at least {estimate} (kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes={need})"
+                ));
+            }
+            LimitSource::BrokerDefault => {
+                over.push(format!(
+                    "topic {topic:?} does not exist yet and would get the brokers' message.max.bytes of {} bytes",
+                    l.bytes
+                ));
+                fixes.push(format!(
+                    "create the topic with max.message.bytes of at least {estimate} (kafka-topics.sh --create --topic {topic} --config max.message.bytes={need} …)"
+                ));
+            }
+            // Never checked against (see `send`).
+            LimitSource::Assumed => {}
+        }
+    }
+    if estimate > producer_max {
+        over.push(format!(
+            "walcast's producer accepts at most {producer_max} bytes (kafka.properties.\"message.max.bytes\")"
+        ));
+        fixes.push(format!(
+            "set kafka.properties.\"message.max.bytes\" = \"{need}\" (or more)"
+        ));
+    }
+    let headers: usize = event
+        .headers
+        .iter()
+        .map(|h| h.name.len() + h.value.len())
+        .sum();
+    Error::permanent(format!(
+        "event {} from {} (commit LSN {}) is too large for Kafka: as a record it is about {estimate} bytes (key {}, value {}, headers {headers} bytes, plus framing), but {}",
+        String::from_utf8_lossy(event.event_id()),
+        event.table,
+        event.source_lsn,
+        event.key.len(),
+        event.payload.len(),
+        over.join(" and ")
+    ))
+    .with_hint(format!(
+        "{}; or make the payload smaller. walcast delivered and confirmed the events before it and stops without moving the slot past it (it stops here again until the event fits)",
+        fixes.join("; ")
+    ))
+}
+
+/// The error of a record whose delivery failed on its own account.
+fn delivery_error(err: KafkaError, info: &RecordInfo) -> Error {
+    let id = info.id();
+    let topic = &*info.topic;
+    let code = code_of(&err);
+    if code == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+        // A record whose wire size exceeds batch.size is always alone in its
+        // batch (librdkafka starts a new batch for it and adds nothing after
+        // it); the estimate is at most 61 bytes above the wire size.
+        let alone = info.estimate > info.batch_size + 64;
+        let limit_text = match info.topic_limit {
+            Some(l) if l.source == LimitSource::Topic => {
+                format!(
+                    "the topic's max.message.bytes was {} when walcast read it",
+                    l.bytes
+                )
+            }
+            Some(l) => format!("walcast assumed a limit of {} bytes for the topic", l.bytes),
+            None => "walcast did not know the topic's limit".to_string(),
+        };
+        if alone {
+            return Error::permanent(format!(
+                "Kafka rejected event {id} from {} (commit LSN {}) for topic {topic:?} as too large: as a record it is about {} bytes, and {limit_text} (it may have been lowered since, and compression can make an incompressible payload slightly larger)",
+                info.table, info.source_lsn, info.estimate
+            ))
+            .with_source(err)
+            .with_hint(format!(
+                "raise the topic's max.message.bytes to at least {} (kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes={}), or make the payload smaller. Nothing after it reached Kafka; walcast stops without moving the slot past it",
+                info.estimate,
+                suggested(info.estimate)
+            ));
+        }
+        let (why, fix) = if info.topic_limit.is_some() {
+            (
+                "the topic's max.message.bytes was probably lowered while walcast ran",
+                "walcast restarts from the slot's confirmed position, reads the topic limits again and sizes its batches to them; nothing is skipped",
+            )
+        } else {
+            (
+                "walcast could not read the topic's max.message.bytes to size its batches",
+                "grant walcast's principal DescribeConfigs on the topic, or set kafka.properties.\"batch.size\" below its max.message.bytes; walcast restarts from the slot's confirmed position with backoff, nothing is skipped",
+            )
+        };
+        return Error::retryable(format!(
+            "Kafka rejected the record batch holding event {id} for topic {topic:?} as too large, although the event is only about {} bytes and {limit_text}: {why}",
+            info.estimate
+        ))
+        .with_source(err)
+        .with_hint(fix);
+    }
+    let kind = classify_code(code);
     let hint = match kind {
         ErrorKind::Permanent => format!(
-            "the event is {size} bytes: raise the producer's kafka.properties.\"message.max.bytes\" and the topic's max.message.bytes, or make the payload smaller; walcast stops without moving the slot past it"
+            "the event is about {} bytes as a record; fix the record or the topic, walcast stops without moving the slot past it",
+            info.estimate
         ),
         ErrorKind::OperatorAction => format!(
-            "create topic {topic:?} (or enable auto.create.topics.enable) and grant walcast's principal Write on it"
+            "create topic {topic:?} (or enable auto.create.topics.enable) and grant walcast's principal Write (and IdempotentWrite on the cluster for older brokers) on it"
         ),
-        _ => "walcast restarts from the slot's confirmed position with backoff; nothing is skipped".to_string(),
+        _ => "walcast restarts from the slot's confirmed position with backoff; nothing is skipped"
+            .to_string(),
     };
     Error::new(
         kind,
-        format!("Kafka did not accept event {event_id} for topic {topic:?}"),
+        format!(
+            "Kafka did not accept event {id} from {} (commit LSN {}) for topic {topic:?}",
+            info.table, info.source_lsn
+        ),
     )
     .with_source(err)
     .with_hint(hint)
 }
 
+/// The error of a delivery that failed because the producer stopped: the
+/// error of the record that stopped it, once its delivery report is in (or
+/// the producer's fatal error when no record of this sink caused it).
+fn collateral(
+    shared: Arc<Shared>,
+    info: RecordInfo,
+    err: KafkaError,
+) -> Pin<Box<dyn Future<Output = Error> + Send>> {
+    let mut rx = shared.root.subscribe();
+    Box::pin(async move {
+        let root = match tokio::time::timeout(ROOT_CAUSE_WAIT, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(r)) => (*r).clone(),
+            _ => None,
+        };
+        if let Some(root) = root {
+            return root.to_error();
+        }
+        match shared.producer.client().fatal_error() {
+            Some((code, reason)) => Error::new(
+                classify_code(Some(code)),
+                format!("the Kafka producer stopped after a fatal error ({code}): {reason}"),
+            )
+            .with_hint("walcast restarts from the slot's confirmed position with a new producer; nothing is skipped"),
+            None => Error::retryable(format!(
+                "event {} for topic {:?} was not delivered: {err}",
+                info.id(),
+                info.topic
+            ))
+            .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped"),
+        }
+    })
+}
+
+enum DeliveryState {
+    Waiting(DeliveryFuture),
+    Collateral(Pin<Box<dyn Future<Output = Error> + Send>>),
+    Done,
+}
+
 /// Resolves when Kafka acknowledged (or failed) one event.
 pub struct KafkaDelivery {
-    inner: DeliveryFuture,
-    topic: std::sync::Arc<str>,
-    event_id: String,
-    size: usize,
+    state: DeliveryState,
+    info: RecordInfo,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for KafkaDelivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaDelivery")
-            .field("topic", &self.topic)
-            .field("event_id", &self.event_id)
+            .field("topic", &self.info.topic)
+            .field("event_id", &self.info.id())
             .finish_non_exhaustive()
     }
 }
@@ -202,19 +560,47 @@ impl Future for KafkaDelivery {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Ok(_delivery))) => Poll::Ready(Ok(())),
-            Poll::Ready(Ok(Err((err, _msg)))) => Poll::Ready(Err(delivery_error(
-                err,
-                &this.topic,
-                &this.event_id,
-                this.size,
-            ))),
-            Poll::Ready(Err(_canceled)) => Poll::Ready(Err(Error::retryable(format!(
-                "the producer was closed before event {} was acknowledged",
-                this.event_id
-            )))),
+        loop {
+            match &mut this.state {
+                DeliveryState::Waiting(inner) => match Pin::new(inner).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(Ok(_delivery))) => {
+                        this.state = DeliveryState::Done;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Ready(Ok(Err((err, _msg)))) => {
+                        if is_collateral(&err) {
+                            this.state = DeliveryState::Collateral(collateral(
+                                this.shared.clone(),
+                                this.info.clone(),
+                                err,
+                            ));
+                            continue;
+                        }
+                        let e = delivery_error(err, &this.info);
+                        this.shared.record_root(&e);
+                        this.state = DeliveryState::Done;
+                        return Poll::Ready(Err(e));
+                    }
+                    Poll::Ready(Err(_canceled)) => {
+                        this.state = DeliveryState::Done;
+                        return Poll::Ready(Err(Error::retryable(format!(
+                            "the producer was closed before event {} was acknowledged",
+                            this.info.id()
+                        ))));
+                    }
+                },
+                DeliveryState::Collateral(f) => {
+                    let e = std::task::ready!(f.as_mut().poll(cx));
+                    this.state = DeliveryState::Done;
+                    return Poll::Ready(Err(e));
+                }
+                DeliveryState::Done => {
+                    return Poll::Ready(Err(Error::retryable(
+                        "a delivery was polled after it completed",
+                    )))
+                }
+            }
         }
     }
 }
@@ -222,7 +608,58 @@ impl Future for KafkaDelivery {
 impl EventSink for KafkaSink {
     type Delivery = KafkaDelivery;
 
+    /// Looks the event's topic up the first time this sink sees it: its
+    /// `max.message.bytes` (cached for the process), and whether this
+    /// producer's batches fit it. A topic with a smaller limit than the
+    /// producer was sized for is a retryable error: the pipeline restarts
+    /// from the slot and the next producer is sized for it.
+    async fn prepare(&mut self, event: &OutboxEvent) -> Result<()> {
+        if self.seen.contains_key(&*event.topic) {
+            return Ok(());
+        }
+        let limit = match self.limits.get(&event.topic) {
+            Some(l) => l,
+            None => {
+                limits::read_topic_limit(
+                    &self.admin,
+                    &event.topic,
+                    &self.limits,
+                    self.lookup_timeout,
+                )
+                .await?
+            }
+        };
+        let cap = batch_cap(limit.bytes);
+        if cap < self.batch_size {
+            return Err(Error::retryable(format!(
+                "topic {:?} accepts record batches of at most {} bytes (max.message.bytes), less than the batch.size of {} this producer was built with",
+                event.topic, limit.bytes, self.batch_size
+            ))
+            .with_hint(format!(
+                "walcast restarts from the slot's confirmed position with batch.size {cap}; nothing is skipped"
+            )));
+        }
+        tracing::debug!(topic = %event.topic, max_message_bytes = limit.bytes, source = ?limit.source, "topic limit");
+        self.seen.insert(event.topic.clone(), limit);
+        Ok(())
+    }
+
     fn send(&mut self, event: OutboxEvent) -> Result<KafkaDelivery> {
+        let estimate = event_size_estimate(&event);
+        let topic_limit = match self.seen.get(&*event.topic) {
+            Some(l) => Some(*l),
+            None => self.limits.get(&event.topic),
+        }
+        // An assumed limit sizes batches, but does not refuse records: the
+        // topic may accept more than walcast may read; the broker judges.
+        .filter(|l| l.source != LimitSource::Assumed);
+        if estimate
+            > topic_limit
+                .map_or(u64::MAX, |l| l.bytes)
+                .min(self.producer_max)
+        {
+            return Err(too_large(&event, estimate, topic_limit, self.producer_max));
+        }
         let mut headers = OwnedHeaders::new_with_capacity(event.headers.len());
         for h in &event.headers {
             headers = headers.insert(Header {
@@ -230,20 +667,42 @@ impl EventSink for KafkaSink {
                 value: Some(&h.value[..]),
             });
         }
-        let size = event.size_bytes() as usize;
-        let event_id = String::from_utf8_lossy(event.event_id()).into_owned();
+        let info = RecordInfo {
+            topic: event.topic.clone(),
+            id: event
+                .headers
+                .iter()
+                .find(|h| &*h.name == HEADER_ID)
+                .map(|h| h.value.clone())
+                .unwrap_or_default(),
+            table: event.table.clone(),
+            source_lsn: event.source_lsn,
+            estimate,
+            topic_limit,
+            batch_size: self.batch_size,
+        };
         let record = FutureRecord::to(&event.topic)
             .key(&event.key[..])
             .payload(&event.payload[..])
             .headers(headers);
         match self.producer.send_result(record) {
             Ok(inner) => Ok(KafkaDelivery {
-                inner,
-                topic: event.topic.clone(),
-                event_id,
-                size,
+                state: DeliveryState::Waiting(inner),
+                info,
+                shared: self.shared.clone(),
             }),
-            Err((err, _record)) => Err(delivery_error(err, &event.topic, &event_id, size)),
+            // The producer already stopped because of another record: report
+            // that record's error through this delivery.
+            Err((err, _record)) if is_collateral(&err) => Ok(KafkaDelivery {
+                state: DeliveryState::Collateral(collateral(
+                    self.shared.clone(),
+                    info.clone(),
+                    err,
+                )),
+                info,
+                shared: self.shared.clone(),
+            }),
+            Err((err, _record)) => Err(delivery_error(err, &info)),
         }
     }
 
@@ -256,27 +715,50 @@ impl EventSink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use walcast_core::route::Header as EventHeader;
 
-    #[test]
-    fn guarantees_are_set_and_user_properties_pass_through() {
-        let mut cfg = KafkaConfig {
+    fn cfg() -> KafkaConfig {
+        KafkaConfig {
             bootstrap_servers: "127.0.0.1:1".into(),
             compression: "zstd".into(),
             linger_ms: 7,
             delivery_timeout_ms: 1234,
             properties: Default::default(),
-        };
+        }
+    }
+
+    const QUEUE: QueueLimits = QueueLimits {
+        max_in_flight_events: 10,
+        max_in_flight_bytes: 10,
+    };
+
+    fn event(id: &str, payload_len: usize) -> OutboxEvent {
+        OutboxEvent {
+            topic: Arc::from("t.A"),
+            key: Bytes::from_static(b"order-1"),
+            payload: Bytes::from(vec![b'x'; payload_len]),
+            headers: vec![EventHeader {
+                name: Arc::from(HEADER_ID),
+                value: Bytes::copy_from_slice(id.as_bytes()),
+            }],
+            source_lsn: Lsn::from(0x1234),
+            table: Arc::from("public.outbox"),
+        }
+    }
+
+    #[test]
+    fn guarantees_are_set_and_user_properties_pass_through() {
+        let mut cfg = cfg();
         cfg.properties
             .insert("socket.keepalive.enable".into(), "true".into());
-        let c = client_config(
-            &cfg,
-            QueueLimits {
-                max_in_flight_events: 10,
-                max_in_flight_bytes: 10,
-            },
-        );
+        let c = client_config(&cfg, QUEUE);
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(
+            c.get("enable.gapless.guarantee"),
+            Some("true"),
+            "a record that fails for good stops the producer instead of being skipped"
+        );
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
         assert_eq!(
             c.get("message.timeout.ms"),
@@ -286,14 +768,82 @@ mod tests {
         assert_eq!(c.get("compression.type"), Some("zstd"));
         assert_eq!(c.get("socket.keepalive.enable"), Some("true"));
         // The producer builds with this config (librdkafka validates it).
-        KafkaSink::new(
-            &cfg,
-            QueueLimits {
-                max_in_flight_events: 10,
-                max_in_flight_bytes: 10,
+        let sink = KafkaSink::new(&cfg, QUEUE, TopicLimits::default()).unwrap();
+        assert_eq!(sink.batch_size(), limits::DEFAULT_BATCH_SIZE);
+    }
+
+    #[test]
+    fn batches_are_capped_below_the_smallest_topic_limit() {
+        let mut cfg = cfg();
+        cfg.properties
+            .insert("message.max.bytes".into(), "5000000".into());
+        let limits = TopicLimits::default();
+        limits.set_broker_default(1_048_588);
+        assert_eq!(
+            batch_size_for(&cfg, limits.smallest()),
+            limits::DEFAULT_BATCH_SIZE,
+            "the defaults fit"
+        );
+        limits.insert(
+            "t.A",
+            TopicLimit {
+                bytes: 100_000,
+                source: LimitSource::Topic,
             },
-        )
-        .unwrap();
+        );
+        let sink = KafkaSink::new(&cfg, QUEUE, limits.clone()).unwrap();
+        assert_eq!(sink.batch_size(), batch_cap(100_000));
+        assert!(sink.batch_size() < 100_000);
+        // A smaller batch.size of the user's is kept.
+        cfg.properties.insert("batch.size".into(), "16384".into());
+        assert_eq!(batch_size_for(&cfg, limits.smallest()), 16_384);
+        assert_eq!(producer_message_max_bytes(&cfg), 5_000_000);
+    }
+
+    #[test]
+    fn an_oversize_event_is_refused_before_it_is_produced_naming_it() {
+        let mut cfg = cfg();
+        cfg.properties
+            .insert("message.max.bytes".into(), "5000000".into());
+        let limits = TopicLimits::default();
+        limits.insert(
+            "t.A",
+            TopicLimit {
+                bytes: 100_000,
+                source: LimitSource::Topic,
+            },
+        );
+        let mut sink = KafkaSink::new(&cfg, QUEUE, limits).unwrap();
+        let err = sink.send(event("big-2", 1_600_000)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Permanent);
+        let text = err.to_string();
+        for needle in [
+            "big-2",
+            "public.outbox",
+            "0/1234",
+            "100000",
+            "max.message.bytes",
+            "kafka-configs.sh",
+            "t.A",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing in: {text}");
+        }
+        assert!(
+            !text.contains("kafka.properties"),
+            "the producer's limit is not the one exceeded: {text}"
+        );
+        // Over the producer's own limit too: both settings are named.
+        let err = sink.send(event("huge-3", 6_000_000)).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("max.message.bytes")
+                && text.contains("kafka.properties.\"message.max.bytes\""),
+            "{text}"
+        );
+        // A small event passes the check (the producer only queues it here).
+        let delivery = sink.send(event("small-1", 100)).unwrap();
+        drop(delivery);
+        sink.abort();
     }
 
     #[test]
@@ -304,7 +854,91 @@ mod tests {
         assert_eq!(classify(&e), ErrorKind::Retryable);
         let e = KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed);
         assert_eq!(classify(&e), ErrorKind::OperatorAction);
-        let err = delivery_error(e, "t", "id-1", 5);
+        for code in [
+            RDKafkaErrorCode::PurgeQueue,
+            RDKafkaErrorCode::PurgeInflight,
+            RDKafkaErrorCode::Fatal,
+        ] {
+            assert!(is_collateral(&KafkaError::MessageProduction(code)));
+        }
+        assert!(!is_collateral(&e));
+        let info = RecordInfo {
+            topic: Arc::from("t"),
+            id: Bytes::from_static(b"id-1"),
+            table: Arc::from("public.outbox"),
+            source_lsn: Lsn::from(1),
+            estimate: 120,
+            topic_limit: None,
+            batch_size: 1_000_000,
+        };
+        let err = delivery_error(e, &info);
         assert!(err.to_string().contains("id-1"), "{err}");
+    }
+
+    fn info(id: &'static [u8]) -> RecordInfo {
+        RecordInfo {
+            topic: Arc::from("t"),
+            id: Bytes::from_static(id),
+            table: Arc::from("public.outbox"),
+            source_lsn: Lsn::from(1),
+            estimate: 120,
+            topic_limit: None,
+            batch_size: 1_000_000,
+        }
+    }
+
+    /// A delivery that failed only because the producer stopped (fatal
+    /// error, purged queue) reports the error of the record that stopped it,
+    /// even when that record's own report comes later.
+    #[tokio::test]
+    async fn a_delivery_taken_down_by_another_record_reports_that_records_error() {
+        let sink = KafkaSink::new(&cfg(), QUEUE, TopicLimits::default()).unwrap();
+        let purged = || KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue);
+        let waiting = tokio::spawn(collateral(sink.shared.clone(), info(b"small-9"), purged()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "it waits for the root cause");
+        let root = delivery_error(
+            KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord),
+            &info(b"root-2"),
+        );
+        sink.shared.record_root(&root);
+        let err = waiting.await.unwrap();
+        assert_eq!(err.kind(), ErrorKind::Permanent);
+        assert!(err.to_string().contains("root-2"), "{err}");
+        assert!(!err.to_string().contains("small-9"), "{err}");
+        // Later ones get it at once; a second failure does not replace it.
+        sink.shared
+            .record_root(&delivery_error(purged(), &info(b"other-3")));
+        let err = collateral(sink.shared.clone(), info(b"small-10"), purged()).await;
+        assert!(err.to_string().contains("root-2"), "{err}");
+        sink.abort();
+    }
+
+    #[test]
+    fn a_broker_side_size_rejection_blames_the_record_only_when_it_was_alone() {
+        let too_large = || KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        let mut info = RecordInfo {
+            topic: Arc::from("t"),
+            id: Bytes::from_static(b"big-2"),
+            table: Arc::from("public.outbox"),
+            source_lsn: Lsn::from(1),
+            estimate: 1_600_100,
+            topic_limit: Some(TopicLimit {
+                bytes: 5_000_000,
+                source: LimitSource::Topic,
+            }),
+            batch_size: 1_000_000,
+        };
+        // Larger than batch.size: alone in its batch, so it is the one.
+        let err = delivery_error(too_large(), &info);
+        assert_eq!(err.kind(), ErrorKind::Permanent);
+        assert!(err.to_string().contains("big-2"), "{err}");
+        // A small record was rejected with its batch: not its fault; walcast
+        // restarts and reads the limits again.
+        info.id = Bytes::from_static(b"small-1");
+        info.estimate = 130;
+        let err = delivery_error(too_large(), &info);
+        assert_eq!(err.kind(), ErrorKind::Retryable, "{err}");
+        assert!(err.to_string().contains("record batch"), "{err}");
     }
 }

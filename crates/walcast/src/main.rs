@@ -16,7 +16,7 @@ use walcast_core::sink::EventSink;
 use walcast_core::source::ReplicationSource;
 use walcast_core::state::StateStore;
 use walcast_core::{Decision, Error, ErrorKind};
-use walcast_kafka::{KafkaSink, QueueLimits};
+use walcast_kafka::{KafkaSink, QueueLimits, TopicLimits};
 use walcast_postgres::ConnectOptions;
 
 #[derive(Debug, Parser)]
@@ -285,6 +285,9 @@ async fn run(cfg: Config) -> Result<(), Error> {
         );
     }
     let progress = Arc::new(Progress::default());
+    // The topics' record size limits, read by each run's sink and kept here
+    // so a limit one run learnt sizes the next run's producer.
+    let topic_limits = TopicLimits::default();
     let initial = Duration::from_millis(cfg.pipeline.restart_backoff_initial_ms);
     let max = Duration::from_millis(cfg.pipeline.restart_backoff_max_ms);
     let mut backoff = initial;
@@ -293,7 +296,16 @@ async fn run(cfg: Config) -> Result<(), Error> {
             return Ok(());
         }
         let started = Instant::now();
-        match run_once(&cfg, &opts, &progress, &failpoints, stop_rx.clone()).await {
+        match run_once(
+            &cfg,
+            &opts,
+            &progress,
+            &failpoints,
+            &topic_limits,
+            stop_rx.clone(),
+        )
+        .await
+        {
             Ok(PipelineExit::Shutdown {
                 confirmed,
                 abandoned_events,
@@ -335,16 +347,21 @@ async fn run_once(
     opts: &ConnectOptions,
     progress: &Arc<Progress>,
     failpoints: &Option<Arc<Failpoints>>,
+    topic_limits: &TopicLimits,
     stop: watch::Receiver<bool>,
 ) -> Result<PipelineExit, Error> {
-    let mut sink = KafkaSink::new(
+    let template = TopicTemplate::parse(&cfg.outbox.topic)?;
+    let mut sink = KafkaSink::connect(
         &cfg.kafka,
         QueueLimits {
             max_in_flight_events: cfg.pipeline.max_in_flight_events,
             max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
         },
-    )?;
-    sink.check_reachable(Duration::from_secs(10)).await?;
+        &template,
+        topic_limits,
+        Duration::from_secs(10),
+    )
+    .await?;
     let connected = walcast_postgres::connect(opts).await?;
     let mut source = connected.source;
     tracing::info!(
@@ -357,7 +374,7 @@ async fn run_once(
     );
     let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone())
         .with_partitions(connected.partitions.clone());
-    let router = Router::new(TopicTemplate::parse(&cfg.outbox.topic)?);
+    let router = Router::new(template);
     let mut pipeline = Pipeline::new(
         PipelineSettings {
             max_in_flight_events: cfg.pipeline.max_in_flight_events,

@@ -1,0 +1,406 @@
+//! Record size limits: how large Kafka will let a record (batch) be, read from
+//! the cluster, and how large walcast's records are.
+//!
+//! The broker checks each record batch (compressed, as written) against the
+//! topic's `max.message.bytes`, and rejects the whole batch when it is larger.
+//! So walcast (1) checks each event against its topic's limit before it is
+//! produced, like the Java producer's `ensureValidRecordSize` (uncompressed
+//! upper bound of a batch holding only that record), and (2) caps the
+//! producer's `batch.size` below the smallest limit it knows, so that small
+//! records never form a batch the broker rejects.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use walcast_core::route::{OutboxEvent, TopicTemplate};
+use walcast_core::{Error, Result};
+
+/// librdkafka's default `message.max.bytes` (the producer's own record limit).
+pub const DEFAULT_PRODUCER_MESSAGE_MAX_BYTES: u64 = 1_000_000;
+/// librdkafka's default `batch.size`.
+pub const DEFAULT_BATCH_SIZE: u64 = 1_000_000;
+/// Kafka's default broker `message.max.bytes` (the default of every topic's
+/// `max.message.bytes`), assumed when the broker's configuration cannot be read.
+pub const KAFKA_DEFAULT_MAX_MESSAGE_BYTES: u64 = 1_048_588;
+
+/// The fixed part of a v2 record batch (Java's `RECORD_BATCH_OVERHEAD`).
+const RECORD_BATCH_OVERHEAD: u64 = 61;
+/// A record's largest fixed overhead (Java's `DefaultRecord.MAX_RECORD_OVERHEAD`:
+/// length, attributes, timestamp and offset deltas).
+const MAX_RECORD_OVERHEAD: u64 = 21;
+
+/// Bytes of a zig-zag varint (the record format's lengths).
+fn varint_len(v: i64) -> u64 {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    let mut n = 1;
+    while z >= 0x80 {
+        z >>= 7;
+        n += 1;
+    }
+    n
+}
+
+/// The size of a record batch holding only this record, uncompressed: the
+/// upper bound the Java producer checks (`estimateSizeInBytesUpperBound`)
+/// and at least what librdkafka checks against `message.max.bytes`.
+pub fn record_size_estimate<'a>(
+    key_len: usize,
+    value_len: usize,
+    headers: impl IntoIterator<Item = (usize, usize)> + 'a,
+) -> u64 {
+    let (k, v) = (key_len as i64, value_len as i64);
+    let mut size = RECORD_BATCH_OVERHEAD
+        + MAX_RECORD_OVERHEAD
+        + varint_len(k)
+        + k as u64
+        + varint_len(v)
+        + v as u64;
+    let mut count = 0;
+    for (name, value) in headers {
+        count += 1;
+        size += varint_len(name as i64) + name as u64 + varint_len(value as i64) + value as u64;
+    }
+    size + varint_len(count)
+}
+
+/// [`record_size_estimate`] of an event.
+pub fn event_size_estimate(event: &OutboxEvent) -> u64 {
+    record_size_estimate(
+        event.key.len(),
+        event.payload.len(),
+        event.headers.iter().map(|h| (h.name.len(), h.value.len())),
+    )
+}
+
+/// The largest `batch.size` that keeps a batch of small records under a
+/// topic limit of `limit` bytes: a margin for compression growth of
+/// incompressible data (a few per mille for lz4/zstd/snappy/gzip) and for
+/// framing, never below half the limit.
+pub fn batch_cap(limit: u64) -> u64 {
+    limit
+        .saturating_sub(limit / 50 + 1024)
+        .max(limit / 2)
+        .max(1)
+}
+
+/// Where a topic's limit came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitSource {
+    /// The topic's `max.message.bytes` as the cluster reported it.
+    Topic,
+    /// The topic does not exist yet: the brokers' `message.max.bytes`, which
+    /// an auto-created topic gets.
+    BrokerDefault,
+    /// walcast could not read it (no DescribeConfigs permission): Kafka's
+    /// default is assumed for sizing batches, but records are not refused
+    /// by it (the broker remains the judge).
+    Assumed,
+}
+
+/// One topic's record batch limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicLimit {
+    /// Bytes.
+    pub bytes: u64,
+    /// Where it came from.
+    pub source: LimitSource,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    topics: HashMap<String, TopicLimit>,
+    broker_default: Option<u64>,
+}
+
+/// The record size limits walcast knows, shared by the sinks of one process:
+/// a limit learnt by one pipeline run sizes the producer of the next.
+#[derive(Debug, Clone, Default)]
+pub struct TopicLimits {
+    inner: Arc<Mutex<Known>>,
+}
+
+impl TopicLimits {
+    /// The limit recorded for `topic`.
+    pub fn get(&self, topic: &str) -> Option<TopicLimit> {
+        self.inner.lock().unwrap().topics.get(topic).copied()
+    }
+
+    /// Records `topic`'s limit.
+    pub fn insert(&self, topic: &str, limit: TopicLimit) {
+        self.inner
+            .lock()
+            .unwrap()
+            .topics
+            .insert(topic.to_string(), limit);
+    }
+
+    /// The brokers' default (`message.max.bytes`), when read.
+    pub fn broker_default(&self) -> Option<u64> {
+        self.inner.lock().unwrap().broker_default
+    }
+
+    /// Records the brokers' default.
+    pub fn set_broker_default(&self, bytes: u64) {
+        self.inner.lock().unwrap().broker_default = Some(bytes);
+    }
+
+    /// The smallest limit known (topics and the brokers' default), if any.
+    pub fn smallest(&self) -> Option<u64> {
+        let k = self.inner.lock().unwrap();
+        k.topics
+            .values()
+            .map(|l| l.bytes)
+            .chain(k.broker_default)
+            .min()
+    }
+}
+
+/// The admin client walcast reads topic configurations with.
+pub(crate) type Admin = AdminClient<DefaultClientContext>;
+
+fn parse_bytes(v: Option<&str>) -> Option<u64> {
+    v.and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0)
+}
+
+fn is_denied(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::GroupAuthorizationFailed
+    )
+}
+
+fn lookup_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::retryable(format!("cannot read {what} from Kafka"))
+        .with_source(e)
+        .with_hint("walcast reads each outbox topic's max.message.bytes to check record sizes before producing; it retries with backoff. Check the brokers and that walcast's principal may DescribeConfigs")
+}
+
+/// Reads the brokers' `message.max.bytes` and the `max.message.bytes` of every
+/// existing topic `template` can render into `limits`.
+///
+/// # Errors
+/// A retryable error when the cluster cannot be reached or does not answer.
+pub(crate) async fn read_cluster_limits(
+    admin: &Arc<Admin>,
+    bootstrap: &str,
+    template: &TopicTemplate,
+    limits: &TopicLimits,
+    timeout: Duration,
+) -> Result<()> {
+    let md = {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+            .await
+            .map_err(|e| Error::retryable("metadata task failed").with_source(e))?
+    }
+    .map_err(|e| {
+        Error::retryable(format!(
+            "cannot reach Kafka at {bootstrap} within {}s",
+            timeout.as_secs()
+        ))
+        .with_source(e)
+        .with_hint("check that the brokers run and that kafka.bootstrap_servers (and security settings in kafka.properties) are right; walcast retries with backoff")
+    })?;
+    let brokers: Vec<i32> = md.brokers().iter().map(|b| b.id()).collect();
+    let topics: Vec<String> = md
+        .topics()
+        .iter()
+        .map(|t| t.name())
+        .filter(|n| !n.starts_with("__") && template.matches(n))
+        .map(str::to_string)
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    // The brokers' default: the smallest over the brokers (each enforces its own).
+    let specs: Vec<ResourceSpecifier> = brokers
+        .iter()
+        .map(|b| ResourceSpecifier::Broker(*b))
+        .collect();
+    if !specs.is_empty() {
+        let results = tokio::time::timeout(timeout * 2, admin.describe_configs(&specs, &opts))
+            .await
+            .map_err(|e| lookup_error("the brokers' configuration", e))?
+            .map_err(|e| lookup_error("the brokers' configuration", e))?;
+        let mut smallest: Option<u64> = None;
+        for r in results {
+            match r {
+                Ok(res) => {
+                    if let Some(v) = parse_bytes(
+                        res.get("message.max.bytes")
+                            .and_then(|e| e.value.as_deref()),
+                    ) {
+                        smallest = Some(smallest.map_or(v, |s| s.min(v)));
+                    }
+                }
+                Err(code) if is_denied(code) => {
+                    tracing::warn!(
+                        "walcast may not read the brokers' configuration ({code}); it assumes Kafka's default message.max.bytes of {KAFKA_DEFAULT_MAX_MESSAGE_BYTES} for topics it has yet to create. Grant walcast's principal DescribeConfigs on the cluster to have it read"
+                    );
+                }
+                Err(code) => {
+                    return Err(lookup_error(
+                        "the brokers' configuration",
+                        rdkafka::error::KafkaError::AdminOp(code),
+                    ))
+                }
+            }
+        }
+        limits.set_broker_default(smallest.unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES));
+    }
+    for chunk in topics.chunks(200) {
+        let specs: Vec<ResourceSpecifier> = chunk
+            .iter()
+            .map(|t| ResourceSpecifier::Topic(t.as_str()))
+            .collect();
+        let results = tokio::time::timeout(timeout * 2, admin.describe_configs(&specs, &opts))
+            .await
+            .map_err(|e| lookup_error("the outbox topics' configuration", e))?
+            .map_err(|e| lookup_error("the outbox topics' configuration", e))?;
+        for (topic, r) in chunk.iter().zip(results) {
+            let limit = topic_limit(topic, r, limits)?;
+            limits.insert(topic, limit);
+        }
+    }
+    Ok(())
+}
+
+/// Reads one topic's limit (the first time walcast sees the topic).
+pub(crate) async fn read_topic_limit(
+    admin: &Admin,
+    topic: &str,
+    limits: &TopicLimits,
+    timeout: Duration,
+) -> Result<TopicLimit> {
+    let opts = AdminOptions::new().request_timeout(Some(timeout));
+    let what = format!("topic {topic:?}'s configuration");
+    let mut results = tokio::time::timeout(
+        timeout * 2,
+        admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts),
+    )
+    .await
+    .map_err(|e| lookup_error(&what, e))?
+    .map_err(|e| lookup_error(&what, e))?;
+    let r = results.pop().ok_or_else(|| {
+        Error::retryable(format!(
+            "Kafka returned no configuration for topic {topic:?}"
+        ))
+    })?;
+    let limit = topic_limit(topic, r, limits)?;
+    limits.insert(topic, limit);
+    Ok(limit)
+}
+
+fn topic_limit(
+    topic: &str,
+    r: rdkafka::admin::ConfigResourceResult,
+    limits: &TopicLimits,
+) -> Result<TopicLimit> {
+    match r {
+        Ok(res) => {
+            debug_assert!(matches!(&res.specifier, OwnedResourceSpecifier::Topic(t) if t == topic));
+            match parse_bytes(
+                res.get("max.message.bytes")
+                    .and_then(|e| e.value.as_deref()),
+            ) {
+                Some(bytes) => Ok(TopicLimit {
+                    bytes,
+                    source: LimitSource::Topic,
+                }),
+                None => Ok(TopicLimit {
+                    bytes: limits
+                        .broker_default()
+                        .unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
+                    source: LimitSource::Assumed,
+                }),
+            }
+        }
+        Err(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            Ok(TopicLimit {
+                bytes: limits
+                    .broker_default()
+                    .unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
+                source: LimitSource::BrokerDefault,
+            })
+        }
+        Err(code) if is_denied(code) => {
+            tracing::warn!(
+                topic,
+                "walcast may not read topic {topic:?}'s configuration ({code}); it sizes its batches for a max.message.bytes of {KAFKA_DEFAULT_MAX_MESSAGE_BYTES}, and a record the topic cannot take is found by the broker (walcast then stops at it) instead of before it is produced. Grant walcast's principal DescribeConfigs on the topic"
+            );
+            Ok(TopicLimit {
+                bytes: KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+                source: LimitSource::Assumed,
+            })
+        }
+        Err(code) => Err(lookup_error(
+            &format!("topic {topic:?}'s configuration"),
+            rdkafka::error::KafkaError::AdminOp(code),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_have_the_record_formats_lengths() {
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(63), 1);
+        assert_eq!(varint_len(64), 2);
+        assert_eq!(varint_len(-1), 1);
+        // Zig-zag: 1.6 M becomes 3.2 M, 22 bits, four bytes.
+        assert_eq!(varint_len(1_600_000), 4);
+    }
+
+    #[test]
+    fn the_estimate_is_the_java_producers_upper_bound() {
+        // Java: 61 + 21 + sizeOf(key 3, value 5, one header "id" = 36 bytes):
+        // (1 + 3) + (1 + 5) + 1 + (1 + 2 + 1 + 36) = 51 -> 133.
+        assert_eq!(record_size_estimate(3, 5, [(2, 36)]), 133);
+        // A 1.6 MB value: four bytes of length.
+        assert_eq!(
+            record_size_estimate(0, 1_600_000, []),
+            61 + 21 + 1 + 4 + 1_600_000 + 1
+        );
+        // It is never below what librdkafka itself checks against
+        // message.max.bytes (RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD = 36 bytes +
+        // key + value + serialized headers).
+        for (k, v) in [(0usize, 0usize), (10, 100), (100, 99_000)] {
+            let headers = (1 + 2 + 1 + 36) + (1 + 4 + 1 + 12);
+            assert!(
+                record_size_estimate(k, v, [(2, 36), (4, 12)]) >= (36 + k + v + headers) as u64
+            );
+        }
+    }
+
+    #[test]
+    fn batches_stay_below_the_limit() {
+        assert_eq!(batch_cap(100_000), 100_000 - 2_000 - 1024);
+        assert!(batch_cap(1_048_588) > DEFAULT_BATCH_SIZE);
+        assert_eq!(batch_cap(1_000), 500);
+        assert_eq!(batch_cap(0), 1);
+    }
+
+    #[test]
+    fn the_smallest_limit_counts_the_broker_default() {
+        let l = TopicLimits::default();
+        assert_eq!(l.smallest(), None);
+        l.set_broker_default(1_048_588);
+        l.insert(
+            "a",
+            TopicLimit {
+                bytes: 100_000,
+                source: LimitSource::Topic,
+            },
+        );
+        assert_eq!(l.smallest(), Some(100_000));
+        assert_eq!(l.clone().get("a").unwrap().bytes, 100_000);
+    }
+}
