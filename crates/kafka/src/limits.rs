@@ -217,37 +217,38 @@ pub(crate) async fn read_cluster_limits(
         .map(str::to_string)
         .collect();
     let opts = AdminOptions::new().request_timeout(Some(timeout));
-    // The brokers' default: the smallest over the brokers (each enforces its own).
-    let specs: Vec<ResourceSpecifier> = brokers
-        .iter()
-        .map(|b| ResourceSpecifier::Broker(*b))
-        .collect();
-    if !specs.is_empty() {
-        let results = tokio::time::timeout(timeout * 2, admin.describe_configs(&specs, &opts))
-            .await
-            .map_err(|e| lookup_error("the brokers' configuration", e))?
-            .map_err(|e| lookup_error("the brokers' configuration", e))?;
+    // The brokers' default: the smallest over the brokers (each enforces its
+    // own). One request per broker: librdkafka sends a BROKER resource to that
+    // broker, so two of them in one request fail with "Conflicting use".
+    if !brokers.is_empty() {
         let mut smallest: Option<u64> = None;
-        for r in results {
-            match r {
-                Ok(res) => {
-                    if let Some(v) = parse_bytes(
-                        res.get("message.max.bytes")
-                            .and_then(|e| e.value.as_deref()),
-                    ) {
-                        smallest = Some(smallest.map_or(v, |s| s.min(v)));
+        for b in &brokers {
+            let specs = [ResourceSpecifier::Broker(*b)];
+            let results = tokio::time::timeout(timeout * 2, admin.describe_configs(&specs, &opts))
+                .await
+                .map_err(|e| lookup_error("the brokers' configuration", e))?
+                .map_err(|e| lookup_error("the brokers' configuration", e))?;
+            for r in results {
+                match r {
+                    Ok(res) => {
+                        if let Some(v) = parse_bytes(
+                            res.get("message.max.bytes")
+                                .and_then(|e| e.value.as_deref()),
+                        ) {
+                            smallest = Some(smallest.map_or(v, |s| s.min(v)));
+                        }
                     }
-                }
-                Err(code) if is_denied(code) => {
-                    tracing::warn!(
-                        "walcast may not read the brokers' configuration ({code}); it assumes Kafka's default message.max.bytes of {KAFKA_DEFAULT_MAX_MESSAGE_BYTES} for topics it has yet to create. Grant walcast's principal DescribeConfigs on the cluster to have it read"
-                    );
-                }
-                Err(code) => {
-                    return Err(lookup_error(
-                        "the brokers' configuration",
-                        rdkafka::error::KafkaError::AdminOp(code),
-                    ))
+                    Err(code) if is_denied(code) => {
+                        tracing::warn!(
+                            "walcast may not read the brokers' configuration ({code}); it assumes Kafka's default message.max.bytes of {KAFKA_DEFAULT_MAX_MESSAGE_BYTES} for topics it has yet to create. Grant walcast's principal DescribeConfigs on the cluster to have it read"
+                        );
+                    }
+                    Err(code) => {
+                        return Err(lookup_error(
+                            "the brokers' configuration",
+                            rdkafka::error::KafkaError::AdminOp(code),
+                        ))
+                    }
                 }
             }
         }
