@@ -8,6 +8,10 @@
 //! depends on cannot be overridden through `kafka.properties`.
 #![warn(missing_docs)]
 
+mod state;
+
+pub use state::KafkaRecordStore;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};

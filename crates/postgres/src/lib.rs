@@ -1,5 +1,7 @@
 //! walcast's PostgreSQL side: the preflight checks, slot and publication
-//! management, and the replication source.
+//! management, walcast's durable record of its slots (delivery rule 5: the
+//! state directory's copy, the startup decision, the write-ahead gate), and
+//! the replication source.
 //!
 //! Everything runs on ONE replication connection (`replication=database`,
 //! through `pgwire-replication`, SCRAM and TLS): the preflight queries run on
@@ -7,13 +9,16 @@
 //! the very server and session the stream then opens on.
 #![warn(missing_docs)]
 
+mod gate;
 mod preflight;
 mod source;
+mod state;
 
 pub use preflight::{
     accept_slot_gap, connect, ConnectOptions, Connected, ServerInfo, REPLICATION_BUFFER_MESSAGES,
 };
 pub use source::PgSource;
+pub use state::{FileStore, SlotState};
 
 use walcast_core::{Error, ErrorKind};
 
