@@ -10,4 +10,5 @@ mod faults;
 mod pgoutput_live;
 mod relay;
 mod reliability;
+mod slot_record;
 mod tls;
