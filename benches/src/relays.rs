@@ -23,7 +23,6 @@ use walcast_core::config::{Config, KafkaConfig};
 use walcast_core::outbox::{OutboxFilter, Row};
 use walcast_core::route::{Router, TopicTemplate};
 use walcast_core::source::{ReplicationSource, SourceEvent};
-use walcast_core::state::StateStore;
 use walcast_kafka::QueueLimits;
 
 /// walcast's default in-flight limits (README): the bare producer keeps the
@@ -313,7 +312,14 @@ pub async fn pg_drain(a: PgDrainArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         tables: cfg.outbox_tables().map_err(|e| anyhow::anyhow!("{e}"))?,
         columns: cfg.outbox.columns.clone(),
-        state: StateStore::new(&cfg.pipeline.state_dir),
+        // The drain is a measurement tool: its record lives only in the
+        // state directory (no Kafka copy).
+        state: walcast_postgres::SlotState::new(vec![std::sync::Arc::new(
+            walcast_postgres::FileStore::new(
+                cfg.state_dir(|k| std::env::var_os(k))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            ),
+        )]),
         max_row_bytes: cfg.pipeline.max_row_bytes,
     };
     let started = Instant::now();

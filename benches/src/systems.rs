@@ -220,6 +220,8 @@ bootstrap_servers = {bootstrap}
 
 [pipeline]
 state_dir = {state}
+# Each measurement recreates its slot under the same name: its own record topic.
+state_topic = {state_topic}
 
 [log]
 level = "info"
@@ -234,6 +236,7 @@ level = "info"
         topic = toml_str(&format!("{}.${{routedByValue}}", spec.topic_prefix)),
         bootstrap = toml_str(&env.kafka_bootstrap),
         state = toml_str(&spec.dir.join("walcast-state").display().to_string()),
+        state_topic = toml_str(&format!("{}.walcast-state", spec.topic_prefix)),
     )
 }
 

@@ -12,4 +12,5 @@ mod faults;
 mod pgoutput_live;
 mod relay;
 mod reliability;
+mod slot_record;
 mod tls;

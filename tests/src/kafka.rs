@@ -315,3 +315,57 @@ impl TopicReader {
         }
     }
 }
+
+/// The key of walcast's slot record in its state topic (`["database","slot"]`).
+pub fn state_key(database: &str, slot: &str) -> Vec<u8> {
+    serde_json::to_vec(&(database, slot)).expect("a JSON array of two strings")
+}
+
+/// walcast's slot record for (database, slot) in the state topic: the last
+/// value of its key (`None`: no record, or a tombstone).
+pub fn read_state_record(
+    bootstrap: &str,
+    topic: &str,
+    database: &str,
+    slot: &str,
+) -> Result<Option<serde_json::Value>> {
+    let mut reader = TopicReader::new(bootstrap, &[topic])?;
+    reader.read_to_end(Duration::from_secs(60))?;
+    let key = state_key(database, slot);
+    Ok(reader
+        .records
+        .iter()
+        .rev()
+        .find(|r| r.key.as_deref() == Some(&key[..]))
+        .and_then(|r| r.value.as_deref())
+        .map(serde_json::from_slice)
+        .transpose()?)
+}
+
+/// Writes walcast's slot record for (database, slot) to the state topic
+/// (`None`: a tombstone), as a test doctoring the record.
+pub async fn write_state_record(
+    bootstrap: &str,
+    topic: &str,
+    database: &str,
+    slot: &str,
+    value: Option<&serde_json::Value>,
+) -> Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .context("creating the producer")?;
+    let key = state_key(database, slot);
+    let bytes = value.map(serde_json::to_vec).transpose()?;
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(&key[..]);
+    if let Some(b) = &bytes {
+        record = record.payload(&b[..]);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("writing the state record: {e}"))?;
+    Ok(())
+}

@@ -15,7 +15,10 @@
 //! - one-shot operations on the connections open now: [`FaultProxy::reset_all`]
 //!   (RST), [`FaultProxy::half_open`] (they go silent forever in both
 //!   directions and are never closed, while new connections work: what a client
-//!   sees after the peer vanished without a FIN, or a NAT forgot the flow).
+//!   sees after the peer vanished without a FIN, or a NAT forgot the flow),
+//!   [`FaultProxy::reset_client_side`] (the client gets an RST while the
+//!   server's side stays open and silent: a middlebox that dropped the flow
+//!   and answered only the client).
 //!
 //! The proxy runs on its own tokio runtime (two worker threads), so a test
 //! that blocks its own threads never stalls the network it simulates.
@@ -90,6 +93,8 @@ struct Conn {
     kill: watch::Sender<bool>,
     /// Half-open: silent both ways, never closed (until killed).
     zombie: AtomicBool,
+    /// The client's side was reset; the server's side stays open and silent.
+    orphan: AtomicBool,
     /// Bytes left before a `CutAfter` reset (u64::MAX: no limit).
     budget: AtomicU64,
 }
@@ -230,6 +235,15 @@ impl FaultProxy {
         }
     }
 
+    /// Every open connection is reset (RST) on the client's side only; the
+    /// server's side stays open and silent, so the server does not notice
+    /// (until its own timeouts); new connections work.
+    pub fn reset_client_side(&self) {
+        for c in self.shared.conns.lock().unwrap().iter() {
+            c.orphan.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Connections currently open through the proxy.
     pub fn live_connections(&self) -> usize {
         self.shared.live.load(Ordering::Relaxed)
@@ -275,6 +289,7 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
     let conn = Arc::new(Conn {
         kill: watch::Sender::new(false),
         zombie: AtomicBool::new(false),
+        orphan: AtomicBool::new(false),
         budget: AtomicU64::new(budget),
     });
     shared.conns.lock().unwrap().push(conn.clone());
@@ -365,6 +380,10 @@ async fn pump(
             abort(src, dst, &shared, &conn);
             return;
         }
+        if conn.orphan.load(Ordering::Relaxed) {
+            orphan(dir, src, dst, &shared, &mut kill_rx, &mut buf).await;
+            return;
+        }
         let fault = *fault_rx.borrow_and_update();
         let zombie = conn.zombie.load(Ordering::Relaxed);
         let held = fault == Fault::Blackhole || fault == Fault::Drop(dir);
@@ -425,6 +444,47 @@ async fn pump(
                     next_free = Instant::now();
                 }
             }
+        }
+    }
+}
+
+/// The client's socket is reset (zero linger, no FIN); the server's socket
+/// stays open: its bytes are read and discarded until it closes or the
+/// connection is killed, and nothing is ever written to it again.
+async fn orphan(
+    dir: Direction,
+    src: OwnedReadHalf,
+    dst: OwnedWriteHalf,
+    shared: &Shared,
+    kill_rx: &mut watch::Receiver<bool>,
+    buf: &mut [u8],
+) {
+    match dir {
+        Direction::Upstream => {
+            // src is the client's read half, dst the server's write half.
+            let _ = src.as_ref().set_zero_linger();
+            drop(src);
+            let _ = kill_rx.wait_for(|k| *k).await;
+            let _ = dst.as_ref().set_zero_linger();
+            dst.forget();
+        }
+        Direction::Downstream => {
+            // src is the server's read half, dst the client's write half.
+            let _ = dst.as_ref().set_zero_linger();
+            dst.forget();
+            let mut src = src;
+            loop {
+                tokio::select! {
+                    _ = kill_rx.wait_for(|k| *k) => break,
+                    r = src.read(buf) => match r {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            shared.stats.bytes_dropped.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                    },
+                }
+            }
+            let _ = src.as_ref().set_zero_linger();
         }
     }
 }
@@ -571,6 +631,44 @@ mod tests {
         new.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         new.read_exact(&mut out).unwrap();
         assert_eq!(&out, b"late", "nothing was lost, only stalled");
+    }
+
+    #[test]
+    fn client_side_reset_keeps_the_server_side_open() {
+        // A server that reports when its connection ends.
+        let l = StdListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 64];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(());
+                        return;
+                    }
+                    Ok(n) => {
+                        let _ = s.write_all(&buf[..n]);
+                    }
+                }
+            }
+        });
+        let p = FaultProxy::start(addr).unwrap();
+        let mut s = connect(&p);
+        assert_eq!(roundtrip(&mut s, b"a").unwrap(), b"a");
+        p.reset_client_side();
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(roundtrip(&mut s, b"b").is_err(), "the client was reset");
+        assert!(
+            rx.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the server's side stays open"
+        );
+        drop(p);
+        assert!(
+            rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "closed with the proxy"
+        );
     }
 
     #[test]

@@ -224,9 +224,18 @@ pub struct PipelineConfig {
     /// Backoff ceiling.
     #[serde(default = "default_backoff_max_ms")]
     pub restart_backoff_max_ms: u64,
-    /// Where walcast remembers which slot it confirmed positions on.
-    #[serde(default = "default_state_dir")]
-    pub state_dir: PathBuf,
+    /// Where walcast keeps the local copy of its slot record (delivery rule
+    /// 5). Unset: `$STATE_DIRECTORY` (systemd), else
+    /// `$XDG_STATE_HOME/walcast`, else `$HOME/.local/state/walcast` (see
+    /// [`Config::state_dir`]). A relative path is resolved against the
+    /// working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// The compacted Kafka topic that holds the second copy of the slot
+    /// record, so it survives the loss of the state directory. walcast
+    /// creates it (compacted) when it is missing.
+    #[serde(default = "default_state_topic")]
+    pub state_topic: String,
     /// Policy for events that can never be published.
     #[serde(default)]
     pub on_permanent_error: PermanentErrorPolicy,
@@ -330,8 +339,8 @@ fn default_backoff_initial_ms() -> u64 {
 fn default_backoff_max_ms() -> u64 {
     30_000
 }
-fn default_state_dir() -> PathBuf {
-    PathBuf::from("walcast-state")
+fn default_state_topic() -> String {
+    "walcast.state".into()
 }
 fn default_log_level() -> String {
     "info".into()
@@ -368,7 +377,8 @@ impl Default for PipelineConfig {
             shutdown_timeout_ms: default_shutdown_timeout_ms(),
             restart_backoff_initial_ms: default_backoff_initial_ms(),
             restart_backoff_max_ms: default_backoff_max_ms(),
-            state_dir: default_state_dir(),
+            state_dir: None,
+            state_topic: default_state_topic(),
             on_permanent_error: PermanentErrorPolicy::default(),
         }
     }
@@ -690,7 +700,81 @@ impl Config {
                 "pipeline.restart_backoff_initial_ms must be positive and at most restart_backoff_max_ms",
             ));
         }
+        validate_topic_name("pipeline.state_topic", &p.state_topic)?;
+        if p.state_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(Error::operator("pipeline.state_dir is empty")
+                .with_hint("remove it to use the default, or set a persistent directory"));
+        }
         Ok(())
+    }
+
+    /// The state directory: `pipeline.state_dir` when set (a relative path
+    /// is resolved against the working directory), else `$STATE_DIRECTORY`
+    /// (set by systemd's `StateDirectory=`; the first of a `:`-separated
+    /// list), else `$XDG_STATE_HOME/walcast`, else `$HOME/.local/state/walcast`.
+    /// `env` looks a variable up (pass `|k| std::env::var_os(k)`).
+    ///
+    /// # Errors
+    /// An operator error when nothing above gives a directory.
+    pub fn state_dir(&self, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<PathBuf> {
+        let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
+        let dir = if let Some(d) = &self.pipeline.state_dir {
+            d.clone()
+        } else if let Some(d) = non_empty("STATE_DIRECTORY") {
+            let first = d
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            PathBuf::from(first)
+        } else if let Some(d) = non_empty("XDG_STATE_HOME") {
+            PathBuf::from(d).join("walcast")
+        } else if let Some(h) = non_empty("HOME") {
+            PathBuf::from(h).join(".local/state/walcast")
+        } else {
+            return Err(Error::operator(
+                "no state directory: pipeline.state_dir is unset and neither STATE_DIRECTORY, XDG_STATE_HOME nor HOME is set",
+            )
+            .with_hint("set pipeline.state_dir to a persistent, writable directory"));
+        };
+        if dir.is_absolute() {
+            return Ok(dir);
+        }
+        let cwd = std::env::current_dir().map_err(|e| {
+            Error::operator(format!(
+                "pipeline.state_dir {} is relative and the working directory is unknown",
+                dir.display()
+            ))
+            .with_source(e)
+            .with_hint("set pipeline.state_dir to an absolute path")
+        })?;
+        Ok(cwd.join(dir))
+    }
+}
+
+/// Checks a Kafka topic name: 1 to 249 characters of `[a-zA-Z0-9._-]`, not `.` or `..`.
+///
+/// # Errors
+/// An operator error naming the option.
+pub fn validate_topic_name(option: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 249
+        && value != "."
+        && value != ".."
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::operator(format!(
+            "{option} = {value:?} is not a valid Kafka topic name"
+        ))
+        .with_hint("use 1 to 249 characters of letters, digits, '.', '_' and '-'"))
     }
 }
 
@@ -1010,6 +1094,68 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.kafka.properties.len(), 3);
+    }
+
+    #[test]
+    fn the_state_dir_does_not_depend_on_the_working_directory() {
+        use std::ffi::OsString;
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!(c.pipeline.state_topic, "walcast.state");
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| OsString::from(v))
+            }
+        };
+        assert_eq!(
+            c.state_dir(env(&[
+                ("STATE_DIRECTORY", "/var/lib/walcast:/var/lib/other"),
+                ("HOME", "/home/w")
+            ]))
+            .unwrap(),
+            PathBuf::from("/var/lib/walcast")
+        );
+        assert_eq!(
+            c.state_dir(env(&[("XDG_STATE_HOME", "/x/state"), ("HOME", "/home/w")]))
+                .unwrap(),
+            PathBuf::from("/x/state/walcast")
+        );
+        assert_eq!(
+            c.state_dir(env(&[("XDG_STATE_HOME", ""), ("HOME", "/home/w")]))
+                .unwrap(),
+            PathBuf::from("/home/w/.local/state/walcast")
+        );
+        let err = c.state_dir(env(&[])).unwrap_err();
+        assert!(err.to_string().contains("pipeline.state_dir"), "{err}");
+        // A relative path given by the user resolves against the working directory.
+        let rel = Config::from_toml(&format!("{MIN}\n[pipeline]\nstate_dir = \"st\"\n")).unwrap();
+        let dir = rel.state_dir(env(&[])).unwrap();
+        assert!(
+            dir.is_absolute() && dir.ends_with("st"),
+            "{}",
+            dir.display()
+        );
+        let abs =
+            Config::from_toml(&format!("{MIN}\n[pipeline]\nstate_dir = \"/srv/w\"\n")).unwrap();
+        assert_eq!(
+            abs.state_dir(env(&[("STATE_DIRECTORY", "/x")])).unwrap(),
+            PathBuf::from("/srv/w")
+        );
+    }
+
+    #[test]
+    fn the_state_topic_is_validated() {
+        for bad in ["", "has space", "..", "a/b"] {
+            let err = Config::from_toml(&format!("{MIN}\n[pipeline]\nstate_topic = \"{bad}\"\n"))
+                .unwrap_err();
+            assert!(err.to_string().contains("pipeline.state_topic"), "{err}");
+        }
+        let ok = Config::from_toml(&format!(
+            "{MIN}\n[pipeline]\nstate_topic = \"ops.walcast-state_1\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.pipeline.state_topic, "ops.walcast-state_1");
     }
 
     #[test]

@@ -14,6 +14,9 @@
 #![warn(missing_docs)]
 
 pub mod limits;
+mod state;
+
+pub use state::KafkaRecordStore;
 
 use std::collections::HashMap;
 use std::future::Future;

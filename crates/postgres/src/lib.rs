@@ -1,5 +1,7 @@
 //! walcast's PostgreSQL side: the preflight checks, slot and publication
-//! management, and the replication source.
+//! management, walcast's durable record of its slots (delivery rule 5: the
+//! state directory's copy, the startup decision, the write-ahead gate), and
+//! the replication source.
 //!
 //! Everything runs on ONE replication connection (`replication=database`,
 //! through `pgwire-replication`, SCRAM and TLS): the preflight queries run on
@@ -8,8 +10,10 @@
 #![warn(missing_docs)]
 
 mod catalog;
+mod gate;
 mod preflight;
 mod source;
+mod state;
 
 pub use catalog::{compare as compare_catalog, watch_catalog, CatalogEntry};
 pub use preflight::{
@@ -17,6 +21,7 @@ pub use preflight::{
     REPLICATION_READ_AHEAD_BYTES,
 };
 pub use source::PgSource;
+pub use state::{FileStore, SlotState};
 
 use walcast_core::{Error, ErrorKind};
 

@@ -7,12 +7,14 @@ use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
 use walcast_core::config::{
     quote_ident, quote_literal, OutboxColumns, PostgresConfig, Secret, SslMode, TableName,
 };
-use walcast_core::state::{SlotIdentity, StateStore};
+use walcast_core::state::{BackendId, SlotKey, SlotRecord};
 use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
 
 use crate::classify;
-use crate::source::{to_pgwire, PgSource};
+use crate::gate::{spawn_writer, Gate};
+use crate::source::{from_pgwire, to_pgwire, PgSource};
+use crate::state::{decide, Plan, ServerIdentity, SlotFacts, SlotState};
 
 /// What to connect to and check.
 #[derive(Debug, Clone)]
@@ -25,8 +27,8 @@ pub struct ConnectOptions {
     pub tables: Vec<TableName>,
     /// Outbox column names.
     pub columns: OutboxColumns,
-    /// Where slot records live.
-    pub state: StateStore,
+    /// Where walcast's slot records live, and this process's sessions.
+    pub state: SlotState,
     /// `pipeline.max_row_bytes`: the largest replication message accepted.
     pub max_row_bytes: u64,
 }
@@ -53,8 +55,8 @@ pub struct Connected {
     pub start_lsn: Lsn,
     /// Server facts.
     pub info: ServerInfo,
-    /// The slot's identity (for the state record).
-    pub slot: SlotIdentity,
+    /// The slot's key (for the state record).
+    pub slot: SlotKey,
     /// True when this run created the slot.
     pub created_slot: bool,
     /// Partitions (at any depth) of partitioned outbox tables, each with its
@@ -260,13 +262,38 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
     ensure_publication(&mut s, &partitioned, server_version_num).await?;
     let catalog = crate::catalog::read_catalog(&mut s).await?;
 
-    let slot_id = SlotIdentity {
-        system_identifier: info.system_identifier.clone(),
+    let key = SlotKey {
         database: pg.database.clone(),
         slot: pg.slot.clone(),
     };
-    let (start_lsn, created_slot) = ensure_slot(&mut s, &slot_id).await?;
-    opts.state.save(&slot_id, start_lsn)?;
+    let session = own_session(&mut s).await?;
+    opts.state.remember_session(session.clone());
+    let server = ServerIdentity {
+        system_identifier: info.system_identifier.clone(),
+        timeline: info.timeline,
+    };
+    let (start_lsn, created_slot) = ensure_slot(
+        &mut s,
+        &key,
+        &server,
+        Duration::from_millis(wal_sender_timeout_ms),
+    )
+    .await?;
+    // Written before anything streams: from now on a record exists, and it
+    // allows reporting up to the start position.
+    let record = SlotRecord {
+        database: key.database.clone(),
+        slot: key.slot.clone(),
+        system_identifier: info.system_identifier.clone(),
+        timeline: info.timeline,
+        confirmed_upper: start_lsn,
+        confirmed_lower: start_lsn,
+        walsender: Some(session),
+        application_name: pg.application_name.clone(),
+        updated_at_unix: SlotRecord::now_unix(),
+        origin: String::new(),
+    };
+    opts.state.save(record.clone()).await?;
 
     let mut client = s.client;
     client.start().await.map_err(|e| {
@@ -288,18 +315,30 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         })?;
     // Until the relay confirms more, report the slot's own position.
     client.update_applied_lsn(to_pgwire(start_lsn));
+    let status_interval = Duration::from_millis(pg.status_interval_ms);
+    let gate = Gate::new(start_lsn);
+    let metrics = client.metrics();
+    let writer = spawn_writer(
+        gate.clone(),
+        opts.state.clone(),
+        record,
+        move || from_pgwire(metrics.last_applied_lsn()),
+        status_interval,
+    );
     let source = PgSource::new(
         client,
         pg.user.clone(),
-        Duration::from_millis(pg.status_interval_ms),
+        status_interval,
         start_lsn,
         silence_timeout(wal_sender_timeout_ms),
+        gate,
+        writer,
     );
     Ok(Connected {
         source,
         start_lsn,
         info,
-        slot: slot_id,
+        slot: key,
         created_slot,
         partitions,
         catalog,
@@ -611,102 +650,376 @@ async fn read_slot(s: &mut Session<'_>) -> Result<Option<SlotRow>> {
     }))
 }
 
-fn gap_error(slot: &str, what: &str, last: &str) -> Error {
-    Error::operator(format!(
-        "replication slot {slot} {what} after walcast confirmed positions on it (last confirmed {last}). \
-         Changes committed after that position may never have reached Kafka, and Postgres no longer has them"
-    ))
-    .with_hint(format!(
-        "walcast will not silently start over. Reconcile the outbox rows committed after {last} with Kafka, then run \
-         `walcast slot accept-gap --config <file>` to accept the gap; the next `walcast run` creates a new slot at the current position"
-    ))
+/// `backend_start` as microseconds since the epoch (text): the same for
+/// every session whatever its DateStyle.
+const BACKEND_START_US: &str = "(extract(epoch from a.backend_start) * 1000000)::bigint::text";
+
+/// This replication session's identity (its walsender once streaming).
+async fn own_session(s: &mut Session<'_>) -> Result<BackendId> {
+    let rows = s
+        .query(
+            &format!(
+                "SELECT a.pid, {BACKEND_START_US} FROM pg_catalog.pg_stat_activity a WHERE a.pid = pg_catalog.pg_backend_pid()"
+            ),
+            "reading this session's pid",
+        )
+        .await?;
+    let row = rows.into_iter().next().unwrap_or_default();
+    let pid = row
+        .first()
+        .cloned()
+        .flatten()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| Error::permanent("pg_stat_activity does not show walcast's own session"))?;
+    Ok(BackendId {
+        pid,
+        backend_start: row.get(1).cloned().flatten().unwrap_or_default(),
+    })
 }
 
-async fn ensure_slot(s: &mut Session<'_>, id: &SlotIdentity) -> Result<(Lsn, bool)> {
+/// The session holding the slot, as `pg_stat_activity` and
+/// `pg_stat_replication` show it.
+#[derive(Debug, Clone)]
+struct Holder {
+    id: BackendId,
+    application_name: String,
+    /// `pg_stat_replication.reply_time` (µs since the epoch, the client's clock).
+    reply_time: Option<String>,
+    /// Milliseconds since that reply by the server's clock.
+    reply_age_ms: Option<i64>,
+}
+
+async fn read_holder(s: &mut Session<'_>, pid: i32) -> Result<Option<Holder>> {
+    let rows = s
+        .query(
+            &format!(
+                "SELECT a.pid, {BACKEND_START_US}, a.application_name, \
+                 (extract(epoch from r.reply_time) * 1000000)::bigint::text, \
+                 (extract(epoch from (pg_catalog.clock_timestamp() - r.reply_time)) * 1000)::bigint \
+                 FROM pg_catalog.pg_stat_activity a LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = a.pid \
+                 WHERE a.pid = {pid}"
+            ),
+            "reading the session that holds the slot",
+        )
+        .await?;
+    Ok(rows.into_iter().next().map(|r| {
+        let g = |i: usize| r.get(i).cloned().flatten();
+        Holder {
+            id: BackendId {
+                pid,
+                backend_start: g(1).unwrap_or_default(),
+            },
+            application_name: g(2).unwrap_or_default(),
+            reply_time: g(3),
+            reply_age_ms: g(4).and_then(|v| v.parse().ok()),
+        }
+    }))
+}
+
+async fn terminate(s: &mut Session<'_>, pid: i32) -> Result<bool> {
+    let rows = s
+        .query(
+            &format!("SELECT pg_catalog.pg_terminate_backend({pid})"),
+            "ending a stale replication session",
+        )
+        .await?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .as_deref()
+        == Some("t"))
+}
+
+/// Extra time on top of `wal_sender_timeout` that walcast waits for a
+/// stale walsender of its own previous process.
+const STALE_MARGIN: Duration = Duration::from_secs(5);
+
+/// What one look at the session holding the slot showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Observation {
+    /// `pg_stat_replication.reply_time`: `None` when not visible (it is
+    /// shown only to superusers and members of `pg_read_all_stats`).
+    reply_time: Option<String>,
+    /// Milliseconds since that reply, by the server's clock.
+    reply_age_ms: Option<i64>,
+    /// The slot's `confirmed_flush_lsn` (moves when the holder reports progress).
+    slot_position: Option<String>,
+}
+
+/// A walsender of walcast's previous process that holds the slot, watched
+/// from the first look on.
+#[derive(Debug)]
+struct StaleWatch {
+    id: BackendId,
+    first: Observation,
+    since: tokio::time::Instant,
+    alive: bool,
+}
+
+/// What to do about the session holding the slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HolderAction {
+    /// This process streamed on it before: end it (a reconnect after a
+    /// network failure the server has not noticed yet).
+    EndOwnSession,
+    /// walcast's previous process streamed on it and it has been silent
+    /// towards the server for longer than `wal_sender_timeout`: end it.
+    EndStaleSession,
+    /// walcast's previous process streamed on it and it may be dead: wait
+    /// (also past `slot_wait_timeout_ms`) for the server to end it.
+    WaitForServer,
+    /// Another holder, or one that is alive: the usual wait, then exit 2.
+    Usual,
+}
+
+/// Judges the holder of the slot from one more look. Pure, so every branch
+/// has a unit test. `watch` carries what earlier looks saw; it is reset when
+/// the holder changes.
+fn judge_holder(
+    own: bool,
+    previous_walcast: Option<&BackendId>,
+    look: &Observation,
+    watch: &mut Option<StaleWatch>,
+    now: tokio::time::Instant,
+    wal_sender_timeout: Duration,
+) -> HolderAction {
+    if own {
+        return HolderAction::EndOwnSession;
+    }
+    // wal_sender_timeout = 0: the server never ends a dead session, and
+    // walcast cannot tell a dead one from a quiet live one.
+    let Some(id) = previous_walcast.filter(|_| !wal_sender_timeout.is_zero()) else {
+        return HolderAction::Usual;
+    };
+    let w = match watch {
+        Some(w) if w.id == *id => w,
+        _ => watch.insert(StaleWatch {
+            id: id.clone(),
+            first: look.clone(),
+            since: now,
+            alive: false,
+        }),
+    };
+    // Any sign of life: a new reply, or the slot moved (the holder reported progress).
+    if look.reply_time != w.first.reply_time || look.slot_position != w.first.slot_position {
+        w.alive = true;
+    }
+    if w.alive {
+        return HolderAction::Usual;
+    }
+    let limit_ms = wal_sender_timeout.as_millis() as i64;
+    if look.reply_time.is_some()
+        && now - w.since > wal_sender_timeout
+        && look.reply_age_ms.is_some_and(|ms| ms > limit_ms)
+    {
+        return HolderAction::EndStaleSession;
+    }
+    if now < w.since + wal_sender_timeout + STALE_MARGIN {
+        return HolderAction::WaitForServer;
+    }
+    HolderAction::Usual
+}
+
+/// Positions on the slot (creating it when allowed and nothing speaks
+/// against it); returns the start LSN and whether it was created.
+///
+/// A slot held by another session is waited for up to
+/// `slot_wait_timeout_ms`, except (see [`judge_holder`]):
+/// - held by a replication session this process streamed on before (a
+///   reconnect after a network failure that the server did not notice yet):
+///   that session is ended at once;
+/// - held by the session recorded as walcast's last one, with walcast's
+///   application name (this process restarted after a network failure): it
+///   is watched; if it shows a sign of life (a reply, the slot moving) it is
+///   another instance and the usual wait applies; otherwise walcast waits up
+///   to `wal_sender_timeout` + a margin (the server ends a dead one by then),
+///   and ends it itself only when `pg_stat_replication` shows it silent for
+///   longer than `wal_sender_timeout`.
+///
+/// walcast's records are read again after the slot was seen free, so the
+/// decision never compares the slot with a record older than the slot's
+/// position.
+async fn ensure_slot(
+    s: &mut Session<'_>,
+    key: &SlotKey,
+    server: &ServerIdentity,
+    wal_sender_timeout: Duration,
+) -> Result<(Lsn, bool)> {
     let pg = s.opts.pg.clone();
-    let record = s.opts.state.load(id)?;
     let wait_until = tokio::time::Instant::now() + Duration::from_millis(pg.slot_wait_timeout_ms);
+    // The records as of the first time the slot was seen held (whose walsender).
+    let mut held_records: Option<Vec<SlotRecord>> = None;
+    let mut watch: Option<StaleWatch> = None;
+    let mut announced: Option<HolderAction> = None;
     loop {
         let slot = read_slot(s).await?;
-        let Some(slot) = slot else {
-            if let Some(rec) = &record {
-                return Err(gap_error(&pg.slot, "no longer exists", &rec.confirmed_lsn));
-            }
-            if !pg.create_slot {
-                return Err(Error::operator(format!("replication slot {} does not exist", pg.slot))
-                    .with_hint(format!(
-                        "create it: SELECT pg_create_logical_replication_slot({}, 'pgoutput'); or set postgres.create_slot = true",
-                        quote_literal(&pg.slot)
-                    )));
-            }
-            let rows = s
-                .query(
-                    &format!(
-                        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-                        quote_ident(&pg.slot)
-                    ),
-                    "creating the replication slot",
-                )
-                .await?;
-            let point = rows
-                .first()
-                .and_then(|r| r.get(1).cloned().flatten())
-                .ok_or_else(|| {
-                    Error::permanent("CREATE_REPLICATION_SLOT returned no consistent point")
-                })?;
-            let start = lsn(&point, "the new slot's consistent point")?;
-            tracing::info!(slot = %pg.slot, lsn = %start, "created replication slot (pgoutput)");
-            return Ok((start, true));
-        };
-        if slot.slot_type.as_deref() != Some("logical")
-            || slot.plugin.as_deref() != Some("pgoutput")
-        {
-            return Err(Error::operator(format!(
-                "replication slot {} exists but is a {} slot with plugin {}; walcast needs a logical slot with pgoutput",
-                pg.slot,
-                slot.slot_type.as_deref().unwrap_or("?"),
-                slot.plugin.as_deref().unwrap_or("none")
-            ))
-            .with_hint("choose another postgres.slot name, or drop that slot if nothing else uses it"));
-        }
-        if slot.database.as_deref() != Some(pg.database.as_str()) {
-            return Err(Error::operator(format!(
-                "replication slot {} belongs to database {}, not {}",
-                pg.slot,
-                slot.database.as_deref().unwrap_or("?"),
-                pg.database
-            ))
-            .with_hint("choose another postgres.slot name"));
-        }
-        if slot.wal_status.as_deref() == Some("lost") {
-            let last = record
-                .as_ref()
-                .map(|r| r.confirmed_lsn.clone())
-                .or(slot.confirmed_flush_lsn.clone())
-                .unwrap_or_else(|| "unknown".into());
-            return Err(gap_error(
-                &pg.slot,
-                "was invalidated (wal_status = lost: the WAL it needed was removed, see max_slot_wal_keep_size)",
-                &last,
-            ));
-        }
-        if slot.active {
-            if tokio::time::Instant::now() >= wait_until {
+        if let Some(slot) = &slot {
+            if slot.slot_type.as_deref() != Some("logical")
+                || slot.plugin.as_deref() != Some("pgoutput")
+            {
                 return Err(Error::operator(format!(
-                    "replication slot {} is in use by another connection (pid {})",
+                    "replication slot {} exists but is a {} slot with plugin {}; walcast needs a logical slot with pgoutput",
                     pg.slot,
-                    slot.active_pid.as_deref().unwrap_or("?")
+                    slot.slot_type.as_deref().unwrap_or("?"),
+                    slot.plugin.as_deref().unwrap_or("none")
                 ))
-                .with_hint("only one walcast may read a slot: stop the other instance, or give this one its own postgres.slot; see pg_stat_replication for who holds it"));
+                .with_hint("choose another postgres.slot name, or drop that slot if nothing else uses it"));
             }
-            tracing::info!(slot = %pg.slot, pid = ?slot.active_pid, "slot is in use by another connection; waiting");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
+            if slot.database.as_deref() != Some(pg.database.as_str()) {
+                return Err(Error::operator(format!(
+                    "replication slot {} belongs to database {}, not {}",
+                    pg.slot,
+                    slot.database.as_deref().unwrap_or("?"),
+                    pg.database
+                ))
+                .with_hint("choose another postgres.slot name"));
+            }
+            if slot.active && slot.wal_status.as_deref() != Some("lost") {
+                if announced.is_none() {
+                    tracing::info!(slot = %pg.slot, pid = slot.active_pid.as_deref().unwrap_or("?"), "slot is in use by another connection; waiting");
+                    announced = Some(HolderAction::Usual);
+                }
+                if held_records.is_none() {
+                    held_records = Some(s.opts.state.load(key).await?);
+                }
+                let records = held_records.as_deref().unwrap_or_default();
+                let pid: Option<i32> = slot.active_pid.as_deref().and_then(|p| p.parse().ok());
+                let holder = match pid {
+                    Some(pid) => read_holder(s, pid).await?,
+                    None => None,
+                };
+                let now = tokio::time::Instant::now();
+                let action = match &holder {
+                    None => HolderAction::Usual,
+                    Some(h) => {
+                        let previous = (h.application_name == pg.application_name
+                            && records.iter().any(|r| r.walsender.as_ref() == Some(&h.id)))
+                        .then_some(&h.id);
+                        let look = Observation {
+                            reply_time: h.reply_time.clone(),
+                            reply_age_ms: h.reply_age_ms,
+                            slot_position: slot.confirmed_flush_lsn.clone(),
+                        };
+                        judge_holder(
+                            s.opts.state.is_own_session(&h.id),
+                            previous,
+                            &look,
+                            &mut watch,
+                            now,
+                            wal_sender_timeout,
+                        )
+                    }
+                };
+                let pid_text = slot.active_pid.as_deref().unwrap_or("?");
+                match (action, &holder) {
+                    (HolderAction::EndOwnSession, Some(h)) => {
+                        tracing::info!(
+                            slot = %pg.slot,
+                            pid = h.id.pid,
+                            "the slot is held by this process's previous replication session (the server has not noticed yet that the connection broke); ending that session"
+                        );
+                        if terminate(s, h.id.pid).await? {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    }
+                    (HolderAction::EndStaleSession, Some(h)) => {
+                        tracing::warn!(
+                            slot = %pg.slot,
+                            pid = h.id.pid,
+                            "the slot is held by walcast's previous replication session, which has not answered the server for longer than wal_sender_timeout; ending it"
+                        );
+                        if terminate(s, h.id.pid).await? {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    }
+                    (HolderAction::WaitForServer, _) => {
+                        if announced != Some(action) {
+                            tracing::info!(
+                                slot = %pg.slot,
+                                pid = pid_text,
+                                wal_sender_timeout_ms = wal_sender_timeout.as_millis() as u64,
+                                "the slot is held by walcast's previous replication session (a restart after a network failure?); waiting up to wal_sender_timeout for the server to end it (if it shows a sign of life, it is another instance)"
+                            );
+                            announced = Some(action);
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                    _ => {}
+                }
+                if now >= wait_until {
+                    let who = holder
+                        .as_ref()
+                        .map(|h| {
+                            format!(
+                                "pid {}, application_name {:?}",
+                                h.id.pid, h.application_name
+                            )
+                        })
+                        .unwrap_or_else(|| format!("pid {pid_text}"));
+                    let mut hint = "only one walcast may read a slot: stop the other instance, or give this one its own postgres.slot; see pg_stat_replication for who holds it".to_string();
+                    if wal_sender_timeout.is_zero() {
+                        hint.push_str(". wal_sender_timeout is 0, so Postgres never ends a replication session whose client vanished: if the holder is a dead walcast, end it with SELECT pg_terminate_backend(<pid>)");
+                    }
+                    return Err(Error::operator(format!(
+                        "replication slot {} is in use by another connection ({who})",
+                        pg.slot
+                    ))
+                    .with_hint(hint));
+                }
+                if announced != Some(HolderAction::Usual) {
+                    tracing::info!(slot = %pg.slot, pid = pid_text, "slot is in use by another connection; waiting");
+                    announced = Some(HolderAction::Usual);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
         }
-        let confirmed = slot.confirmed_flush_lsn.ok_or_else(|| {
-            Error::permanent(format!("slot {} has no confirmed_flush_lsn", pg.slot))
-        })?;
-        return Ok((lsn(&confirmed, "the slot's confirmed_flush_lsn")?, false));
+        // The slot is free (or missing): nobody advances it now, so records
+        // read from here on bound it.
+        let records = s.opts.state.load(key).await?;
+        tracing::debug!(
+            slot = %pg.slot,
+            records = ?records.iter().map(|r| (r.origin.clone(), r.confirmed_lower, r.confirmed_upper)).collect::<Vec<_>>(),
+            "walcast's records of the slot"
+        );
+        let facts = slot.as_ref().map(|slot| SlotFacts {
+            confirmed_flush: slot
+                .confirmed_flush_lsn
+                .as_deref()
+                .and_then(|l| l.parse().ok()),
+            lost: slot.wal_status.as_deref() == Some("lost"),
+        });
+        match decide(&pg.slot, &records, facts.as_ref(), server, pg.create_slot)? {
+            Plan::Resume { start, warnings } => {
+                for w in warnings {
+                    tracing::warn!(slot = %pg.slot, "{w}");
+                }
+                return Ok((start, false));
+            }
+            Plan::Create => {
+                let rows = s
+                    .query(
+                        &format!(
+                            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                            quote_ident(&pg.slot)
+                        ),
+                        "creating the replication slot",
+                    )
+                    .await?;
+                let point = rows
+                    .first()
+                    .and_then(|r| r.get(1).cloned().flatten())
+                    .ok_or_else(|| {
+                        Error::permanent("CREATE_REPLICATION_SLOT returned no consistent point")
+                    })?;
+                let start = lsn(&point, "the new slot's consistent point")?;
+                tracing::info!(slot = %pg.slot, lsn = %start, "created replication slot (pgoutput)");
+                return Ok((start, true));
+            }
+        }
     }
 }
 
@@ -718,9 +1031,8 @@ async fn ensure_slot(s: &mut Session<'_>, id: &SlotIdentity) -> Result<(Lsn, boo
 /// When the server cannot be reached or the slot cannot be dropped.
 pub async fn accept_slot_gap(opts: &ConnectOptions) -> Result<String> {
     let pg = &opts.pg;
-    let (mut s, system) = open_session(opts).await?;
-    let id = SlotIdentity {
-        system_identifier: system.system_id.clone(),
+    let (mut s, _system) = open_session(opts).await?;
+    let key = SlotKey {
         database: pg.database.clone(),
         slot: pg.slot.clone(),
     };
@@ -734,15 +1046,25 @@ pub async fn accept_slot_gap(opts: &ConnectOptions) -> Result<String> {
             .await?;
             done.push(format!("dropped invalidated slot {}", pg.slot));
         } else {
-            done.push(format!("slot {} exists and is valid (kept)", pg.slot));
+            done.push(format!(
+                "slot {} exists and is valid (kept; the next run streams from its position {})",
+                pg.slot,
+                slot.confirmed_flush_lsn.as_deref().unwrap_or("?")
+            ));
         }
     }
-    let last = opts.state.load(&id)?.map(|r| r.confirmed_lsn);
-    if opts.state.forget(&id)? {
+    let records = opts.state.load(&key).await?;
+    let forgotten = opts.state.forget(&key).await?;
+    if !forgotten.is_empty() {
+        let last: Vec<String> = records
+            .iter()
+            .map(|r| format!("{} .. {}", r.confirmed_lower, r.confirmed_upper))
+            .collect();
         done.push(format!(
-            "forgot walcast's record of slot {} (last confirmed {})",
+            "forgot walcast's record of slot {} (last confirmed {}) in {}",
             pg.slot,
-            last.unwrap_or_default()
+            last.join(", "),
+            forgotten.join(" and ")
         ));
     }
     if done.is_empty() {
@@ -754,6 +1076,190 @@ pub async fn accept_slot_gap(opts: &ConnectOptions) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn id(pid: i32) -> BackendId {
+        BackendId {
+            pid,
+            backend_start: "1700000000000000".into(),
+        }
+    }
+
+    fn look(reply: Option<&str>, age_ms: Option<i64>, slot: &str) -> Observation {
+        Observation {
+            reply_time: reply.map(str::to_string),
+            reply_age_ms: age_ms,
+            slot_position: Some(slot.to_string()),
+        }
+    }
+
+    const WST: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn this_process_ends_its_own_previous_session() {
+        let mut w = None;
+        let t = tokio::time::Instant::now();
+        let l = look(None, None, "0/1");
+        assert_eq!(
+            judge_holder(true, None, &l, &mut w, t, WST),
+            HolderAction::EndOwnSession
+        );
+        assert_eq!(
+            judge_holder(true, Some(&id(1)), &l, &mut w, t, Duration::ZERO),
+            HolderAction::EndOwnSession
+        );
+    }
+
+    #[test]
+    fn an_unknown_holder_gets_the_usual_wait() {
+        let mut w = None;
+        let t = tokio::time::Instant::now();
+        let l = look(Some("1"), Some(100), "0/1");
+        assert_eq!(
+            judge_holder(false, None, &l, &mut w, t, WST),
+            HolderAction::Usual
+        );
+        // Without wal_sender_timeout a dead session is never ended by the server.
+        assert_eq!(
+            judge_holder(false, Some(&id(1)), &l, &mut w, t, Duration::ZERO),
+            HolderAction::Usual
+        );
+    }
+
+    #[test]
+    fn a_previous_session_that_shows_life_is_another_instance() {
+        let mut w = None;
+        let t = tokio::time::Instant::now();
+        let p = id(1);
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &look(Some("1"), Some(10), "0/1"),
+                &mut w,
+                t,
+                WST
+            ),
+            HolderAction::WaitForServer
+        );
+        // A new reply.
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &look(Some("2"), Some(10), "0/1"),
+                &mut w,
+                t + Duration::from_secs(1),
+                WST
+            ),
+            HolderAction::Usual
+        );
+        // Stays alive even if it goes quiet later.
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &look(Some("2"), Some(60_000), "0/1"),
+                &mut w,
+                t + Duration::from_secs(60),
+                WST
+            ),
+            HolderAction::Usual
+        );
+        // Without pg_read_all_stats the reply time is hidden: the slot moving counts.
+        let mut w = None;
+        judge_holder(false, Some(&p), &look(None, None, "0/1"), &mut w, t, WST);
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &look(None, None, "0/2"),
+                &mut w,
+                t + Duration::from_secs(1),
+                WST
+            ),
+            HolderAction::Usual
+        );
+    }
+
+    #[test]
+    fn a_silent_previous_session_is_waited_for_then_ended_only_when_visibly_silent() {
+        let t = tokio::time::Instant::now();
+        let p = id(1);
+        let mut w = None;
+        let silent = look(Some("1"), Some(3_000), "0/1");
+        assert_eq!(
+            judge_holder(false, Some(&p), &silent, &mut w, t, WST),
+            HolderAction::WaitForServer
+        );
+        // Silent to us for longer than wal_sender_timeout, and the server's
+        // clock agrees: ended.
+        let later = look(Some("1"), Some(13_500), "0/1");
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &later,
+                &mut w,
+                t + Duration::from_millis(10_500),
+                WST
+            ),
+            HolderAction::EndStaleSession
+        );
+        // The server's clock disagrees (its reply is recent): not ended.
+        let mut w = None;
+        judge_holder(false, Some(&p), &silent, &mut w, t, WST);
+        let recent = look(Some("1"), Some(2_000), "0/1");
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &recent,
+                &mut w,
+                t + Duration::from_millis(10_500),
+                WST
+            ),
+            HolderAction::WaitForServer
+        );
+        // Reply time hidden: never ended by walcast; waited for up to
+        // wal_sender_timeout + the margin, then the usual rules.
+        let mut w = None;
+        let hidden = look(None, None, "0/1");
+        judge_holder(false, Some(&p), &hidden, &mut w, t, WST);
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &hidden,
+                &mut w,
+                t + Duration::from_secs(14),
+                WST
+            ),
+            HolderAction::WaitForServer
+        );
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&p),
+                &hidden,
+                &mut w,
+                t + WST + STALE_MARGIN,
+                WST
+            ),
+            HolderAction::Usual
+        );
+        // Another holder starts a new watch.
+        assert_eq!(
+            judge_holder(
+                false,
+                Some(&id(2)),
+                &hidden,
+                &mut w,
+                t + Duration::from_secs(30),
+                WST
+            ),
+            HolderAction::WaitForServer
+        );
+    }
 
     #[test]
     fn a_silent_connection_is_dead_after_three_missed_pings() {

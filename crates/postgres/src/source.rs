@@ -1,5 +1,6 @@
 //! The replication source over `pgwire-replication`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
@@ -8,6 +9,10 @@ use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
 
 use crate::classify;
+use crate::gate::Gate;
+
+/// How long shutdown waits for walcast's record of the final position.
+const SHUTDOWN_PERSIST_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) fn to_pgwire(lsn: Lsn) -> pgwire_replication::Lsn {
     pgwire_replication::Lsn::from_u64(lsn.as_u64())
@@ -24,6 +29,11 @@ pub(crate) fn from_pgwire(lsn: pgwire_replication::Lsn) -> Lsn {
 /// keepalives that request a reply, and keeps sending status updates while
 /// the relay is not reading (when its bounded channel is full).
 ///
+/// Confirmations pass the write-ahead gate ([`crate::gate`]): a position
+/// is reported only once walcast's slot record allows it (the record is
+/// written ahead by a background task); until then status updates carry the
+/// previous position.
+///
 /// A connection that stays silent while the relay waits for it for longer
 /// than its silence timeout is dead (a half-open TCP connection: the server
 /// or a middlebox dropped it without a FIN or RST reaching walcast), and
@@ -34,7 +44,12 @@ pub struct PgSource {
     client: ReplicationClient,
     user: String,
     status_interval: Duration,
+    /// The highest LSN the relay confirmed.
     confirmed: Lsn,
+    /// The highest LSN handed to the client (`min(confirmed, allowed)`).
+    applied: Lsn,
+    gate: Arc<Gate>,
+    writer: Option<tokio::task::JoinHandle<()>>,
     silence_timeout: Option<Duration>,
     /// Time spent waiting in `recv` since the last message.
     silent_for: Duration,
@@ -57,6 +72,7 @@ impl std::fmt::Debug for PgSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgSource")
             .field("confirmed", &self.confirmed)
+            .field("applied", &self.applied)
             .finish_non_exhaustive()
     }
 }
@@ -68,14 +84,34 @@ impl PgSource {
         status_interval: Duration,
         start: Lsn,
         silence_timeout: Option<Duration>,
+        gate: Arc<Gate>,
+        writer: tokio::task::JoinHandle<()>,
     ) -> Self {
         PgSource {
             client,
             user,
             status_interval,
             confirmed: start,
+            applied: start,
+            gate,
+            writer: Some(writer),
             silence_timeout,
             silent_for: Duration::ZERO,
+        }
+    }
+
+    /// Hands `min(confirmed, allowed)` to the client when it rose.
+    fn apply(&mut self) {
+        let lsn = self.confirmed.min(self.gate.allowed());
+        if lsn > self.applied {
+            self.applied = lsn;
+            self.client.update_applied_lsn(to_pgwire(lsn));
+        }
+    }
+
+    fn stop_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.abort();
         }
     }
 
@@ -113,7 +149,18 @@ impl PgSource {
 impl ReplicationSource for PgSource {
     async fn recv(&mut self) -> Result<Option<SourceEvent>> {
         loop {
-            let Some(ev) = self.next_event().await? else {
+            self.apply();
+            if let Some(e) = self.gate.take_failure() {
+                return Err(e);
+            }
+            let gate = self.gate.clone();
+            let ev = tokio::select! {
+                biased;
+                // The record's bound rose while we wait: report the held position now.
+                _ = gate.raised() => continue,
+                ev = self.next_event() => ev?,
+            };
+            let Some(ev) = ev else {
                 return Ok(None);
             };
             return Ok(Some(match ev {
@@ -166,8 +213,9 @@ impl ReplicationSource for PgSource {
     fn confirm(&mut self, lsn: Lsn) {
         if lsn > self.confirmed {
             self.confirmed = lsn;
-            self.client.update_applied_lsn(to_pgwire(lsn));
+            self.gate.want(lsn);
         }
+        self.apply();
     }
 
     fn reported_lsn(&self) -> Option<Lsn> {
@@ -175,16 +223,35 @@ impl ReplicationSource for PgSource {
     }
 
     async fn shutdown(mut self) -> Result<()> {
-        // pgwire-replication sends CopyDone without a last status update, so
-        // wait until the final confirmed LSN was reported before stopping.
-        let deadline =
-            tokio::time::Instant::now() + self.status_interval * 2 + Duration::from_secs(1);
-        while self.reported_lsn() < self.confirmed && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        // The final position passes the gate too: it is reported only once
+        // walcast's record allows it.
+        self.gate.hurry();
+        let persist_deadline = tokio::time::Instant::now() + SHUTDOWN_PERSIST_WAIT;
+        while self.gate.allowed() < self.confirmed
+            && !self.gate.failed()
+            && tokio::time::Instant::now() < persist_deadline
+        {
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.gate.raised()).await;
         }
-        if self.reported_lsn() < self.confirmed {
+        self.apply();
+        self.stop_writer();
+        if self.applied < self.confirmed {
             tracing::warn!(
                 confirmed = %self.confirmed,
+                persisted = %self.gate.allowed(),
+                "walcast's slot record could not be written for the final position; it is not reported, and the next run replays from the slot (duplicates, no loss)"
+            );
+        }
+        // pgwire-replication sends CopyDone without a last status update, so
+        // wait until the final allowed LSN was reported before stopping.
+        let deadline =
+            tokio::time::Instant::now() + self.status_interval * 2 + Duration::from_secs(1);
+        while self.reported_lsn() < self.applied && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.reported_lsn() < self.applied {
+            tracing::warn!(
+                confirmed = %self.applied,
                 reported = %self.reported_lsn(),
                 "the final position was not reported before shutdown; the next run replays from the slot (duplicates, no loss)"
             );
@@ -194,5 +261,11 @@ impl ReplicationSource for PgSource {
             .shutdown()
             .await
             .map_err(|e| classify(e, "closing the replication connection failed", &user))
+    }
+}
+
+impl Drop for PgSource {
+    fn drop(&mut self) {
+        self.stop_writer();
     }
 }

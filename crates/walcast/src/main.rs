@@ -14,10 +14,10 @@ use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress}
 use walcast_core::route::{Router, TopicTemplate};
 use walcast_core::sink::EventSink;
 use walcast_core::source::ReplicationSource;
-use walcast_core::state::StateStore;
+use walcast_core::state::SlotRecordStore;
 use walcast_core::{Decision, Error, ErrorKind};
-use walcast_kafka::{KafkaSink, QueueLimits, TopicLimits};
-use walcast_postgres::ConnectOptions;
+use walcast_kafka::{KafkaRecordStore, KafkaSink, QueueLimits, TopicLimits};
+use walcast_postgres::{ConnectOptions, FileStore, SlotState};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -170,8 +170,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let opts = connect_options(&cfg)?;
-            let done = rt.block_on(walcast_postgres::accept_slot_gap(&opts))?;
+            let done = rt.block_on(async {
+                let opts = connect_options(&cfg, state_stores(&cfg).await?)?;
+                walcast_postgres::accept_slot_gap(&opts).await
+            })?;
             println!("{done}");
             Ok(())
         }
@@ -251,13 +253,42 @@ fn redacted(cfg: &Config) -> Config {
     c
 }
 
-fn connect_options(cfg: &Config) -> Result<ConnectOptions, Error> {
+/// walcast's slot record stores (delivery rule 5): the state directory and
+/// the compacted Kafka topic. Opening the topic creates it when missing.
+async fn state_stores(cfg: &Config) -> Result<SlotState, Error> {
+    let dir = cfg.state_dir(|k| std::env::var_os(k))?;
+    match &cfg.pipeline.state_dir {
+        Some(given) if given.is_relative() => tracing::info!(
+            "pipeline.state_dir {} is relative: walcast's slot records are kept in {}",
+            given.display(),
+            dir.display()
+        ),
+        _ => {}
+    }
+    if cfg.pipeline.state_dir.is_none() && std::path::Path::new("walcast-state").is_dir() {
+        tracing::warn!(
+            "found walcast-state in the working directory (the former default state directory); walcast now keeps its slot records in {}. Set pipeline.state_dir to the old directory's absolute path to keep using it",
+            dir.display()
+        );
+    }
+    let kafka = KafkaRecordStore::open(&cfg.kafka, &cfg.pipeline.state_topic).await?;
+    tracing::info!(
+        state_dir = %dir.display(),
+        state_topic = %cfg.pipeline.state_topic,
+        "walcast's slot records: the state directory and the Kafka topic"
+    );
+    let stores: Vec<Arc<dyn SlotRecordStore>> =
+        vec![Arc::new(FileStore::new(dir)), Arc::new(kafka)];
+    Ok(SlotState::new(stores))
+}
+
+fn connect_options(cfg: &Config, state: SlotState) -> Result<ConnectOptions, Error> {
     Ok(ConnectOptions {
         pg: cfg.postgres.clone(),
         password: cfg.postgres_password()?,
         tables: cfg.outbox_tables()?,
         columns: cfg.outbox.columns.clone(),
-        state: StateStore::new(&cfg.pipeline.state_dir),
+        state,
         max_row_bytes: cfg.pipeline.max_row_bytes,
     })
 }
@@ -269,7 +300,9 @@ async fn run(cfg: Config) -> Result<(), Error> {
         tracing::info!("signal received: stopping (outstanding deliveries are awaited)");
         let _ = stop_tx.send(true);
     });
-    let opts = connect_options(&cfg)?;
+    // Resolved before any I/O: a missing state directory is a setup error.
+    cfg.state_dir(|k| std::env::var_os(k))?;
+    let mut opts: Option<ConnectOptions> = None;
     // Test-only crash points, read once; `None` unless WALCAST_FAILPOINTS is set.
     let failpoints = Failpoints::from_env()?.map(Arc::new);
     if failpoints.is_some() {
@@ -298,7 +331,7 @@ async fn run(cfg: Config) -> Result<(), Error> {
         let started = Instant::now();
         match run_once(
             &cfg,
-            &opts,
+            &mut opts,
             &progress,
             &failpoints,
             &topic_limits,
@@ -344,7 +377,7 @@ async fn run(cfg: Config) -> Result<(), Error> {
 
 async fn run_once(
     cfg: &Config,
-    opts: &ConnectOptions,
+    opts: &mut Option<ConnectOptions>,
     progress: &Arc<Progress>,
     failpoints: &Option<Arc<Failpoints>>,
     topic_limits: &TopicLimits,
@@ -362,6 +395,12 @@ async fn run_once(
         Duration::from_secs(10),
     )
     .await?;
+    if opts.is_none() {
+        *opts = Some(connect_options(cfg, state_stores(cfg).await?)?);
+    }
+    let opts = opts
+        .as_ref()
+        .ok_or_else(|| Error::permanent("connection options missing"))?;
     let connected = walcast_postgres::connect(opts).await?;
     let mut source = connected.source;
     tracing::info!(
@@ -388,23 +427,9 @@ async fn run_once(
         progress.clone(),
     )
     .with_failpoints(failpoints.clone());
-    let state = opts.state.clone();
-    let slot_id = connected.slot.clone();
-    let mut last_saved = Instant::now();
-    let run = pipeline.run(
-        &mut source,
-        &mut sink,
-        connected.start_lsn,
-        stop,
-        move |lsn| {
-            if last_saved.elapsed() >= Duration::from_secs(5) {
-                last_saved = Instant::now();
-                if let Err(e) = state.save(&slot_id, lsn) {
-                    tracing::warn!("{e}");
-                }
-            }
-        },
-    );
+    // walcast's slot record is written ahead of every reported position by
+    // the source itself (walcast_postgres: the write-ahead gate).
+    let run = pipeline.run(&mut source, &mut sink, connected.start_lsn, stop, |_| {});
     // A swapped outbox table never shows in the stream: watch the catalog.
     let catalog = connected.catalog.clone();
     let watch = async {
@@ -419,9 +444,6 @@ async fn run_once(
     };
     match result {
         Ok(exit) => {
-            if let Err(e) = opts.state.save(&connected.slot, progress.confirmed()) {
-                tracing::warn!("{e}");
-            }
             if let Err(e) = source.shutdown().await {
                 tracing::warn!("{e}");
             }
@@ -434,10 +456,7 @@ async fn run_once(
             sink.abort();
             if e.kind().decision() == Decision::Exit {
                 // Stopping: the pipeline confirmed what was delivered before
-                // the bad input; make sure the server and the record have it.
-                if let Err(e) = opts.state.save(&connected.slot, progress.confirmed()) {
-                    tracing::warn!("{e}");
-                }
+                // the bad input; make sure the server has it.
                 if let Err(e) = source.shutdown().await {
                     tracing::warn!("{e}");
                 }
