@@ -426,11 +426,12 @@ mod tests {
             }],
         );
         assert!(r.is_clean(), "{r}");
-        // Transaction #3 (end 300; a2 in Kafka, a3 not) is not whole; with a3
-        // in Kafka too it counts as delivered but unconfirmed.
+        // Transaction #3 (end 300: a3, b2) is not in Kafka; with both in Kafka
+        // it counts as delivered but unconfirmed.
         assert_eq!(r.delivered_unconfirmed_at_kills, 0, "{r}");
         let mut more = in_kafka.clone();
         more.insert("a3".into());
+        more.insert("b2".into());
         let r = check(
             &log(),
             &all,
