@@ -19,6 +19,8 @@ use walcast_core::{Decision, Error, ErrorKind};
 use walcast_kafka::{KafkaSink, QueueLimits, TopicLimits};
 use walcast_postgres::ConnectOptions;
 
+mod ops;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "walcast",
@@ -67,6 +69,8 @@ enum Command {
         #[command(subcommand)]
         command: SlotCommand,
     },
+    #[command(flatten)]
+    Ops(ops::OpsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +80,8 @@ enum SlotCommand {
     /// creates a new slot at the current position. Events committed between
     /// the last confirmed position and the new slot will NOT be relayed.
     AcceptGap(ConfigArgs),
+    #[command(flatten)]
+    Manage(ops::slot::SlotManage),
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, Error> {
@@ -108,6 +114,9 @@ fn main() {
     let cli = Cli::parse();
     let code = match real_main(cli) {
         Ok(()) => 0,
+        Err(e) if e.downcast_ref::<ops::Exit>().is_some() => {
+            e.downcast_ref::<ops::Exit>().map_or(1, |x| x.0)
+        }
         Err(e) => {
             let kind = e
                 .downcast_ref::<Error>()
@@ -175,6 +184,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{done}");
             Ok(())
         }
+        Command::Slot {
+            command: SlotCommand::Manage(cmd),
+        } => ops::slot::run(cmd),
+        Command::Ops(cmd) => ops::run(cmd),
     }
 }
 
