@@ -238,8 +238,10 @@ async fn wal_level_replica_is_refused() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let cfg = WalcastConfig::for_db(env, &db, dir.path());
         let (code, out) = run_expecting_failure(dir.path(), &cfg)?;
+        // `walcast check` names it too (issue 11).
+        let check = crate::ops::walcast(dir.path(), Some(&cfg), &["check", "--json"])?;
         db.drop(env).await?;
-        anyhow::Ok((code, out))
+        anyhow::Ok((code, out, check))
     }
     .await;
     let admin =
@@ -248,11 +250,30 @@ async fn wal_level_replica_is_refused() -> Result<()> {
     admin.batch_execute("ALTER SYSTEM RESET wal_level").await?;
     drop(admin);
     env.control(&["restart", "pg17", "--mode", "fast"]);
-    let (code, out) = result?;
+    let (code, out, check) = result?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
     assert!(
         out.contains("wal_level = replica") && out.contains("wal_level = logical"),
         "{out}"
+    );
+    assert_eq!(check.code, OPERATOR_EXIT, "{}", check.text());
+    let v = check.json();
+    let failed: Vec<&serde_json::Value> = v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["name"] == "postgres.wal_level" && c["status"] == "fail")
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", check.stdout);
+    assert!(
+        failed[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("runs with wal_level = replica"))
+            && failed[0]["fix"]
+                .as_str()
+                .is_some_and(|f| f.contains("ALTER SYSTEM SET wal_level = logical")),
+        "{}",
+        check.stdout
     );
     Ok(())
 }

@@ -7,8 +7,10 @@ mod common;
 
 mod bad_setup;
 mod broker_rejection;
+mod deploy;
 mod edges;
 mod faults;
+mod ops;
 mod pgoutput_live;
 mod relay;
 mod reliability;

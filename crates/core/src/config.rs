@@ -30,6 +30,9 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The metrics and health endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// A secret value: redacted in `Debug` and never logged.
@@ -262,6 +265,18 @@ pub struct LogConfig {
     /// `text` or `json`.
     #[serde(default)]
     pub format: LogFormat,
+}
+
+/// `[metrics]`: the HTTP listener serving `/metrics`, `/healthz` and
+/// `/readyz` (names in docs/metrics.md).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `ip:port` to listen on, e.g. `"127.0.0.1:9187"` (`"0.0.0.0:9187"` in a
+    /// container). Absent: no listener. `walcast status` reads the running
+    /// relay's view from here.
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 fn default_pg_port() -> u16 {
@@ -708,6 +723,14 @@ impl Config {
             return Err(Error::operator("pipeline.state_dir is empty")
                 .with_hint("remove it to use the default, or set a persistent directory"));
         }
+        if let Some(listen) = &self.metrics.listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Error::operator(format!(
+                    "metrics.listen = {listen:?} is not an ip:port address"
+                ))
+                .with_hint("write it as \"127.0.0.1:9187\" (or \"0.0.0.0:9187\" to listen on every interface)"));
+            }
+        }
         Ok(())
     }
 
@@ -953,6 +976,17 @@ mod tests {
         assert_eq!(c.outbox.topic, "outbox.event.${routedByValue}");
         assert_eq!(c.pipeline.max_in_flight_events, 10_000);
         assert_eq!(c.kafka.compression, "lz4");
+    }
+
+    #[test]
+    fn the_metrics_listener_is_an_ip_and_port() {
+        assert_eq!(Config::from_toml(MIN).unwrap().metrics.listen, None);
+        let c =
+            Config::from_toml(&format!("{MIN}\n[metrics]\nlisten = \"0.0.0.0:9187\"\n")).unwrap();
+        assert_eq!(c.metrics.listen.as_deref(), Some("0.0.0.0:9187"));
+        let err =
+            Config::from_toml(&format!("{MIN}\n[metrics]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
     }
 
     #[test]

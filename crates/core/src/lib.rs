@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod ack;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod failpoint;

@@ -13,6 +13,7 @@
 //! depends on cannot be overridden through `kafka.properties`.
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod limits;
 mod state;
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
 use walcast_core::route::{OutboxEvent, TopicTemplate};
 use walcast_core::{Error, Result};
@@ -167,7 +168,7 @@ fn parse_bytes(v: Option<&str>) -> Option<u64> {
         .filter(|&v| v > 0)
 }
 
-fn is_denied(code: RDKafkaErrorCode) -> bool {
+pub(crate) fn is_denied(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::TopicAuthorizationFailed
@@ -176,10 +177,34 @@ fn is_denied(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-fn lookup_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+pub(crate) fn lookup_error(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::retryable(format!("cannot read {what} from Kafka"))
         .with_source(e)
         .with_hint("walcast reads each outbox topic's max.message.bytes to check record sizes before producing; it retries with backoff. Check the brokers and that walcast's principal may DescribeConfigs")
+}
+
+/// The cluster's metadata (brokers, topics, partitions and replicas).
+///
+/// # Errors
+/// A retryable error naming `bootstrap` when the cluster does not answer
+/// within `timeout`.
+pub(crate) async fn fetch_metadata(
+    admin: &Arc<Admin>,
+    bootstrap: &str,
+    timeout: Duration,
+) -> Result<Metadata> {
+    let admin = admin.clone();
+    tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+        .await
+        .map_err(|e| Error::retryable("metadata task failed").with_source(e))?
+        .map_err(|e| {
+            Error::retryable(format!(
+                "cannot reach Kafka at {bootstrap} within {}s",
+                timeout.as_secs()
+            ))
+            .with_source(e)
+            .with_hint("check that the brokers run and that kafka.bootstrap_servers (and security settings in kafka.properties) are right; walcast retries with backoff")
+        })
 }
 
 /// Reads the brokers' `message.max.bytes` and the `max.message.bytes` of every
@@ -194,20 +219,7 @@ pub(crate) async fn read_cluster_limits(
     limits: &TopicLimits,
     timeout: Duration,
 ) -> Result<()> {
-    let md = {
-        let admin = admin.clone();
-        tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
-            .await
-            .map_err(|e| Error::retryable("metadata task failed").with_source(e))?
-    }
-    .map_err(|e| {
-        Error::retryable(format!(
-            "cannot reach Kafka at {bootstrap} within {}s",
-            timeout.as_secs()
-        ))
-        .with_source(e)
-        .with_hint("check that the brokers run and that kafka.bootstrap_servers (and security settings in kafka.properties) are right; walcast retries with backoff")
-    })?;
+    let md = fetch_metadata(admin, bootstrap, timeout).await?;
     let brokers: Vec<i32> = md.brokers().iter().map(|b| b.id()).collect();
     let topics: Vec<String> = md
         .topics()

@@ -9,12 +9,15 @@
 //! the very server and session the stream then opens on.
 #![warn(missing_docs)]
 
+pub mod admin;
 mod catalog;
+pub mod check;
 mod gate;
 mod preflight;
 mod source;
 mod state;
 
+pub use admin::{AdminSession, PublicationPlan, SlotInfo, SlotStatus};
 pub use catalog::{compare as compare_catalog, watch_catalog, CatalogEntry};
 pub use preflight::{
     accept_slot_gap, connect, replication_buffer_messages, ConnectOptions, Connected, ServerInfo,

@@ -133,8 +133,8 @@ pub(crate) struct Session<'a> {
     opts: &'a ConnectOptions,
 }
 
-impl Session<'_> {
-    pub(crate) fn opts(&self) -> &ConnectOptions {
+impl<'a> Session<'a> {
+    pub(crate) fn opts(&self) -> &'a ConnectOptions {
         self.opts
     }
 
@@ -157,9 +157,34 @@ impl Session<'_> {
             })
             .collect())
     }
+
+    /// The first column of the first row, if any.
+    pub(crate) async fn query_value(&mut self, sql: &str, what: &str) -> Result<Option<String>> {
+        Ok(self
+            .query(sql, what)
+            .await?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten()))
+    }
+
+    /// `SHOW name`.
+    pub(crate) async fn show(&mut self, name: &str) -> Result<Option<String>> {
+        self.query_value(&format!("SHOW {name}"), &format!("reading {name}"))
+            .await
+    }
+
+    /// `server_version_num` (0 if unreadable).
+    pub(crate) async fn server_version_num(&mut self) -> Result<u32> {
+        Ok(self
+            .show("server_version_num")
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
 }
 
-fn lsn(s: &str, what: &str) -> Result<Lsn> {
+pub(crate) fn lsn(s: &str, what: &str) -> Result<Lsn> {
     s.parse::<Lsn>().map_err(|e| {
         Error::permanent(format!("server returned an invalid LSN {s:?} for {what}")).with_source(e)
     })
@@ -167,11 +192,26 @@ fn lsn(s: &str, what: &str) -> Result<Lsn> {
 
 /// Opens the gated replication session (bounded by `connect_timeout_ms`) and
 /// identifies the server.
+/// `host:port (database d)`, as errors name the server.
+pub(crate) fn target(pg: &PostgresConfig) -> String {
+    format!("{}:{} (database {})", pg.host, pg.port, pg.database)
+}
+
+/// The refusal of a server whose `wal_level` is not `logical`.
+pub(crate) fn wal_level_error(target: &str, wal_level: &str) -> Option<Error> {
+    (wal_level != "logical").then(|| {
+        Error::operator(format!(
+            "Postgres at {target} runs with wal_level = {wal_level}; logical replication needs wal_level = logical"
+        ))
+        .with_hint("set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart Postgres")
+    })
+}
+
 pub(crate) async fn open_session(
     opts: &ConnectOptions,
 ) -> Result<(Session<'_>, pgwire_replication::IdentifySystem)> {
     let pg = &opts.pg;
-    let target = format!("{}:{} (database {})", pg.host, pg.port, pg.database);
+    let target = target(pg);
     let timeout = Duration::from_millis(pg.connect_timeout_ms);
     let client = tokio::time::timeout(
         timeout,
@@ -213,17 +253,10 @@ pub(crate) async fn open_session(
 /// an unreachable server and a slot briefly held by another connection.
 pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
     let pg = &opts.pg;
-    let target = format!("{}:{} (database {})", pg.host, pg.port, pg.database);
+    let target = target(pg);
     let timeout = Duration::from_millis(pg.connect_timeout_ms);
     let (mut s, system) = open_session(opts).await?;
-    let version = s
-        .query("SHOW server_version_num", "reading server_version_num")
-        .await?;
-    let server_version_num: u32 = version
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let server_version_num = s.server_version_num().await?;
     let info = ServerInfo {
         system_identifier: system.system_id.clone(),
         timeline: system.timeline,
@@ -232,16 +265,9 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
     };
 
     // wal_level
-    let wal = s.query("SHOW wal_level", "reading wal_level").await?;
-    let wal_level = wal
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .unwrap_or_default();
-    if wal_level != "logical" {
-        return Err(Error::operator(format!(
-            "Postgres at {target} runs with wal_level = {wal_level}; logical replication needs wal_level = logical"
-        ))
-        .with_hint("set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart Postgres"));
+    let wal_level = s.show("wal_level").await?.unwrap_or_default();
+    if let Some(e) = wal_level_error(&target, &wal_level) {
+        return Err(e);
     }
 
     // The server's ping interval is half of this session's wal_sender_timeout.
@@ -347,7 +373,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
 
 /// Checks that every outbox table exists with the required columns; returns
 /// the partitioned ones.
-async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> {
+pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> {
     let cols = &s.opts.columns;
     let mut partitioned = Vec::new();
     for t in &s.opts.tables {
@@ -449,6 +475,24 @@ async fn list_partitions(
     Ok(out)
 }
 
+/// The SQL that creates walcast's publication of exactly the outbox tables.
+pub(crate) fn create_publication_sql(pg: &PostgresConfig, tables: &[TableName]) -> String {
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert', publish_via_partition_root = true)",
+        quote_ident(&pg.publication),
+        tables_sql(tables)
+    )
+}
+
+/// Tables quoted and comma-separated, for SQL.
+pub(crate) fn tables_sql(tables: &[TableName]) -> String {
+    tables
+        .iter()
+        .map(TableName::quoted)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Creates the publication, or checks an existing one: it must publish
 /// INSERTs of exactly the outbox tables (rule 5a: walcast stops at a row of
 /// any other relation, so a publication of more tables would stop it), and
@@ -459,28 +503,11 @@ async fn ensure_publication(
     server_version_num: u32,
 ) -> Result<()> {
     let pg = &s.opts.pg;
-    let name = quote_literal(&pg.publication);
-    let tables_sql = s
-        .opts
-        .tables
-        .iter()
-        .map(TableName::quoted)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let rows = s
-        .query(
-            &format!("SELECT pubinsert, puballtables, pubviaroot FROM pg_catalog.pg_publication WHERE pubname = {name}"),
-            "reading the publication",
-        )
-        .await?;
-    let create_sql = format!(
-        "CREATE PUBLICATION {} FOR TABLE {tables_sql} WITH (publish = 'insert', publish_via_partition_root = true)",
-        quote_ident(&pg.publication)
-    );
-    let Some(row) = rows.into_iter().next() else {
+    let create_sql = create_publication_sql(pg, &s.opts.tables);
+    let Some(problems) = publication_problems(s, partitioned, server_version_num).await? else {
+        let pg = &s.opts.pg;
         if !pg.create_publication {
-            return Err(Error::operator(format!("publication {} does not exist", pg.publication))
-                .with_hint(format!("create it as the tables' owner: {create_sql}; or set postgres.create_publication = true")));
+            return Err(missing_publication_error(pg, &create_sql));
         }
         s.query(&create_sql, "creating the publication").await.map_err(|e| {
             Error::operator(format!(
@@ -492,22 +519,59 @@ async fn ensure_publication(
                 "run as the owner of the outbox tables: {create_sql}; walcast's role only needs REPLICATION once it exists"
             ))
         })?;
+        let tables_sql = tables_sql(&s.opts.tables);
         tracing::info!(publication = %pg.publication, tables = %tables_sql, "created publication (publish = 'insert', publish_via_partition_root = true)");
         return Ok(());
     };
+    match problems.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The refusal of a missing publication walcast may not create.
+pub(crate) fn missing_publication_error(pg: &PostgresConfig, create_sql: &str) -> Error {
+    Error::operator(format!("publication {} does not exist", pg.publication)).with_hint(format!(
+        "create it as the tables' owner: {create_sql}; or set postgres.create_publication = true"
+    ))
+}
+
+/// What is wrong with the existing publication, in the order `run` reports
+/// it (it refuses to start at the first); `None` when it does not exist.
+pub(crate) async fn publication_problems(
+    s: &mut Session<'_>,
+    partitioned: &[TableName],
+    server_version_num: u32,
+) -> Result<Option<Vec<Error>>> {
+    let pg = &s.opts.pg;
+    let name = quote_literal(&pg.publication);
+    let rows = s
+        .query(
+            &format!("SELECT pubinsert, puballtables, pubviaroot FROM pg_catalog.pg_publication WHERE pubname = {name}"),
+            "reading the publication",
+        )
+        .await?;
+    let create_sql = create_publication_sql(pg, &s.opts.tables);
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(None);
+    };
+    let pg = &s.opts.pg;
     let publication = quote_ident(&pg.publication);
+    let mut problems = Vec::new();
     if row.first().cloned().flatten().as_deref() != Some("t") {
-        return Err(Error::operator(format!(
-            "publication {} does not publish INSERTs",
-            pg.publication
-        ))
-        .with_hint(format!(
-            "ALTER PUBLICATION {} SET (publish = 'insert')",
-            quote_ident(&pg.publication)
-        )));
+        problems.push(
+            Error::operator(format!(
+                "publication {} does not publish INSERTs",
+                pg.publication
+            ))
+            .with_hint(format!(
+                "ALTER PUBLICATION {} SET (publish = 'insert')",
+                quote_ident(&pg.publication)
+            )),
+        );
     }
     if row.get(1).cloned().flatten().as_deref() == Some("t") {
-        return Err(Error::operator(format!(
+        problems.push(Error::operator(format!(
             "publication {} is FOR ALL TABLES; walcast needs a publication of only its outbox tables",
             pg.publication
         ))
@@ -515,6 +579,7 @@ async fn ensure_publication(
             "walcast stops at a change of any table it does not relay (so a renamed or swapped outbox is never mistaken for another table). \
              Give walcast its own publication: set postgres.publication to a new name (walcast creates it), or as the tables' owner: {create_sql}"
         )));
+        return Ok(Some(problems));
     }
     if server_version_num >= 150_000 {
         let schemas = s
@@ -528,22 +593,25 @@ async fn ensure_publication(
             )
             .await?;
         if let Some(schema) = schemas.first().and_then(|r| r.first().cloned().flatten()) {
-            return Err(Error::operator(format!(
+            let pg = &s.opts.pg;
+            problems.push(Error::operator(format!(
                 "publication {} publishes every table of schema {schema} (FOR TABLES IN SCHEMA); walcast needs a publication of only its outbox tables",
                 pg.publication
             ))
             .with_hint(format!(
                 "give walcast its own publication: set postgres.publication to a new name (walcast creates it), or as the tables' owner: {create_sql}"
             )));
+            return Ok(Some(problems));
         }
     }
+    let pg = &s.opts.pg;
     if !partitioned.is_empty() && row.get(2).cloned().flatten().as_deref() != Some("t") {
         let list = partitioned
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(Error::operator(format!(
+        problems.push(Error::operator(format!(
             "publication {} publishes the partitioned outbox table(s) {list} under their partitions' names (publish_via_partition_root = false)",
             pg.publication
         ))
@@ -551,6 +619,8 @@ async fn ensure_publication(
             "as the publication's owner: ALTER PUBLICATION {publication} SET (publish_via_partition_root = true); then start walcast again. \
              (Rows already written under the partitions' names are still relayed as events of their outbox table.)"
         )));
+        // pg_publication_tables lists the partitions then, not the roots.
+        return Ok(Some(problems));
     }
     let published = s
         .query(
@@ -558,6 +628,7 @@ async fn ensure_publication(
             "reading the publication's tables",
         )
         .await?;
+    let pg = &s.opts.pg;
     let configured: std::collections::HashSet<(&str, &str)> = s
         .opts
         .tables
@@ -585,7 +656,7 @@ async fn ensure_publication(
             .map(TableName::quoted)
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(Error::operator(format!(
+        problems.push(Error::operator(format!(
             "publication {} also publishes {list}, which {} not in outbox.tables",
             pg.publication,
             if extra.len() == 1 { "is" } else { "are" }
@@ -601,31 +672,35 @@ async fn ensure_publication(
                 && r.get(1).cloned().flatten().as_deref() == Some(t.name.as_str())
         });
         if !found {
-            return Err(Error::operator(format!(
-                "publication {} does not include outbox table {t}",
-                pg.publication
-            ))
-            .with_hint(format!(
-                "ALTER PUBLICATION {} ADD TABLE {} (as the table's owner)",
-                quote_ident(&pg.publication),
-                t.quoted()
-            )));
+            problems.push(
+                Error::operator(format!(
+                    "publication {} does not include outbox table {t}",
+                    pg.publication
+                ))
+                .with_hint(format!(
+                    "ALTER PUBLICATION {} ADD TABLE {} (as the table's owner)",
+                    quote_ident(&pg.publication),
+                    t.quoted()
+                )),
+            );
         }
     }
-    Ok(())
+    Ok(Some(problems))
 }
 
-struct SlotRow {
-    plugin: Option<String>,
-    slot_type: Option<String>,
-    database: Option<String>,
-    active: bool,
-    active_pid: Option<String>,
-    wal_status: Option<String>,
-    confirmed_flush_lsn: Option<String>,
+/// A row of `pg_replication_slots`.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotRow {
+    pub(crate) plugin: Option<String>,
+    pub(crate) slot_type: Option<String>,
+    pub(crate) database: Option<String>,
+    pub(crate) active: bool,
+    pub(crate) active_pid: Option<String>,
+    pub(crate) wal_status: Option<String>,
+    pub(crate) confirmed_flush_lsn: Option<String>,
 }
 
-async fn read_slot(s: &mut Session<'_>) -> Result<Option<SlotRow>> {
+pub(crate) async fn read_slot(s: &mut Session<'_>) -> Result<Option<SlotRow>> {
     let rows = s
         .query(
             &format!(
@@ -839,6 +914,80 @@ fn judge_holder(
 /// walcast's records are read again after the slot was seen free, so the
 /// decision never compares the slot with a record older than the slot's
 /// position.
+/// Creates the logical slot (pgoutput); returns its consistent point.
+pub(crate) async fn create_slot(s: &mut Session<'_>, slot: &str) -> Result<Lsn> {
+    let rows = s
+        .query(
+            &format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(slot)
+            ),
+            "creating the replication slot",
+        )
+        .await?;
+    let point = rows
+        .first()
+        .and_then(|r| r.get(1).cloned().flatten())
+        .ok_or_else(|| Error::permanent("CREATE_REPLICATION_SLOT returned no consistent point"))?;
+    let start = lsn(&point, "the new slot's consistent point")?;
+    tracing::info!(slot = %slot, lsn = %start, "created replication slot (pgoutput)");
+    Ok(start)
+}
+
+/// The refusal of a missing slot walcast may not create.
+pub(crate) fn missing_slot_error(pg: &PostgresConfig) -> Error {
+    Error::operator(format!("replication slot {} does not exist", pg.slot)).with_hint(format!(
+        "create it: SELECT pg_create_logical_replication_slot({}, 'pgoutput'); or set postgres.create_slot = true",
+        quote_literal(&pg.slot)
+    ))
+}
+
+/// What makes an existing slot unusable for walcast: another kind of slot,
+/// another database, or invalidated (a gap). `record` is walcast's record of
+/// the slot, for the last confirmed position the gap error names.
+pub(crate) fn slot_problem(
+    pg: &PostgresConfig,
+    slot: &SlotRow,
+    record: Option<&SlotRecord>,
+) -> Option<Error> {
+    if slot.slot_type.as_deref() != Some("logical") || slot.plugin.as_deref() != Some("pgoutput") {
+        return Some(Error::operator(format!(
+            "replication slot {} exists but is a {} slot with plugin {}; walcast needs a logical slot with pgoutput",
+            pg.slot,
+            slot.slot_type.as_deref().unwrap_or("?"),
+            slot.plugin.as_deref().unwrap_or("none")
+        ))
+        .with_hint("choose another postgres.slot name, or drop that slot if nothing else uses it"));
+    }
+    if slot.database.as_deref() != Some(pg.database.as_str()) {
+        return Some(
+            Error::operator(format!(
+                "replication slot {} belongs to database {}, not {}",
+                pg.slot,
+                slot.database.as_deref().unwrap_or("?"),
+                pg.database
+            ))
+            .with_hint("choose another postgres.slot name"),
+        );
+    }
+    if slot.wal_status.as_deref() == Some("lost") {
+        let what = "was invalidated (wal_status = lost: the WAL it needed was removed, see max_slot_wal_keep_size)";
+        return Some(match record {
+            Some(r) => crate::state::gap_error(&pg.slot, what, r.confirmed_upper, &r.origin),
+            None => crate::state::gap_error(
+                &pg.slot,
+                what,
+                slot.confirmed_flush_lsn
+                    .as_deref()
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(Lsn::ZERO),
+                "the slot itself",
+            ),
+        });
+    }
+    None
+}
+
 async fn ensure_slot(
     s: &mut Session<'_>,
     key: &SlotKey,

@@ -19,6 +19,8 @@ use walcast_core::{Decision, Error, ErrorKind};
 use walcast_kafka::{KafkaRecordStore, KafkaSink, QueueLimits, TopicLimits};
 use walcast_postgres::{ConnectOptions, FileStore, SlotState};
 
+mod ops;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "walcast",
@@ -67,6 +69,8 @@ enum Command {
         #[command(subcommand)]
         command: SlotCommand,
     },
+    #[command(flatten)]
+    Ops(ops::OpsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,6 +80,8 @@ enum SlotCommand {
     /// creates a new slot at the current position. Events committed between
     /// the last confirmed position and the new slot will NOT be relayed.
     AcceptGap(ConfigArgs),
+    #[command(flatten)]
+    Manage(ops::slot::SlotManage),
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, Error> {
@@ -108,12 +114,22 @@ fn main() {
     let cli = Cli::parse();
     let code = match real_main(cli) {
         Ok(()) => 0,
+        Err(e) if e.downcast_ref::<ops::Exit>().is_some() => {
+            e.downcast_ref::<ops::Exit>().map_or(1, |x| x.0)
+        }
         Err(e) => {
             let kind = e
                 .downcast_ref::<Error>()
                 .map(|e| e.kind())
                 .unwrap_or(ErrorKind::OperatorAction);
-            eprintln!("walcast: error ({kind}): {e:#}");
+            match e.downcast_ref::<Error>() {
+                // walcast's own error already shows its source and the fix;
+                // the alternate form would repeat the source chain after it.
+                Some(err) if e.to_string() == err.to_string() => {
+                    eprintln!("walcast: error ({kind}): {err}")
+                }
+                _ => eprintln!("walcast: error ({kind}): {e:#}"),
+            }
             exit_code(kind)
         }
     };
@@ -177,6 +193,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{done}");
             Ok(())
         }
+        Command::Slot {
+            command: SlotCommand::Manage(cmd),
+        } => ops::slot::run(cmd),
+        Command::Ops(cmd) => ops::run(cmd),
     }
 }
 
@@ -280,6 +300,20 @@ async fn state_stores(cfg: &Config) -> Result<SlotState, Error> {
     let stores: Vec<Arc<dyn SlotRecordStore>> =
         vec![Arc::new(FileStore::new(dir)), Arc::new(kafka)];
     Ok(SlotState::new(stores))
+}
+
+/// Connection options for the operator tools that only read walcast's slot
+/// record (`check`, `status`, `publication sync`): the state directory's
+/// copy, without opening (or creating) the Kafka state topic.
+pub(crate) fn tool_options(cfg: &Config) -> Result<ConnectOptions, Error> {
+    let dir = cfg.state_dir(|k| std::env::var_os(k))?;
+    connect_options(cfg, SlotState::new(vec![Arc::new(FileStore::new(dir))]))
+}
+
+/// Connection options for the tools that change walcast's slot record
+/// (`slot create`, `slot advance`, `slot drop`): both copies, as `run`.
+pub(crate) async fn tool_options_writing(cfg: &Config) -> Result<ConnectOptions, Error> {
+    connect_options(cfg, state_stores(cfg).await?)
 }
 
 fn connect_options(cfg: &Config, state: SlotState) -> Result<ConnectOptions, Error> {

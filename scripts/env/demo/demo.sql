@@ -15,6 +15,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 -- The publication is created by the tables' owner; walcast only needs REPLICATION.
-SELECT 'CREATE PUBLICATION walcast_outbox FOR TABLE public.outbox WITH (publish = ''insert'')'
+SELECT 'CREATE PUBLICATION walcast_outbox FOR TABLE public.outbox WITH (publish = ''insert'', publish_via_partition_root = true)'
 WHERE NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'walcast_outbox')
 \gexec
