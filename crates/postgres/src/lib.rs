@@ -1,5 +1,6 @@
 //! walcast's PostgreSQL side: the preflight checks, slot and publication
-//! management, and the replication source.
+//! management, the replication source, the periodic catalog check and
+//! heartbeats, and SQL quoting ([`sql`]).
 //!
 //! Everything runs on ONE replication connection (`replication=database`,
 //! through `pgwire-replication`, SCRAM and TLS): the preflight queries run on
@@ -10,8 +11,12 @@
 mod catalog;
 mod preflight;
 mod source;
+pub mod sql;
 
-pub use catalog::{compare as compare_catalog, watch_catalog, CatalogEntry};
+pub use catalog::{
+    compare as compare_catalog, watch_catalog, watch_server, CatalogEntry, ServerReport, SlotFacts,
+    WatchSettings, HEARTBEAT_PREFIX, HEARTBEAT_SQL,
+};
 pub use preflight::{
     accept_slot_gap, connect, replication_buffer_messages, ConnectOptions, Connected, ServerInfo,
     REPLICATION_READ_AHEAD_BYTES,

@@ -4,15 +4,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
-use walcast_core::config::{
-    quote_ident, quote_literal, OutboxColumns, PostgresConfig, Secret, SslMode, TableName,
-};
+use walcast_core::config::{OutboxColumns, PostgresConfig, Secret, SslMode, TableName};
 use walcast_core::state::{SlotIdentity, StateStore};
 use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
 
 use crate::classify;
 use crate::source::{to_pgwire, PgSource};
+use crate::sql::{quote_ident, quote_literal, quote_table};
 
 /// What to connect to and check.
 #[derive(Debug, Clone)]
@@ -359,7 +358,7 @@ async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> {
                 ))
                 .with_hint(format!(
                     "add it (ALTER TABLE {} ADD COLUMN {} ...) or set outbox.columns.{opt} to the column that holds it; the table has: {}",
-                    t.quoted(),
+                    quote_table(t),
                     quote_ident(col),
                     names.join(", ")
                 )));
@@ -425,7 +424,7 @@ async fn ensure_publication(
         .opts
         .tables
         .iter()
-        .map(TableName::quoted)
+        .map(quote_table)
         .collect::<Vec<_>>()
         .join(", ");
     let rows = s
@@ -541,11 +540,7 @@ async fn ensure_publication(
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        let quoted = extra
-            .iter()
-            .map(TableName::quoted)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let quoted = extra.iter().map(quote_table).collect::<Vec<_>>().join(", ");
         return Err(Error::operator(format!(
             "publication {} also publishes {list}, which {} not in outbox.tables",
             pg.publication,
@@ -569,7 +564,7 @@ async fn ensure_publication(
             .with_hint(format!(
                 "ALTER PUBLICATION {} ADD TABLE {} (as the table's owner)",
                 quote_ident(&pg.publication),
-                t.quoted()
+                quote_table(t)
             )));
         }
     }
