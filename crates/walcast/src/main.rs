@@ -1,23 +1,16 @@
 //! `walcast`: the transactional outbox relay from PostgreSQL to Apache Kafka.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use walcast_core::config::{Config, LogFormat};
-use walcast_core::failpoint::Failpoints;
-use walcast_core::outbox::OutboxFilter;
-use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
-use walcast_core::route::{Router, TopicTemplate};
-use walcast_core::sink::EventSink;
-use walcast_core::source::ReplicationSource;
 use walcast_core::state::StateStore;
-use walcast_core::{Decision, Error, ErrorKind};
-use walcast_kafka::{KafkaSink, QueueLimits, TopicLimits};
+use walcast_core::{Error, ErrorKind};
 use walcast_postgres::ConnectOptions;
+use walcast_runtime::Relay;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -262,6 +255,7 @@ fn connect_options(cfg: &Config) -> Result<ConnectOptions, Error> {
     })
 }
 
+/// `walcast run`: the relay until SIGTERM/SIGINT.
 async fn run(cfg: Config) -> Result<(), Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -269,184 +263,7 @@ async fn run(cfg: Config) -> Result<(), Error> {
         tracing::info!("signal received: stopping (outstanding deliveries are awaited)");
         let _ = stop_tx.send(true);
     });
-    let opts = connect_options(&cfg)?;
-    // Test-only crash points, read once; `None` unless WALCAST_FAILPOINTS is set.
-    let failpoints = Failpoints::from_env()?.map(Arc::new);
-    if failpoints.is_some() {
-        let var = walcast_core::failpoint::ENV_VAR;
-        tracing::warn!(
-            "{var}={} is set: this process will abort itself there (a test tool, never for production)",
-            std::env::var(var).unwrap_or_default()
-        );
-    }
-    if walcast_core::ack::BROKEN_ACK_FOR_TESTS {
-        tracing::error!(
-            "this walcast was built with the feature broken-ack-for-tests: it acknowledges a transaction when its FIRST event is delivered and LOSES DATA. It exists only to prove that the reliability suite catches such a bug"
-        );
-    }
-    let progress = Arc::new(Progress::default());
-    // The topics' record size limits, read by each run's sink and kept here
-    // so a limit one run learnt sizes the next run's producer.
-    let topic_limits = TopicLimits::default();
-    let initial = Duration::from_millis(cfg.pipeline.restart_backoff_initial_ms);
-    let max = Duration::from_millis(cfg.pipeline.restart_backoff_max_ms);
-    let mut backoff = initial;
-    loop {
-        if *stop_rx.borrow() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        match run_once(
-            &cfg,
-            &opts,
-            &progress,
-            &failpoints,
-            &topic_limits,
-            stop_rx.clone(),
-        )
-        .await
-        {
-            Ok(PipelineExit::Shutdown {
-                confirmed,
-                abandoned_events,
-            }) => {
-                tracing::info!(%confirmed, abandoned_events, "stopped");
-                return Ok(());
-            }
-            Ok(PipelineExit::SourceEnded { confirmed }) => {
-                tracing::warn!(%confirmed, "the server ended the replication stream; reconnecting");
-            }
-            Err(e) => match e.kind().decision() {
-                Decision::Exit => {
-                    tracing::error!(kind = %e.kind(), "{e}");
-                    return Err(e);
-                }
-                Decision::RestartFromSlot => {
-                    if started.elapsed() > Duration::from_secs(60) {
-                        backoff = initial;
-                    }
-                    tracing::warn!(
-                        kind = %e.kind(),
-                        backoff_ms = backoff.as_millis() as u64,
-                        "{e}; restarting from the slot's confirmed position"
-                    );
-                }
-            },
-        }
-        let mut stop = stop_rx.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        }
-        backoff = (backoff * 2).min(max);
-    }
-}
-
-async fn run_once(
-    cfg: &Config,
-    opts: &ConnectOptions,
-    progress: &Arc<Progress>,
-    failpoints: &Option<Arc<Failpoints>>,
-    topic_limits: &TopicLimits,
-    stop: watch::Receiver<bool>,
-) -> Result<PipelineExit, Error> {
-    let template = TopicTemplate::parse(&cfg.outbox.topic)?;
-    let mut sink = KafkaSink::connect(
-        &cfg.kafka,
-        QueueLimits {
-            max_in_flight_events: cfg.pipeline.max_in_flight_events,
-            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
-        },
-        &template,
-        topic_limits,
-        Duration::from_secs(10),
-    )
-    .await?;
-    let connected = walcast_postgres::connect(opts).await?;
-    let mut source = connected.source;
-    tracing::info!(
-        slot = %cfg.postgres.slot,
-        publication = %cfg.postgres.publication,
-        start_lsn = %connected.start_lsn,
-        created_slot = connected.created_slot,
-        server_version = connected.info.server_version_num,
-        "streaming from the slot"
-    );
-    let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone())
-        .with_partitions(connected.partitions.clone());
-    let router = Router::new(template);
-    let mut pipeline = Pipeline::new(
-        PipelineSettings {
-            max_in_flight_events: cfg.pipeline.max_in_flight_events,
-            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
-            shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
-            stall_warning_after: Duration::from_secs(10),
-            delivery_timeout: Duration::from_millis(cfg.kafka.delivery_timeout_ms),
-        },
-        filter,
-        router,
-        progress.clone(),
-    )
-    .with_failpoints(failpoints.clone());
-    let state = opts.state.clone();
-    let slot_id = connected.slot.clone();
-    let mut last_saved = Instant::now();
-    let run = pipeline.run(
-        &mut source,
-        &mut sink,
-        connected.start_lsn,
-        stop,
-        move |lsn| {
-            if last_saved.elapsed() >= Duration::from_secs(5) {
-                last_saved = Instant::now();
-                if let Err(e) = state.save(&slot_id, lsn) {
-                    tracing::warn!("{e}");
-                }
-            }
-        },
-    );
-    // A swapped outbox table never shows in the stream: watch the catalog.
-    let catalog = connected.catalog.clone();
-    let watch = async {
-        match cfg.postgres.catalog_check_interval_ms {
-            0 => std::future::pending().await,
-            ms => walcast_postgres::watch_catalog(opts, catalog, Duration::from_millis(ms)).await,
-        }
-    };
-    let result = tokio::select! {
-        r = run => r,
-        e = watch => Err(e),
-    };
-    match result {
-        Ok(exit) => {
-            if let Err(e) = opts.state.save(&connected.slot, progress.confirmed()) {
-                tracing::warn!("{e}");
-            }
-            if let Err(e) = source.shutdown().await {
-                tracing::warn!("{e}");
-            }
-            sink.abort();
-            Ok(exit)
-        }
-        Err(e) => {
-            // Drop everything queued so nothing of this run is delivered after
-            // the next one starts; the next run replays from the slot.
-            sink.abort();
-            if e.kind().decision() == Decision::Exit {
-                // Stopping: the pipeline confirmed what was delivered before
-                // the bad input; make sure the server and the record have it.
-                if let Err(e) = opts.state.save(&connected.slot, progress.confirmed()) {
-                    tracing::warn!("{e}");
-                }
-                if let Err(e) = source.shutdown().await {
-                    tracing::warn!("{e}");
-                }
-            } else {
-                drop(source);
-            }
-            Err(e)
-        }
-    }
+    Relay::new(cfg).run(stop_rx).await
 }
 
 async fn wait_for_signal() {
