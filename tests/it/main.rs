@@ -9,6 +9,7 @@ mod bad_setup;
 mod broker_rejection;
 mod edges;
 mod faults;
+mod operations;
 mod pgoutput_live;
 mod relay;
 mod reliability;

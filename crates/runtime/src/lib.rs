@@ -357,6 +357,8 @@ async fn run_once(
         "streaming from the slot"
     );
     *shared.probe.lock().unwrap() = Some(sink.probe());
+    // KafkaSink::connect read the cluster's metadata: it answers now.
+    shared.kafka_reachable.store(true, Ordering::Release);
     shared.streaming.store(true, Ordering::Release);
     let _streaming = Streaming(shared);
     let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone())
