@@ -10,6 +10,7 @@ mod broker_rejection;
 mod deploy;
 mod edges;
 mod faults;
+mod operations;
 mod ops;
 mod pgoutput_live;
 mod relay;

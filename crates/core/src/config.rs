@@ -30,9 +30,23 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
-    /// The metrics and health endpoint.
+    /// The Prometheus endpoint and health checks (off unless `listen` is set).
     #[serde(default)]
     pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: one HTTP listener serving `/metrics` (Prometheus text
+/// format), `/healthz` and `/readyz`. Off unless `listen` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to listen on, for example `"127.0.0.1:9187"`. Unset: no listener.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// `/readyz` answers 503 when events have been in flight this long
+    /// without a delivery report.
+    #[serde(default = "default_ready_stall_ms")]
+    pub ready_stall_ms: u64,
 }
 
 /// A secret value: redacted in `Debug` and never logged.
@@ -129,6 +143,13 @@ pub struct PostgresConfig {
     /// `application_name` of walcast's sessions.
     #[serde(default = "default_application_name")]
     pub application_name: String,
+    /// How often walcast writes a heartbeat into the outbox database (a
+    /// non-transactional logical decoding message,
+    /// `pg_logical_emit_message(false, 'walcast.heartbeat', '')`), so the
+    /// slot advances while the outbox is quiet and other databases of the
+    /// server write WAL. `0` turns it off.
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
 }
 
 /// `[outbox]`
@@ -185,6 +206,10 @@ pub struct KafkaConfig {
     /// partition overtake the timed-out ones.)
     #[serde(default = "default_delivery_timeout_ms")]
     pub delivery_timeout_ms: u64,
+    /// Log a warning (once per stall) when events have been in flight this
+    /// long without a delivery report.
+    #[serde(default = "default_blocked_warning_ms")]
+    pub blocked_warning_ms: u64,
     /// Extra librdkafka properties passed through as given (for example
     /// `"security.protocol" = "SASL_SSL"`). Settings walcast's guarantees
     /// depend on cannot be overridden.
@@ -267,18 +292,6 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// `[metrics]`: the HTTP listener serving `/metrics`, `/healthz` and
-/// `/readyz` (names in docs/metrics.md).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// `ip:port` to listen on, e.g. `"127.0.0.1:9187"` (`"0.0.0.0:9187"` in a
-    /// container). Absent: no listener. `walcast status` reads the running
-    /// relay's view from here.
-    #[serde(default)]
-    pub listen: Option<String>,
-}
-
 fn default_pg_port() -> u16 {
     5432
 }
@@ -302,6 +315,15 @@ fn default_slot_wait_timeout_ms() -> u64 {
 }
 fn default_catalog_check_interval_ms() -> u64 {
     10_000
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    10_000
+}
+fn default_blocked_warning_ms() -> u64 {
+    10_000
+}
+fn default_ready_stall_ms() -> u64 {
+    30_000
 }
 fn default_application_name() -> String {
     "walcast".into()
@@ -399,6 +421,15 @@ impl Default for PipelineConfig {
     }
 }
 
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: None,
+            ready_stall_ms: default_ready_stall_ms(),
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -450,27 +481,12 @@ impl TableName {
             name: name.to_string(),
         })
     }
-
-    /// The name quoted for SQL: `"schema"."table"`.
-    pub fn quoted(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
-    }
 }
 
 impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)
     }
-}
-
-/// Quotes an SQL identifier (doubling embedded quotes).
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal (doubling embedded quotes).
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Checks a slot or publication name: `[a-z0-9_]`, 1 to 63 bytes.
@@ -684,9 +700,9 @@ impl Config {
             ))
             .with_hint("use one of none, gzip, snappy, lz4, zstd"));
         }
-        if k.delivery_timeout_ms == 0 {
+        if k.delivery_timeout_ms == 0 || k.blocked_warning_ms == 0 {
             return Err(Error::operator(
-                "kafka.delivery_timeout_ms must be positive",
+                "kafka.delivery_timeout_ms and kafka.blocked_warning_ms must be positive",
             ));
         }
         for (key, value) in &k.properties {
@@ -708,6 +724,18 @@ impl Config {
             ))
             .with_hint("a row must fit in the in-flight window; raise max_in_flight_bytes or lower max_row_bytes"));
         }
+        let m = &self.metrics;
+        if let Some(listen) = &m.listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Error::operator(format!(
+                    "metrics.listen = {listen:?} is not an address and port"
+                ))
+                .with_hint("write it as host:port with an IP address, for example \"127.0.0.1:9187\" or \"0.0.0.0:9187\""));
+            }
+        }
+        if m.ready_stall_ms == 0 {
+            return Err(Error::operator("metrics.ready_stall_ms must be positive"));
+        }
         if p.restart_backoff_initial_ms == 0
             || p.restart_backoff_max_ms < p.restart_backoff_initial_ms
         {
@@ -722,14 +750,6 @@ impl Config {
         {
             return Err(Error::operator("pipeline.state_dir is empty")
                 .with_hint("remove it to use the default, or set a persistent directory"));
-        }
-        if let Some(listen) = &self.metrics.listen {
-            if listen.parse::<std::net::SocketAddr>().is_err() {
-                return Err(Error::operator(format!(
-                    "metrics.listen = {listen:?} is not an ip:port address"
-                ))
-                .with_hint("write it as \"127.0.0.1:9187\" (or \"0.0.0.0:9187\" to listen on every interface)"));
-            }
         }
         Ok(())
     }
@@ -976,6 +996,21 @@ mod tests {
         assert_eq!(c.outbox.topic, "outbox.event.${routedByValue}");
         assert_eq!(c.pipeline.max_in_flight_events, 10_000);
         assert_eq!(c.kafka.compression, "lz4");
+        assert_eq!(c.metrics.listen, None, "metrics are off by default");
+        assert_eq!(
+            c.postgres.heartbeat_interval_ms, 10_000,
+            "heartbeats are on"
+        );
+    }
+
+    #[test]
+    fn metrics_listen_is_validated() {
+        let c =
+            Config::from_toml(&format!("{MIN}\n[metrics]\nlisten = \"127.0.0.1:9187\"\n")).unwrap();
+        assert_eq!(c.metrics.listen.as_deref(), Some("127.0.0.1:9187"));
+        let err =
+            Config::from_toml(&format!("{MIN}\n[metrics]\nlisten = \"localhost\"\n")).unwrap_err();
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
     }
 
     #[test]
@@ -1198,10 +1233,6 @@ mod tests {
             TableName::parse("outbox").unwrap().to_string(),
             "public.outbox"
         );
-        assert_eq!(
-            TableName::parse("my\"s.o").unwrap().quoted(),
-            "\"my\"\"s\".\"o\""
-        );
-        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(TableName::parse("s.o").unwrap().to_string(), "s.o");
     }
 }

@@ -22,6 +22,29 @@ pub enum ErrorKind {
     OperatorAction,
 }
 
+/// Which side of the relay an error came from (for the restart metric and logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Origin {
+    /// Kafka: the producer, a delivery, the admin client.
+    Kafka,
+    /// Postgres: the replication connection, preflight, the catalog check.
+    Postgres,
+    /// Kafka acknowledged nothing for `kafka.delivery_timeout_ms`.
+    DeliveryTimeout,
+}
+
+impl Origin {
+    /// A short stable name, used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Kafka => "kafka",
+            Origin::Postgres => "postgres",
+            Origin::DeliveryTimeout => "delivery_timeout",
+        }
+    }
+}
+
 /// What the supervisor does with an error of a given kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
@@ -62,6 +85,7 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     hint: Option<String>,
+    origin: Option<Origin>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -75,6 +99,7 @@ impl Error {
             kind,
             message: message.into(),
             hint: None,
+            origin: None,
             source: None,
         }
     }
@@ -104,6 +129,17 @@ impl Error {
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
         self
+    }
+
+    /// Marks where the error came from, unless that is already known.
+    pub fn or_origin(mut self, origin: Origin) -> Self {
+        self.origin.get_or_insert(origin);
+        self
+    }
+
+    /// Where the error came from, when known.
+    pub fn origin(&self) -> Option<Origin> {
+        self.origin
     }
 
     /// The classification.

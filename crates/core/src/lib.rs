@@ -16,5 +16,5 @@ pub mod sink;
 pub mod source;
 pub mod state;
 
-pub use error::{Decision, Error, ErrorKind, Result};
+pub use error::{Decision, Error, ErrorKind, Origin, Result};
 pub use walcast_pgoutput::Lsn;

@@ -38,9 +38,20 @@ pub enum Row {
     },
     /// A row change on an outbox table that is not an event (UPDATE, DELETE,
     /// TRUNCATE).
-    Skipped,
+    Skipped(SkipReason),
     /// Anything else (Relation, Type, Origin, …).
     Other,
+}
+
+/// Why a row change of an outbox table is not an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// An UPDATE.
+    Update,
+    /// A DELETE.
+    Delete,
+    /// A TRUNCATE.
+    Truncate,
 }
 
 /// What a relation of the stream is to walcast.
@@ -212,25 +223,30 @@ impl OutboxFilter {
                     row,
                 })
             }
-            Message::Update(u) => self.other_change(u.rel_id, "UPDATE"),
-            Message::Delete(d) => self.other_change(d.rel_id, "DELETE"),
+            Message::Update(u) => self.other_change(u.rel_id, SkipReason::Update),
+            Message::Delete(d) => self.other_change(d.rel_id, SkipReason::Delete),
             Message::Truncate(t) => {
                 for rel_id in &t.rel_ids {
                     if let Some(RelationKind::Foreign(name)) = self.relations.get(rel_id) {
                         return Err(self.foreign_change(name, "TRUNCATE"));
                     }
                 }
-                Ok(Row::Skipped)
+                Ok(Row::Skipped(SkipReason::Truncate))
             }
             _ => Ok(Row::Other),
         }
     }
 
     /// An UPDATE or DELETE: skipped on an outbox table, an error elsewhere.
-    fn other_change(&self, rel_id: u32, what: &str) -> Result<Row> {
+    fn other_change(&self, rel_id: u32, reason: SkipReason) -> Result<Row> {
+        let what = match reason {
+            SkipReason::Update => "UPDATE",
+            SkipReason::Delete => "DELETE",
+            SkipReason::Truncate => "TRUNCATE",
+        };
         match self.relations.get(&rel_id) {
             Some(RelationKind::Foreign(name)) => Err(self.foreign_change(name, what)),
-            _ => Ok(Row::Skipped),
+            _ => Ok(Row::Skipped(reason)),
         }
     }
 

@@ -28,9 +28,9 @@ use tokio::sync::watch;
 use walcast_pgoutput::Lsn;
 
 use crate::ack::{AckTracker, TxnTicket};
-use crate::error::{Decision, Error, Result};
+use crate::error::{Decision, Error, Origin, Result};
 use crate::failpoint::{Failpoints, Point};
-use crate::outbox::{OutboxFilter, Row};
+use crate::outbox::{OutboxFilter, Row, SkipReason};
 use crate::route::{OutboxEvent, Router};
 use crate::sink::EventSink;
 use crate::source::{ReplicationSource, SourceEvent};
@@ -53,9 +53,9 @@ pub struct PipelineSettings {
     pub delivery_timeout: Duration,
 }
 
-/// Counters shared with observers (logs, status, tests). Updated with relaxed
-/// atomics; read them for reporting only.
-#[derive(Debug, Default)]
+/// Counters shared with observers (logs, metrics, health, tests). Updated
+/// with cheap atomics by the loop; read them for reporting only.
+#[derive(Debug)]
 pub struct Progress {
     /// Last LSN confirmed to the source.
     pub confirmed_lsn: AtomicU64,
@@ -74,14 +74,186 @@ pub struct Progress {
     pub in_flight_events: AtomicU64,
     /// Bytes currently in flight.
     pub in_flight_bytes: AtomicU64,
+    /// UPDATEs of outbox tables read (skipped; counted in `changes_skipped` too).
+    pub updates_skipped: AtomicU64,
+    /// DELETEs of outbox tables read (skipped; counted in `changes_skipped` too).
+    pub deletes_skipped: AtomicU64,
+    /// TRUNCATEs of outbox tables read (skipped; counted in `changes_skipped` too).
+    pub truncates_skipped: AtomicU64,
+    /// The server's WAL end as last reported (keepalives), at least `received_lsn`.
+    pub server_wal_end: AtomicU64,
+    /// The highest LSN read from the stream (a row change, message or Commit).
+    pub received_lsn: AtomicU64,
+    /// The commit end LSN of the newest transaction whose events were all
+    /// handed to the sink (at least the confirmed LSN).
+    pub published_lsn: AtomicU64,
+    /// The sink's own queue depth (Kafka: librdkafka's queue), sampled each second.
+    pub sink_queue: AtomicU64,
+    /// Milliseconds after `epoch` (+1) of the last delivery report; 0: none yet.
+    last_delivery_ms: AtomicU64,
+    /// Milliseconds after `epoch` (+1) since which events are in flight and
+    /// nothing was delivered; 0 when nothing is in flight.
+    waiting_since_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            confirmed_lsn: AtomicU64::new(0),
+            events_sent: AtomicU64::new(0),
+            events_delivered: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
+            changes_skipped: AtomicU64::new(0),
+            messages_ignored: AtomicU64::new(0),
+            in_flight_events: AtomicU64::new(0),
+            in_flight_bytes: AtomicU64::new(0),
+            updates_skipped: AtomicU64::new(0),
+            deletes_skipped: AtomicU64::new(0),
+            truncates_skipped: AtomicU64::new(0),
+            server_wal_end: AtomicU64::new(0),
+            received_lsn: AtomicU64::new(0),
+            published_lsn: AtomicU64::new(0),
+            sink_queue: AtomicU64::new(0),
+            last_delivery_ms: AtomicU64::new(0),
+            waiting_since_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// The LSN ladder at one moment: `confirmed <= published <= received <= server_wal_end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LsnLadder {
+    /// The server's WAL end (keepalives), at least `received`.
+    pub server_wal_end: Lsn,
+    /// The highest LSN read from the stream.
+    pub received: Lsn,
+    /// The commit end LSN of the newest transaction handed to the sink whole.
+    pub published: Lsn,
+    /// The flush LSN reported to the server.
+    pub confirmed: Lsn,
 }
 
 impl Progress {
     /// The last confirmed LSN.
     pub fn confirmed(&self) -> Lsn {
-        Lsn::from(self.confirmed_lsn.load(Ordering::Relaxed))
+        Lsn::from(self.confirmed_lsn.load(Ordering::Acquire))
+    }
+
+    /// The LSN ladder. The loop raises the upper rungs before the lower ones
+    /// and this reads them bottom up, so the ladder read is always ordered.
+    pub fn ladder(&self) -> LsnLadder {
+        let confirmed = self.confirmed_lsn.load(Ordering::Acquire);
+        let published = self.published_lsn.load(Ordering::Acquire);
+        let received = self.received_lsn.load(Ordering::Acquire);
+        let server_wal_end = self.server_wal_end.load(Ordering::Acquire);
+        LsnLadder {
+            server_wal_end: Lsn::from(server_wal_end),
+            received: Lsn::from(received),
+            published: Lsn::from(published),
+            confirmed: Lsn::from(confirmed),
+        }
+    }
+
+    /// How long events have been in flight with no delivery report (zero
+    /// when nothing is in flight): the clock of the stall warning, the
+    /// delivery timeout and readiness.
+    pub fn blocked_for(&self) -> Duration {
+        self.since(self.waiting_since_ms.load(Ordering::Relaxed))
+    }
+
+    /// Time since the last delivery report while events are in flight (zero
+    /// when nothing is in flight). Unlike [`Progress::blocked_for`] it counts
+    /// from the previous report even when that predates the oldest event.
+    pub fn last_ack_age(&self) -> Duration {
+        if self.waiting_since_ms.load(Ordering::Relaxed) == 0 {
+            return Duration::ZERO;
+        }
+        match self.last_delivery_ms.load(Ordering::Relaxed) {
+            0 => self.blocked_for(),
+            t => self.since(t),
+        }
+    }
+
+    fn since(&self, stamp: u64) -> Duration {
+        match stamp {
+            0 => Duration::ZERO,
+            t => self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(t - 1)),
+        }
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
+    /// Raises the ladder for an LSN read from the stream (top rungs first).
+    fn received(&self, lsn: Lsn) {
+        let v = u64::from(lsn);
+        self.server_wal_end.fetch_max(v, Ordering::AcqRel);
+        self.received_lsn.fetch_max(v, Ordering::AcqRel);
+    }
+
+    /// Raises the ladder up to `lsn` as published (and so received).
+    fn published(&self, lsn: Lsn) {
+        self.received(lsn);
+        self.published_lsn
+            .fetch_max(u64::from(lsn), Ordering::AcqRel);
+    }
+
+    /// Stores the confirmed LSN after raising the rungs above it.
+    fn confirmed_at(&self, lsn: Lsn) {
+        self.published(lsn);
+        self.confirmed_lsn.store(u64::from(lsn), Ordering::Release);
     }
 }
+
+/// Hooks the loop calls at operator-visible happenings, for metrics and
+/// logs. Called on the loop's task: keep them cheap (no I/O, no locks held
+/// for long). Every method has a default: the default observer only logs.
+pub trait PipelineObserver: Send {
+    /// Kafka acknowledged one event of `topic` (`bytes`: key + value +
+    /// headers + topic name) of a transaction committed at
+    /// `commit_time_micros` (microseconds since 2000-01-01).
+    fn delivered(&mut self, topic: &Arc<str>, bytes: u64, commit_time_micros: i64) {
+        let _ = (topic, bytes, commit_time_micros);
+    }
+
+    /// A delivery failed, or the sink refused an event before producing it.
+    fn delivery_failed(&mut self, error: &Error) {
+        let _ = error;
+    }
+
+    /// Events have been in flight without a delivery report for
+    /// `blocked_for` (at least the stall warning threshold); called once per stall.
+    fn kafka_blocked(&mut self, blocked_for: Duration, in_flight_events: u64, confirmed: Lsn) {
+        tracing::warn!(
+            in_flight_events,
+            confirmed_lsn = %confirmed,
+            stalled_secs = blocked_for.as_secs(),
+            "Kafka has acknowledged nothing for {}s; the slot is held at {confirmed} and nothing is skipped. Check the brokers and kafka.bootstrap_servers",
+            blocked_for.as_secs()
+        );
+    }
+
+    /// Deliveries resumed after [`PipelineObserver::kafka_blocked`].
+    fn kafka_flowing(&mut self, blocked_for: Duration) {
+        tracing::info!(
+            stalled_secs = blocked_for.as_secs(),
+            "Kafka acknowledges events again after {}s",
+            blocked_for.as_secs()
+        );
+    }
+}
+
+/// The observer that only logs.
+#[derive(Debug, Default)]
+pub struct LogObserver;
+
+impl PipelineObserver for LogObserver {}
 
 /// Why the loop ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +280,13 @@ pub struct Pipeline {
     router: Router,
     progress: Arc<Progress>,
     failpoints: Option<Arc<Failpoints>>,
+    observer: Box<dyn PipelineObserver>,
+}
+
+impl std::fmt::Debug for dyn PipelineObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PipelineObserver")
+    }
 }
 
 impl Pipeline {
@@ -124,7 +303,19 @@ impl Pipeline {
             router,
             progress,
             failpoints: None,
+            observer: Box::new(LogObserver),
         }
+    }
+
+    /// The counters this pipeline updates.
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
+    /// Replaces the observer (the default only logs).
+    pub fn with_observer(mut self, observer: Box<dyn PipelineObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// Arms crash points for the reliability suite (see [`crate::failpoint`]).
@@ -164,22 +355,22 @@ impl Pipeline {
         let mut tracker = AckTracker::new(start);
         let mut confirmed = start;
         let mut deliveries = FuturesUnordered::new();
-        let mut open: Option<(TxnTicket, Lsn)> = None;
+        // The open transaction: its ticket, commit LSN and commit time.
+        let mut open: Option<(TxnTicket, Lsn, i64)> = None;
         let mut bytes_in_flight: u64 = 0;
         // An event read but not yet handed to the sink because the byte bound
         // was full; nothing more is read until it went out.
-        let mut waiting: Option<(TxnTicket, OutboxEvent)> = None;
+        let mut waiting: Option<(TxnTicket, i64, OutboxEvent)> = None;
         let mut warned_prefixes = std::collections::HashSet::new();
         let mut last_delivery = Instant::now();
-        let mut stall_warned = false;
+        let mut stall_warned = None::<Duration>;
         // Set when the loop ends because a delivery failed (as opposed to an
         // input found bad before it was sent): then nothing is drained.
         let mut delivery_failed = false;
         let mut ticker = tokio::time::interval(Duration::from_secs(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.progress
-            .confirmed_lsn
-            .store(u64::from(start), Ordering::Relaxed);
+        self.progress.confirmed_at(start);
+        self.progress.waiting_since_ms.store(0, Ordering::Relaxed);
 
         // The loop runs in a block so that an error ends the block, not the
         // function: a non-retryable error first drains (below).
@@ -194,28 +385,37 @@ impl Pipeline {
                     && bytes_in_flight < self.settings.max_in_flight_bytes;
                 tokio::select! {
                     biased;
-                    Some((ticket, size, result)) = deliveries.next(), if !deliveries.is_empty() => {
+                    Some((ticket, size, topic, commit_time, result)) = deliveries.next(), if !deliveries.is_empty() => {
                         let result: Result<()> = result;
                         if let Err(e) = result {
                             delivery_failed = true;
-                            return Err(e);
+                            self.observer.delivery_failed(&e);
+                            return Err(e.or_origin(Origin::Kafka));
                         }
                         tracker.delivered(ticket).map_err(protocol_error)?;
                         bytes_in_flight -= size;
+                        if stall_warned.take().is_some() {
+                            self.observer.kafka_flowing(last_delivery.elapsed());
+                        }
                         last_delivery = Instant::now();
-                        stall_warned = false;
+                        self.progress
+                            .last_delivery_ms
+                            .store(self.progress.stamp(last_delivery), Ordering::Relaxed);
                         self.progress.events_delivered.fetch_add(1, Ordering::Relaxed);
+                        self.observer.delivered(&topic, size, commit_time);
                         if let Some(fp) = &self.failpoints {
                             if fp.hit(Point::AfterDelivery) {
                                 Failpoints::fire(Point::AfterDelivery);
                             }
                         }
-                        if waiting.as_ref().is_some_and(|(_, e)| {
+                        if waiting.as_ref().is_some_and(|(_, _, e)| {
                             fits(bytes_in_flight, e.size_bytes(), self.settings.max_in_flight_bytes)
                         }) {
-                            if let Some((ticket, event)) = waiting.take() {
+                            if let Some((ticket, commit_time, event)) = waiting.take() {
                                 let size = event.size_bytes();
-                                deliveries.push(dispatch(sink, &mut tracker, ticket, event)?);
+                                let delivery = dispatch(sink, &mut tracker, ticket, commit_time, event)
+                                    .inspect_err(|e| self.observer.delivery_failed(e))?;
+                                deliveries.push(delivery);
                                 bytes_in_flight += size;
                                 self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                             }
@@ -227,29 +427,31 @@ impl Pipeline {
                         }
                     }
                     event = source.recv(), if has_room => {
-                        let Some(event) = event? else {
+                        let Some(event) = event.map_err(|e| e.or_origin(Origin::Postgres))? else {
                             break Some(PipelineExit::SourceEnded { confirmed });
                         };
                         match event {
-                            SourceEvent::Begin { final_lsn, .. } => {
+                            SourceEvent::Begin { final_lsn, commit_time_micros, .. } => {
                                 let ticket = tracker.begin().map_err(protocol_error)?;
-                                open = Some((ticket, final_lsn));
+                                open = Some((ticket, final_lsn, commit_time_micros));
                             }
-                            SourceEvent::Data { data, .. } => {
+                            SourceEvent::Data { data, wal_start } => {
+                                self.progress.received(wal_start);
                                 match self.filter.decode(&data)? {
                                     Row::OutboxInsert { table, row } => {
-                                        let (ticket, commit_lsn) = open.ok_or_else(|| {
+                                        let (ticket, commit_lsn, commit_time) = open.ok_or_else(|| {
                                             protocol_error("an INSERT arrived outside a transaction")
                                         })?;
                                         let event = self.router.route(&table, commit_lsn, row)?;
                                         let size = event.size_bytes();
-                                        sink.prepare(&event).await?;
+                                        sink.prepare(&event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
                                         if !deliveries.is_empty()
                                             && !fits(bytes_in_flight, size, self.settings.max_in_flight_bytes)
                                         {
-                                            waiting = Some((ticket, event));
+                                            waiting = Some((ticket, commit_time, event));
                                         } else {
-                                            let delivery = dispatch(sink, &mut tracker, ticket, event)?;
+                                            let delivery = dispatch(sink, &mut tracker, ticket, commit_time, event)
+                                                .inspect_err(|e| self.observer.delivery_failed(e))?;
                                             bytes_in_flight += size;
                                             if deliveries.is_empty() {
                                                 last_delivery = Instant::now();
@@ -258,22 +460,32 @@ impl Pipeline {
                                             self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                                         }
                                     }
-                                    Row::Skipped => {
+                                    Row::Skipped(reason) => {
                                         self.progress.changes_skipped.fetch_add(1, Ordering::Relaxed);
+                                        match reason {
+                                            SkipReason::Update => &self.progress.updates_skipped,
+                                            SkipReason::Delete => &self.progress.deletes_skipped,
+                                            SkipReason::Truncate => &self.progress.truncates_skipped,
+                                        }
+                                        .fetch_add(1, Ordering::Relaxed);
                                     }
                                     Row::Other => {}
                                 }
                             }
                             SourceEvent::Commit { end_lsn, .. } => {
-                                let (ticket, _) = open.take().ok_or_else(|| {
+                                let (ticket, _, _) = open.take().ok_or_else(|| {
                                     protocol_error("a Commit arrived outside a transaction")
                                 })?;
                                 tracker.commit(ticket, end_lsn).map_err(protocol_error)?;
+                                // Every event of the transaction was handed
+                                // to the sink before its Commit was read.
+                                self.progress.published(end_lsn);
                                 self.progress.transactions.fetch_add(1, Ordering::Relaxed);
                             }
                             SourceEvent::Message { transactional: true, prefix, lsn, .. } => {
                                 // Not events (yet): they still count towards
                                 // acknowledgement through their transaction.
+                                self.progress.received(lsn);
                                 self.progress.messages_ignored.fetch_add(1, Ordering::Relaxed);
                                 if warned_prefixes.len() < 64 && warned_prefixes.insert(prefix.clone()) {
                                     tracing::warn!(
@@ -283,16 +495,23 @@ impl Pipeline {
                                     );
                                 }
                             }
-                            SourceEvent::Message { .. } => {
-                                // Non-transactional messages (heartbeats of other
-                                // tools) are never events.
+                            SourceEvent::Message { lsn, .. } => {
+                                // Non-transactional messages (walcast's own
+                                // heartbeats, other tools') are never events.
+                                self.progress.received(lsn);
                             }
                             SourceEvent::KeepAlive { wal_end } => {
+                                self.progress
+                                    .server_wal_end
+                                    .fetch_max(u64::from(wal_end), Ordering::AcqRel);
                                 tracker.server_position(wal_end);
                             }
                         }
                     }
                     _ = ticker.tick() => {
+                        if let Some(depth) = sink.queue_depth() {
+                            self.progress.sink_queue.store(depth, Ordering::Relaxed);
+                        }
                         let stalled_for = last_delivery.elapsed();
                         if !deliveries.is_empty() && stalled_for >= self.settings.delivery_timeout {
                             return Err(Error::retryable(format!(
@@ -300,21 +519,19 @@ impl Pipeline {
                                 stalled_for.as_secs(),
                                 tracker.in_flight_events()
                             ))
-                            .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped"));
+                            .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped")
+                            .or_origin(Origin::DeliveryTimeout));
                         }
-                        if !deliveries.is_empty() && stalled_for >= self.settings.stall_warning_after && !stall_warned {
-                            tracing::warn!(
-                                in_flight_events = tracker.in_flight_events(),
-                                in_flight_bytes = bytes_in_flight,
-                                confirmed_lsn = %confirmed,
-                                stalled_secs = stalled_for.as_secs(),
-                                "Kafka has acknowledged nothing for {}s; the slot is held at {confirmed} and nothing is skipped. Check the brokers and kafka.bootstrap_servers",
-                                stalled_for.as_secs()
-                            );
-                            stall_warned = true;
+                        if !deliveries.is_empty() && stalled_for >= self.settings.stall_warning_after && stall_warned.is_none() {
+                            self.observer.kafka_blocked(stalled_for, tracker.in_flight_events(), confirmed);
+                            stall_warned = Some(stalled_for);
                         }
                     }
                 }
+                self.progress.waiting_since_ms.store(
+                    if deliveries.is_empty() { 0 } else { self.progress.stamp(last_delivery) },
+                    Ordering::Relaxed,
+                );
                 self.progress
                     .in_flight_events
                     .store(tracker.in_flight_events(), Ordering::Relaxed);
@@ -364,13 +581,15 @@ impl Pipeline {
         );
         while !deliveries.is_empty() {
             match tokio::time::timeout_at(deadline, deliveries.next()).await {
-                Ok(Some((ticket, size, result))) => {
+                Ok(Some((ticket, size, topic, commit_time, result))) => {
                     let result: Result<()> = result;
                     if let Err(e) = result {
+                        self.observer.delivery_failed(&e);
                         tracing::warn!(error = %e, "delivery failed during shutdown; the event is left for the next run");
                         break;
                     }
                     tracker.delivered(ticket).map_err(protocol_error)?;
+                    self.observer.delivered(&topic, size, commit_time);
                     bytes_in_flight -= size;
                     self.progress
                         .in_flight_bytes
@@ -390,6 +609,10 @@ impl Pipeline {
             }
         }
         self.advance(source, &mut confirmed, tracker.flush_lsn(), &mut on_confirm);
+        self.progress
+            .in_flight_events
+            .store(tracker.in_flight_events(), Ordering::Relaxed);
+        self.progress.waiting_since_ms.store(0, Ordering::Relaxed);
         if let Some(e) = stop_error {
             return Err(e);
         }
@@ -414,26 +637,29 @@ impl Pipeline {
         }
         *confirmed = flush;
         source.confirm(flush);
-        self.progress
-            .confirmed_lsn
-            .store(u64::from(flush), Ordering::Relaxed);
+        self.progress.confirmed_at(flush);
         on_confirm(flush);
         true
     }
 }
 
-/// Hands `event` of the open transaction `ticket` to the sink; the returned
-/// future resolves to the ticket, the event's size and the delivery result.
+/// Hands `event` of the open transaction `ticket` (committed at
+/// `commit_time`) to the sink; the returned future resolves to the ticket,
+/// the event's size, topic and commit time, and the delivery result.
+#[allow(clippy::type_complexity)]
 fn dispatch<K: EventSink>(
     sink: &mut K,
     tracker: &mut AckTracker,
     ticket: TxnTicket,
+    commit_time: i64,
     event: OutboxEvent,
-) -> Result<impl std::future::Future<Output = (TxnTicket, u64, Result<()>)> + use<K>> {
+) -> Result<impl std::future::Future<Output = (TxnTicket, u64, Arc<str>, i64, Result<()>)> + use<K>>
+{
     let size = event.size_bytes();
-    let delivery = sink.send(event)?;
+    let topic = event.topic.clone();
+    let delivery = sink.send(event).map_err(|e| e.or_origin(Origin::Kafka))?;
     tracker.event_sent(ticket).map_err(protocol_error)?;
-    Ok(delivery.map(move |r| (ticket, size, r)))
+    Ok(delivery.map(move |r| (ticket, size, topic, commit_time, r)))
 }
 
 /// True when an event of `size` bytes may join `in_flight` bytes under `max`.

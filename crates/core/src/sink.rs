@@ -50,6 +50,13 @@ pub trait EventSink: Send {
     /// when the sink cannot take it now.
     fn send(&mut self, event: OutboxEvent) -> Result<Self::Delivery>;
 
+    /// Records queued in the destination's client and not yet acknowledged
+    /// (Kafka: librdkafka's queue), when the sink can tell. Sampled about
+    /// once a second; must not block.
+    fn queue_depth(&self) -> Option<u64> {
+        None
+    }
+
     /// Discards everything queued and not yet delivered (before a restart), so
     /// nothing from this instance can be delivered after a later instance starts.
     fn abort(self);

@@ -215,6 +215,38 @@ pub struct KafkaSink {
     batch_size: u64,
     lookup_timeout: Duration,
     shared: Arc<Shared>,
+    /// A topic this sink produces to, for [`KafkaProbe`].
+    probe_topic: Arc<std::sync::Mutex<Option<Arc<str>>>>,
+}
+
+/// Checks that the Kafka cluster answers, with the sink's admin client (the
+/// producer's servers and security settings). For readiness checks.
+#[derive(Clone)]
+pub struct KafkaProbe {
+    admin: Arc<Admin>,
+    topic: Arc<std::sync::Mutex<Option<Arc<str>>>>,
+}
+
+impl std::fmt::Debug for KafkaProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaProbe").finish_non_exhaustive()
+    }
+}
+
+impl KafkaProbe {
+    /// Asks the cluster for metadata (of one topic the sink produces to, or
+    /// of the cluster before the first event) and waits up to `timeout`.
+    /// Blocking: call it from a blocking thread.
+    ///
+    /// # Errors
+    /// The client's error when no broker answered in time.
+    pub fn check(&self, timeout: Duration) -> std::result::Result<(), KafkaError> {
+        let topic = self.topic.lock().unwrap().clone();
+        self.admin
+            .inner()
+            .fetch_metadata(topic.as_deref(), timeout)
+            .map(|_| ())
+    }
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -292,7 +324,16 @@ impl KafkaSink {
             producer_max: producer_message_max_bytes(cfg),
             batch_size,
             lookup_timeout,
+            probe_topic: Arc::default(),
         })
+    }
+
+    /// A probe of the cluster's reachability for readiness checks.
+    pub fn probe(&self) -> KafkaProbe {
+        KafkaProbe {
+            admin: self.admin.clone(),
+            topic: self.probe_topic.clone(),
+        }
     }
 
     /// The underlying producer (for tools and tests).
@@ -644,6 +685,9 @@ impl EventSink for KafkaSink {
             )));
         }
         tracing::debug!(topic = %event.topic, max_message_bytes = limit.bytes, source = ?limit.source, "topic limit");
+        if self.seen.is_empty() {
+            *self.probe_topic.lock().unwrap() = Some(event.topic.clone());
+        }
         self.seen.insert(event.topic.clone(), limit);
         Ok(())
     }
@@ -710,6 +754,10 @@ impl EventSink for KafkaSink {
         }
     }
 
+    fn queue_depth(&self) -> Option<u64> {
+        Some(u64::try_from(self.producer.in_flight_count()).unwrap_or(0))
+    }
+
     fn abort(self) {
         self.producer
             .purge(PurgeConfig::default().queue().inflight());
@@ -727,6 +775,7 @@ mod tests {
             compression: "zstd".into(),
             linger_ms: 7,
             delivery_timeout_ms: 1234,
+            blocked_warning_ms: 10_000,
             properties: Default::default(),
         }
     }

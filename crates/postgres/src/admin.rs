@@ -9,7 +9,9 @@
 
 use std::collections::BTreeSet;
 
-use walcast_core::config::{quote_ident, quote_literal, TableName};
+use walcast_core::config::TableName;
+
+use crate::sql::{quote_ident, quote_literal};
 use walcast_core::state::{SlotKey, SlotRecord};
 use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;

@@ -5,7 +5,9 @@
 //! `replication=database` session.
 
 use walcast_core::check::CheckResult;
-use walcast_core::config::{quote_literal, TableName};
+use walcast_core::config::TableName;
+
+use crate::sql::quote_literal;
 use walcast_core::state::SlotKey;
 use walcast_core::Result;
 

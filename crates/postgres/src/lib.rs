@@ -1,7 +1,8 @@
 //! walcast's PostgreSQL side: the preflight checks, slot and publication
 //! management, walcast's durable record of its slots (delivery rule 5: the
-//! state directory's copy, the startup decision, the write-ahead gate), and
-//! the replication source.
+//! state directory's copy, the startup decision, the write-ahead gate), the
+//! replication source, the periodic catalog check and heartbeats, and SQL
+//! quoting ([`sql`]).
 //!
 //! Everything runs on ONE replication connection (`replication=database`,
 //! through `pgwire-replication`, SCRAM and TLS): the preflight queries run on
@@ -15,10 +16,14 @@ pub mod check;
 mod gate;
 mod preflight;
 mod source;
+pub mod sql;
 mod state;
 
 pub use admin::{AdminSession, PublicationPlan, SlotInfo, SlotStatus};
-pub use catalog::{compare as compare_catalog, watch_catalog, CatalogEntry};
+pub use catalog::{
+    compare as compare_catalog, watch_catalog, watch_server, CatalogEntry, ServerReport, SlotFacts,
+    WatchSettings, HEARTBEAT_PREFIX, HEARTBEAT_SQL,
+};
 pub use preflight::{
     accept_slot_gap, connect, replication_buffer_messages, ConnectOptions, Connected, ServerInfo,
     REPLICATION_READ_AHEAD_BYTES,

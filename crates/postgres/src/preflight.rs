@@ -4,9 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
-use walcast_core::config::{
-    quote_ident, quote_literal, OutboxColumns, PostgresConfig, Secret, SslMode, TableName,
-};
+use walcast_core::config::{OutboxColumns, PostgresConfig, Secret, SslMode, TableName};
 use walcast_core::state::{BackendId, SlotKey, SlotRecord};
 use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
@@ -14,6 +12,7 @@ use walcast_pgoutput::Lsn;
 use crate::classify;
 use crate::gate::{spawn_writer, Gate};
 use crate::source::{from_pgwire, to_pgwire, PgSource};
+use crate::sql::{quote_ident, quote_literal, quote_table};
 use crate::state::{decide, Plan, ServerIdentity, SlotFacts, SlotState};
 
 /// What to connect to and check.
@@ -424,7 +423,7 @@ pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> 
                 ))
                 .with_hint(format!(
                     "add it (ALTER TABLE {} ADD COLUMN {} ...) or set outbox.columns.{opt} to the column that holds it; the table has: {}",
-                    t.quoted(),
+                    quote_table(t),
                     quote_ident(col),
                     names.join(", ")
                 )));
@@ -488,7 +487,7 @@ pub(crate) fn create_publication_sql(pg: &PostgresConfig, tables: &[TableName]) 
 pub(crate) fn tables_sql(tables: &[TableName]) -> String {
     tables
         .iter()
-        .map(TableName::quoted)
+        .map(quote_table)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -651,11 +650,7 @@ pub(crate) async fn publication_problems(
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        let quoted = extra
-            .iter()
-            .map(TableName::quoted)
-            .collect::<Vec<_>>()
-            .join(", ");
+        let quoted = extra.iter().map(quote_table).collect::<Vec<_>>().join(", ");
         problems.push(Error::operator(format!(
             "publication {} also publishes {list}, which {} not in outbox.tables",
             pg.publication,
@@ -680,7 +675,7 @@ pub(crate) async fn publication_problems(
                 .with_hint(format!(
                     "ALTER PUBLICATION {} ADD TABLE {} (as the table's owner)",
                     quote_ident(&pg.publication),
-                    t.quoted()
+                    quote_table(t)
                 )),
             );
         }

@@ -425,7 +425,7 @@ pub(crate) fn decide(
             Error::operator(format!("replication slot {slot_name} does not exist")).with_hint(
                 format!(
                     "create it: SELECT pg_create_logical_replication_slot({}, 'pgoutput'); or set postgres.create_slot = true",
-                    walcast_core::config::quote_literal(slot_name)
+                    crate::sql::quote_literal(slot_name)
                 ),
             ),
         );

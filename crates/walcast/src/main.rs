@@ -1,23 +1,15 @@
 //! `walcast`: the transactional outbox relay from PostgreSQL to Apache Kafka.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 use walcast_core::config::{Config, LogFormat};
-use walcast_core::failpoint::Failpoints;
-use walcast_core::outbox::OutboxFilter;
-use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
-use walcast_core::route::{Router, TopicTemplate};
-use walcast_core::sink::EventSink;
-use walcast_core::source::ReplicationSource;
-use walcast_core::state::SlotRecordStore;
-use walcast_core::{Decision, Error, ErrorKind};
-use walcast_kafka::{KafkaRecordStore, KafkaSink, QueueLimits, TopicLimits};
-use walcast_postgres::{ConnectOptions, FileStore, SlotState};
+use walcast_core::{Error, ErrorKind};
+use walcast_postgres::ConnectOptions;
+use walcast_runtime::Relay;
 
 mod ops;
 
@@ -187,7 +179,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             let done = rt.block_on(async {
-                let opts = connect_options(&cfg, state_stores(&cfg).await?)?;
+                let opts = tool_options_writing(&cfg).await?;
                 walcast_postgres::accept_slot_gap(&opts).await
             })?;
             println!("{done}");
@@ -273,60 +265,26 @@ fn redacted(cfg: &Config) -> Config {
     c
 }
 
-/// walcast's slot record stores (delivery rule 5): the state directory and
-/// the compacted Kafka topic. Opening the topic creates it when missing.
-async fn state_stores(cfg: &Config) -> Result<SlotState, Error> {
-    let dir = cfg.state_dir(|k| std::env::var_os(k))?;
-    match &cfg.pipeline.state_dir {
-        Some(given) if given.is_relative() => tracing::info!(
-            "pipeline.state_dir {} is relative: walcast's slot records are kept in {}",
-            given.display(),
-            dir.display()
-        ),
-        _ => {}
-    }
-    if cfg.pipeline.state_dir.is_none() && std::path::Path::new("walcast-state").is_dir() {
-        tracing::warn!(
-            "found walcast-state in the working directory (the former default state directory); walcast now keeps its slot records in {}. Set pipeline.state_dir to the old directory's absolute path to keep using it",
-            dir.display()
-        );
-    }
-    let kafka = KafkaRecordStore::open(&cfg.kafka, &cfg.pipeline.state_topic).await?;
-    tracing::info!(
-        state_dir = %dir.display(),
-        state_topic = %cfg.pipeline.state_topic,
-        "walcast's slot records: the state directory and the Kafka topic"
-    );
-    let stores: Vec<Arc<dyn SlotRecordStore>> =
-        vec![Arc::new(FileStore::new(dir)), Arc::new(kafka)];
-    Ok(SlotState::new(stores))
-}
-
 /// Connection options for the operator tools that only read walcast's slot
 /// record (`check`, `status`, `publication sync`): the state directory's
 /// copy, without opening (or creating) the Kafka state topic.
 pub(crate) fn tool_options(cfg: &Config) -> Result<ConnectOptions, Error> {
     let dir = cfg.state_dir(|k| std::env::var_os(k))?;
-    connect_options(cfg, SlotState::new(vec![Arc::new(FileStore::new(dir))]))
+    walcast_runtime::connect_options(
+        cfg,
+        walcast_postgres::SlotState::new(vec![std::sync::Arc::new(
+            walcast_postgres::FileStore::new(dir),
+        )]),
+    )
 }
 
 /// Connection options for the tools that change walcast's slot record
 /// (`slot create`, `slot advance`, `slot drop`): both copies, as `run`.
 pub(crate) async fn tool_options_writing(cfg: &Config) -> Result<ConnectOptions, Error> {
-    connect_options(cfg, state_stores(cfg).await?)
+    walcast_runtime::connect_options(cfg, walcast_runtime::state_stores(cfg).await?)
 }
 
-fn connect_options(cfg: &Config, state: SlotState) -> Result<ConnectOptions, Error> {
-    Ok(ConnectOptions {
-        pg: cfg.postgres.clone(),
-        password: cfg.postgres_password()?,
-        tables: cfg.outbox_tables()?,
-        columns: cfg.outbox.columns.clone(),
-        state,
-        max_row_bytes: cfg.pipeline.max_row_bytes,
-    })
-}
-
+/// `walcast run`: the relay until SIGTERM/SIGINT.
 async fn run(cfg: Config) -> Result<(), Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -334,172 +292,7 @@ async fn run(cfg: Config) -> Result<(), Error> {
         tracing::info!("signal received: stopping (outstanding deliveries are awaited)");
         let _ = stop_tx.send(true);
     });
-    // Resolved before any I/O: a missing state directory is a setup error.
-    cfg.state_dir(|k| std::env::var_os(k))?;
-    let mut opts: Option<ConnectOptions> = None;
-    // Test-only crash points, read once; `None` unless WALCAST_FAILPOINTS is set.
-    let failpoints = Failpoints::from_env()?.map(Arc::new);
-    if failpoints.is_some() {
-        let var = walcast_core::failpoint::ENV_VAR;
-        tracing::warn!(
-            "{var}={} is set: this process will abort itself there (a test tool, never for production)",
-            std::env::var(var).unwrap_or_default()
-        );
-    }
-    if walcast_core::ack::BROKEN_ACK_FOR_TESTS {
-        tracing::error!(
-            "this walcast was built with the feature broken-ack-for-tests: it acknowledges a transaction when its FIRST event is delivered and LOSES DATA. It exists only to prove that the reliability suite catches such a bug"
-        );
-    }
-    let progress = Arc::new(Progress::default());
-    // The topics' record size limits, read by each run's sink and kept here
-    // so a limit one run learnt sizes the next run's producer.
-    let topic_limits = TopicLimits::default();
-    let initial = Duration::from_millis(cfg.pipeline.restart_backoff_initial_ms);
-    let max = Duration::from_millis(cfg.pipeline.restart_backoff_max_ms);
-    let mut backoff = initial;
-    loop {
-        if *stop_rx.borrow() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        match run_once(
-            &cfg,
-            &mut opts,
-            &progress,
-            &failpoints,
-            &topic_limits,
-            stop_rx.clone(),
-        )
-        .await
-        {
-            Ok(PipelineExit::Shutdown {
-                confirmed,
-                abandoned_events,
-            }) => {
-                tracing::info!(%confirmed, abandoned_events, "stopped");
-                return Ok(());
-            }
-            Ok(PipelineExit::SourceEnded { confirmed }) => {
-                tracing::warn!(%confirmed, "the server ended the replication stream; reconnecting");
-            }
-            Err(e) => match e.kind().decision() {
-                Decision::Exit => {
-                    tracing::error!(kind = %e.kind(), "{e}");
-                    return Err(e);
-                }
-                Decision::RestartFromSlot => {
-                    if started.elapsed() > Duration::from_secs(60) {
-                        backoff = initial;
-                    }
-                    tracing::warn!(
-                        kind = %e.kind(),
-                        backoff_ms = backoff.as_millis() as u64,
-                        "{e}; restarting from the slot's confirmed position"
-                    );
-                }
-            },
-        }
-        let mut stop = stop_rx.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.wait_for(|s| *s) => return Ok(()),
-        }
-        backoff = (backoff * 2).min(max);
-    }
-}
-
-async fn run_once(
-    cfg: &Config,
-    opts: &mut Option<ConnectOptions>,
-    progress: &Arc<Progress>,
-    failpoints: &Option<Arc<Failpoints>>,
-    topic_limits: &TopicLimits,
-    stop: watch::Receiver<bool>,
-) -> Result<PipelineExit, Error> {
-    let template = TopicTemplate::parse(&cfg.outbox.topic)?;
-    let mut sink = KafkaSink::connect(
-        &cfg.kafka,
-        QueueLimits {
-            max_in_flight_events: cfg.pipeline.max_in_flight_events,
-            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
-        },
-        &template,
-        topic_limits,
-        Duration::from_secs(10),
-    )
-    .await?;
-    if opts.is_none() {
-        *opts = Some(connect_options(cfg, state_stores(cfg).await?)?);
-    }
-    let opts = opts
-        .as_ref()
-        .ok_or_else(|| Error::permanent("connection options missing"))?;
-    let connected = walcast_postgres::connect(opts).await?;
-    let mut source = connected.source;
-    tracing::info!(
-        slot = %cfg.postgres.slot,
-        publication = %cfg.postgres.publication,
-        start_lsn = %connected.start_lsn,
-        created_slot = connected.created_slot,
-        server_version = connected.info.server_version_num,
-        "streaming from the slot"
-    );
-    let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone())
-        .with_partitions(connected.partitions.clone());
-    let router = Router::new(template);
-    let mut pipeline = Pipeline::new(
-        PipelineSettings {
-            max_in_flight_events: cfg.pipeline.max_in_flight_events,
-            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
-            shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
-            stall_warning_after: Duration::from_secs(10),
-            delivery_timeout: Duration::from_millis(cfg.kafka.delivery_timeout_ms),
-        },
-        filter,
-        router,
-        progress.clone(),
-    )
-    .with_failpoints(failpoints.clone());
-    // walcast's slot record is written ahead of every reported position by
-    // the source itself (walcast_postgres: the write-ahead gate).
-    let run = pipeline.run(&mut source, &mut sink, connected.start_lsn, stop, |_| {});
-    // A swapped outbox table never shows in the stream: watch the catalog.
-    let catalog = connected.catalog.clone();
-    let watch = async {
-        match cfg.postgres.catalog_check_interval_ms {
-            0 => std::future::pending().await,
-            ms => walcast_postgres::watch_catalog(opts, catalog, Duration::from_millis(ms)).await,
-        }
-    };
-    let result = tokio::select! {
-        r = run => r,
-        e = watch => Err(e),
-    };
-    match result {
-        Ok(exit) => {
-            if let Err(e) = source.shutdown().await {
-                tracing::warn!("{e}");
-            }
-            sink.abort();
-            Ok(exit)
-        }
-        Err(e) => {
-            // Drop everything queued so nothing of this run is delivered after
-            // the next one starts; the next run replays from the slot.
-            sink.abort();
-            if e.kind().decision() == Decision::Exit {
-                // Stopping: the pipeline confirmed what was delivered before
-                // the bad input; make sure the server has it.
-                if let Err(e) = source.shutdown().await {
-                    tracing::warn!("{e}");
-                }
-            } else {
-                drop(source);
-            }
-            Err(e)
-        }
-    }
+    Relay::new(cfg).run(stop_rx).await
 }
 
 async fn wait_for_signal() {

@@ -1,0 +1,515 @@
+//! walcast's runtime: the relay as one handle ([`Relay`]) that the binary,
+//! tests and examples share.
+//!
+//! - [`Relay::run`] supervises the pipeline: it connects Kafka and Postgres,
+//!   runs the pipeline, and restarts it from the slot with backoff after a
+//!   retryable error, until it is told to stop or an error stops walcast.
+//! - [`run_pipeline`] is the one place that closes a run in the order the
+//!   delivery rules need (abort the sink before dropping the source, confirm
+//!   only what the ack tracker says, report the final position before
+//!   closing the connection). It is generic over the source and the sink, so
+//!   its ordering is tested with in-memory ones.
+//! - Metrics (`docs/metrics.md`), `/healthz` and `/readyz` on the
+//!   `[metrics] listen` address, heartbeats and warnings.
+#![warn(missing_docs)]
+
+mod events;
+mod http;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use walcast_core::config::Config;
+use walcast_core::failpoint::Failpoints;
+use walcast_core::outbox::OutboxFilter;
+use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
+use walcast_core::route::{Router, TopicTemplate};
+use walcast_core::sink::EventSink;
+use walcast_core::source::ReplicationSource;
+use walcast_core::state::SlotRecordStore;
+use walcast_core::{Decision, Error, Lsn, Origin, Result};
+use walcast_kafka::{KafkaProbe, KafkaRecordStore, KafkaSink, QueueLimits, TopicLimits};
+use walcast_postgres::{ConnectOptions, FileStore, ServerReport, SlotState, WatchSettings};
+
+use crate::events::SlotWatch;
+use crate::telemetry::{RelayMetrics, RelayObserver};
+
+/// How often `/readyz`'s Kafka check asks the cluster for metadata, and how
+/// long it waits for the answer.
+const KAFKA_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// State shared by the supervisor, the pipeline's observer and the HTTP handlers.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) progress: Arc<Progress>,
+    pub(crate) metrics: Arc<RelayMetrics>,
+    /// A run holds the slot and streams.
+    streaming: AtomicBool,
+    /// The Kafka cluster answered the last probe.
+    kafka_reachable: AtomicBool,
+    /// The current run's probe.
+    probe: Mutex<Option<KafkaProbe>>,
+    ready_stall: Duration,
+    slot: String,
+    slot_watch: Mutex<SlotWatch>,
+}
+
+impl Shared {
+    /// `Ok` when `/readyz` answers 200; else the one-line reason.
+    pub(crate) fn readiness(&self) -> std::result::Result<(), String> {
+        if !self.streaming.load(Ordering::Acquire) {
+            return Err(format!(
+                "not streaming from replication slot {} (connecting, or restarting after an error)",
+                self.slot
+            ));
+        }
+        if !self.kafka_reachable.load(Ordering::Acquire) {
+            return Err("the Kafka cluster does not answer (kafka.bootstrap_servers)".into());
+        }
+        let blocked = self.progress.blocked_for();
+        if blocked >= self.ready_stall {
+            return Err(format!(
+                "Kafka has acknowledged nothing for {}s with events in flight (metrics.ready_stall_ms)",
+                blocked.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies the pipeline's counters and the readiness into the metrics.
+    pub(crate) fn refresh(&self) {
+        self.metrics.refresh(&self.progress);
+        self.metrics
+            .ready
+            .set(if self.readiness().is_ok() { 1.0 } else { 0.0 });
+    }
+
+    fn server_report(&self, report: ServerReport) {
+        match report {
+            ServerReport::Heartbeat => events::heartbeat(&self.metrics),
+            ServerReport::Slot(facts) => {
+                let mut watch = self.slot_watch.lock().unwrap();
+                events::slot_facts(&self.metrics, &mut watch, &self.slot, &facts);
+            }
+        }
+    }
+}
+
+/// Marks the relay as streaming while it lives.
+struct Streaming<'a>(&'a Shared);
+
+impl Drop for Streaming<'_> {
+    fn drop(&mut self) {
+        self.0.streaming.store(false, Ordering::Release);
+        *self.0.probe.lock().unwrap() = None;
+    }
+}
+
+/// The relay: one pipeline from a slot to Kafka, supervised.
+#[derive(Debug)]
+pub struct Relay {
+    cfg: Config,
+    shared: Arc<Shared>,
+}
+
+impl Relay {
+    /// A relay for a validated configuration. No I/O yet.
+    pub fn new(cfg: Config) -> Self {
+        let metrics = Arc::new(RelayMetrics::new(
+            &cfg.postgres.slot,
+            cfg.metrics.listen.is_some(),
+        ));
+        let shared = Arc::new(Shared {
+            progress: Arc::new(Progress::default()),
+            metrics,
+            streaming: AtomicBool::new(false),
+            kafka_reachable: AtomicBool::new(false),
+            probe: Mutex::new(None),
+            ready_stall: Duration::from_millis(cfg.metrics.ready_stall_ms),
+            slot: cfg.postgres.slot.clone(),
+            slot_watch: Mutex::default(),
+        });
+        Relay { cfg, shared }
+    }
+
+    /// The pipeline's counters (shared across restarts).
+    pub fn progress(&self) -> Arc<Progress> {
+        self.shared.progress.clone()
+    }
+
+    /// `Ok` when the relay is ready (what `/readyz` answers), else why not.
+    ///
+    /// # Errors
+    /// The one-line reason it is not ready.
+    pub fn readiness(&self) -> std::result::Result<(), String> {
+        self.shared.readiness()
+    }
+
+    /// The Prometheus text of the relay's metrics (`None` when `[metrics]
+    /// listen` is unset).
+    pub fn render_metrics(&self) -> Option<String> {
+        self.shared.refresh();
+        self.shared.metrics.render()
+    }
+
+    /// Runs until `stop` turns true (then stops reading, waits for
+    /// outstanding deliveries up to `pipeline.shutdown_timeout_ms`, reports the
+    /// final position and returns `Ok`), or until an error that stops walcast.
+    /// Retryable errors restart the pipeline from the slot with backoff.
+    /// Serves `[metrics] listen` meanwhile.
+    ///
+    /// # Errors
+    /// An error whose decision is [`Decision::Exit`]: an operator error (the
+    /// setup is wrong, the listener cannot bind) or a permanent one (an event
+    /// that can never be published).
+    pub async fn run(self, stop: watch::Receiver<bool>) -> Result<()> {
+        let shared = self.shared.clone();
+        let server = match &self.cfg.metrics.listen {
+            Some(listen) => Some(http::bind(listen, shared.clone()).await?),
+            None => None,
+        };
+        let background = async {
+            let Some(server) = server else {
+                return std::future::pending().await;
+            };
+            tokio::join!(server, tick(&shared), probe_kafka(&shared));
+        };
+        tokio::select! {
+            r = run(&self.cfg, &shared, stop) => r,
+            () = background => Ok(()),
+        }
+    }
+}
+
+/// Copies the counters into the gauges once a second and bounds the exporter's memory.
+async fn tick(shared: &Shared) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        shared.refresh();
+        shared.metrics.upkeep();
+    }
+}
+
+/// Asks the Kafka cluster for metadata every [`KAFKA_PROBE_EVERY`] (on a
+/// blocking thread) for `/readyz`.
+async fn probe_kafka(shared: &Shared) {
+    let mut ticker = tokio::time::interval(KAFKA_PROBE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut logged_down = false;
+    loop {
+        ticker.tick().await;
+        let probe = shared.probe.lock().unwrap().clone();
+        let result = match probe {
+            None => Err(None),
+            Some(p) => {
+                match tokio::task::spawn_blocking(move || p.check(KAFKA_PROBE_EVERY)).await {
+                    Ok(r) => r.map_err(|e| Some(e.to_string())),
+                    Err(e) => Err(Some(e.to_string())),
+                }
+            }
+        };
+        let up = result.is_ok();
+        shared.kafka_reachable.store(up, Ordering::Release);
+        match result {
+            Ok(()) if logged_down => {
+                logged_down = false;
+                events::kafka_reachable(true, None);
+            }
+            Err(Some(e)) if !logged_down => {
+                logged_down = true;
+                events::kafka_reachable(false, Some(&e));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// walcast's slot record stores: the state directory's file and the
+/// compacted Kafka topic `pipeline.state_topic` (created when missing).
+/// Delivery rule 5: a record in either counts.
+///
+/// # Errors
+/// When the state directory cannot be resolved or the Kafka topic cannot be
+/// opened or created.
+pub async fn state_stores(cfg: &Config) -> Result<SlotState> {
+    let dir = cfg.state_dir(|k| std::env::var_os(k))?;
+    match &cfg.pipeline.state_dir {
+        Some(given) if given.is_relative() => tracing::info!(
+            "pipeline.state_dir {} is relative: walcast's slot records are kept in {}",
+            given.display(),
+            dir.display()
+        ),
+        _ => {}
+    }
+    if cfg.pipeline.state_dir.is_none() && std::path::Path::new("walcast-state").is_dir() {
+        tracing::warn!(
+            "found walcast-state in the working directory (the former default state directory); walcast now keeps its slot records in {}. Set pipeline.state_dir to the old directory's absolute path to keep using it",
+            dir.display()
+        );
+    }
+    let kafka = KafkaRecordStore::open(&cfg.kafka, &cfg.pipeline.state_topic).await?;
+    tracing::info!(
+        state_dir = %dir.display(),
+        state_topic = %cfg.pipeline.state_topic,
+        "walcast's slot records: the state directory and the Kafka topic"
+    );
+    let stores: Vec<Arc<dyn SlotRecordStore>> =
+        vec![Arc::new(FileStore::new(dir)), Arc::new(kafka)];
+    Ok(SlotState::new(stores))
+}
+
+/// What one run (or an operator tool) connects with.
+///
+/// # Errors
+/// When the password file cannot be read or a table name is invalid.
+pub fn connect_options(cfg: &Config, state: SlotState) -> Result<ConnectOptions> {
+    Ok(ConnectOptions {
+        pg: cfg.postgres.clone(),
+        password: cfg.postgres_password()?,
+        tables: cfg.outbox_tables()?,
+        columns: cfg.outbox.columns.clone(),
+        state,
+        max_row_bytes: cfg.pipeline.max_row_bytes,
+    })
+}
+
+/// The supervisor: runs the pipeline, restarting it from the slot with
+/// backoff after retryable errors.
+async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> Result<()> {
+    // Resolved before any I/O: a missing state directory is a setup error.
+    cfg.state_dir(|k| std::env::var_os(k))?;
+    // Opened once Kafka answers (the record's second copy lives there).
+    let mut opts: Option<ConnectOptions> = None;
+    // Test-only crash points, read once; `None` unless WALCAST_FAILPOINTS is set.
+    let failpoints = Failpoints::from_env()?.map(Arc::new);
+    if failpoints.is_some() {
+        let var = walcast_core::failpoint::ENV_VAR;
+        tracing::warn!(
+            "{var}={} is set: this process will abort itself there (a test tool, never for production)",
+            std::env::var(var).unwrap_or_default()
+        );
+    }
+    if walcast_core::ack::BROKEN_ACK_FOR_TESTS {
+        tracing::error!(
+            "this walcast was built with the feature broken-ack-for-tests: it acknowledges a transaction when its FIRST event is delivered and LOSES DATA. It exists only to prove that the reliability suite catches such a bug"
+        );
+    }
+    // The topics' record size limits, read by each run's sink and kept here
+    // so a limit one run learnt sizes the next run's producer.
+    let topic_limits = TopicLimits::default();
+    let initial = Duration::from_millis(cfg.pipeline.restart_backoff_initial_ms);
+    let max = Duration::from_millis(cfg.pipeline.restart_backoff_max_ms);
+    let mut backoff = initial;
+    let mut connections = 0u64;
+    loop {
+        if *stop_rx.borrow() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match run_once(
+            cfg,
+            &mut opts,
+            shared,
+            &failpoints,
+            &topic_limits,
+            &mut connections,
+            stop_rx.clone(),
+        )
+        .await
+        {
+            Ok(PipelineExit::Shutdown {
+                confirmed,
+                abandoned_events,
+            }) => {
+                tracing::info!(%confirmed, abandoned_events, "stopped");
+                return Ok(());
+            }
+            Ok(PipelineExit::SourceEnded { confirmed }) => {
+                events::source_ended(&shared.metrics, confirmed);
+            }
+            Err(e) => match e.kind().decision() {
+                Decision::Exit => {
+                    tracing::error!(kind = %e.kind(), "{e}");
+                    return Err(e);
+                }
+                Decision::RestartFromSlot => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = initial;
+                    }
+                    events::pipeline_restart(&shared.metrics, &e, backoff);
+                }
+            },
+        }
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}
+
+/// One run: connect Kafka and Postgres, run the pipeline beside the
+/// periodic server check, close in order ([`run_pipeline`]).
+async fn run_once(
+    cfg: &Config,
+    opts: &mut Option<ConnectOptions>,
+    shared: &Shared,
+    failpoints: &Option<Arc<Failpoints>>,
+    topic_limits: &TopicLimits,
+    connections: &mut u64,
+    stop: watch::Receiver<bool>,
+) -> Result<PipelineExit> {
+    let progress = &shared.progress;
+    let template = TopicTemplate::parse(&cfg.outbox.topic)?;
+    let sink = KafkaSink::connect(
+        &cfg.kafka,
+        QueueLimits {
+            max_in_flight_events: cfg.pipeline.max_in_flight_events,
+            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
+        },
+        &template,
+        topic_limits,
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| e.or_origin(Origin::Kafka))?;
+    if opts.is_none() {
+        let state = state_stores(cfg)
+            .await
+            .map_err(|e| e.or_origin(Origin::Kafka))?;
+        *opts = Some(connect_options(cfg, state)?);
+    }
+    let opts = opts
+        .as_ref()
+        .ok_or_else(|| Error::permanent("connection options missing"))?;
+    let connected = walcast_postgres::connect(opts)
+        .await
+        .map_err(|e| e.or_origin(Origin::Postgres))?;
+    *connections += 1;
+    if *connections > 1 {
+        shared.metrics.postgres_reconnects.increment(1);
+    }
+    let source = connected.source;
+    tracing::info!(
+        slot = %cfg.postgres.slot,
+        publication = %cfg.postgres.publication,
+        start_lsn = %connected.start_lsn,
+        created_slot = connected.created_slot,
+        server_version = connected.info.server_version_num,
+        "streaming from the slot"
+    );
+    *shared.probe.lock().unwrap() = Some(sink.probe());
+    // KafkaSink::connect read the cluster's metadata: it answers now.
+    shared.kafka_reachable.store(true, Ordering::Release);
+    shared.streaming.store(true, Ordering::Release);
+    let _streaming = Streaming(shared);
+    let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone())
+        .with_partitions(connected.partitions.clone());
+    let router = Router::new(template);
+    let mut pipeline = Pipeline::new(
+        PipelineSettings {
+            max_in_flight_events: cfg.pipeline.max_in_flight_events,
+            max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
+            shutdown_timeout: Duration::from_millis(cfg.pipeline.shutdown_timeout_ms),
+            stall_warning_after: Duration::from_millis(cfg.kafka.blocked_warning_ms),
+            delivery_timeout: Duration::from_millis(cfg.kafka.delivery_timeout_ms),
+        },
+        filter,
+        router,
+        progress.clone(),
+    )
+    .with_failpoints(failpoints.clone())
+    .with_observer(Box::new(RelayObserver::new(shared.metrics.clone())));
+    // walcast's slot record is written ahead of every reported position by
+    // the source itself (walcast_postgres: the write-ahead gate), also the
+    // final one at shutdown: nothing to save here.
+    let on_confirm = |_: Lsn| {};
+    // A swapped outbox table never shows in the stream: watch the catalog
+    // (and read the slot's facts, and write heartbeats) beside the pipeline.
+    let every = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+    let watch = walcast_postgres::watch_server(
+        opts,
+        connected.catalog.clone(),
+        WatchSettings {
+            catalog_every: every(cfg.postgres.catalog_check_interval_ms),
+            heartbeat_every: every(cfg.postgres.heartbeat_interval_ms),
+        },
+        |report| shared.server_report(report),
+    );
+    let report_final = |_: Lsn| {};
+    run_pipeline(
+        &mut pipeline,
+        source,
+        sink,
+        connected.start_lsn,
+        stop,
+        on_confirm,
+        watch,
+        report_final,
+    )
+    .await
+}
+
+/// Runs `pipeline` over `source` and `sink` from `start` beside `beside`
+/// (the periodic server check: an error it resolves with ends the run like a
+/// pipeline error), then closes them in the order the delivery rules need:
+///
+/// 1. the sink is aborted first, whatever the outcome: everything it still
+///    holds is dropped, so nothing of this run can reach Kafka after the
+///    next run started from the slot (rule 7), and nothing it held is
+///    confirmed;
+/// 2. when the run ended cleanly or stops walcast ([`Decision::Exit`]), the
+///    final position, the one the ack tracker confirmed, is reported:
+///    `report_final` gets it (the state record), then the source is shut
+///    down, which sends it to the server before closing (rule 11);
+/// 3. otherwise (a restart) the source is dropped without more: the server
+///    keeps the last position reported and the next run resumes there.
+///
+/// `on_confirm` is called with each newly confirmed LSN (see [`Pipeline::run`]).
+///
+/// # Errors
+/// The pipeline's error, or `beside`'s.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_pipeline<S, K>(
+    pipeline: &mut Pipeline,
+    mut source: S,
+    mut sink: K,
+    start: Lsn,
+    stop: watch::Receiver<bool>,
+    on_confirm: impl FnMut(Lsn) + Send,
+    beside: impl Future<Output = Error>,
+    report_final: impl FnOnce(Lsn),
+) -> Result<PipelineExit>
+where
+    S: ReplicationSource,
+    K: EventSink,
+{
+    let result = {
+        let run = pipeline.run(&mut source, &mut sink, start, stop, on_confirm);
+        tokio::select! {
+            r = run => r,
+            e = beside => Err(e),
+        }
+    };
+    sink.abort();
+    let closing = match &result {
+        Ok(_) => true,
+        Err(e) => e.kind().decision() == Decision::Exit,
+    };
+    if closing {
+        report_final(pipeline.progress().confirmed());
+        if let Err(e) = source.shutdown().await {
+            tracing::warn!("{e}");
+        }
+    } else {
+        drop(source);
+    }
+    result
+}
