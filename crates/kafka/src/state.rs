@@ -276,15 +276,37 @@ impl KafkaRecordStore {
                 }
             }
         }
+        if existing.is_none() {
+            // Created just now with cleanup.policy=compact: a broker that has
+            // not seen the new topic yet would describe it without any value.
+            return Ok(());
+        }
         // An existing topic must be compacted, or its records expire.
         let spec = ResourceSpecifier::Topic(&self.topic);
-        match admin.describe_configs([&spec], &opts).await {
+        let mut described = admin.describe_configs([&spec], &opts).await;
+        for _ in 0..10 {
+            // No value yet: the answering broker has not caught up with the
+            // topic's configuration (right after it was created elsewhere).
+            let unknown = matches!(&described, Ok(results) if results.iter().flatten().any(|r| {
+                r.get("cleanup.policy").and_then(|e| e.value.as_deref()).unwrap_or("").is_empty()
+            }));
+            if !unknown {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            described = admin.describe_configs([&spec], &opts).await;
+        }
+        match described {
             Ok(results) => {
                 for r in results.into_iter().flatten() {
                     let policy = r
                         .get("cleanup.policy")
                         .and_then(|e| e.value.clone())
                         .unwrap_or_default();
+                    if policy.is_empty() {
+                        tracing::warn!(topic = %self.topic, "Kafka does not show the state topic's cleanup.policy yet; make sure it is compacted (cleanup.policy=compact)");
+                        continue;
+                    }
                     if !policy.split(',').any(|p| p.trim() == "compact") {
                         return Err(Error::operator(format!(
                             "Kafka topic {} (pipeline.state_topic) has cleanup.policy = {policy:?}: walcast's slot records would expire",
