@@ -12,18 +12,6 @@ use crate::common::*;
 
 const OPERATOR_EXIT: i32 = 2;
 
-fn run_expecting_failure(dir: &std::path::Path, cfg: &WalcastConfig) -> Result<(i32, String)> {
-    std::fs::create_dir_all(dir)?;
-    let file = dir.join("bad.toml");
-    std::fs::write(&file, &cfg.toml)?;
-    let (status, out) = Walcast::run_to_exit(
-        &bin(),
-        &["run", "--config", file.to_str().unwrap()],
-        Duration::from_secs(60),
-    )?;
-    Ok((status.code().unwrap_or(-1), out))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configuration_errors_are_reported_before_any_io() -> Result<()> {
     let env = TestEnv::get();
@@ -50,7 +38,7 @@ async fn configuration_errors_are_reported_before_any_io() -> Result<()> {
             "outbox.topic",
         ),
     ] {
-        let (code, out) = run_expecting_failure(dir.path(), &cfg)?;
+        let (code, out) = run_to_exit(dir.path(), &cfg)?;
         assert_eq!(code, OPERATOR_EXIT, "{out}");
         assert!(out.contains(needle), "expected {needle:?} in: {out}");
     }
@@ -84,7 +72,7 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     let base = WalcastConfig::for_db(env, &db, dir.path());
 
     // Missing table.
-    let (code, out) = run_expecting_failure(
+    let (code, out) = run_to_exit(
         dir.path(),
         &base.clone().set("outbox", "tables", "[\"public.nope\"]"),
     )?;
@@ -100,7 +88,7 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
             "CREATE TABLE outbox2 (id uuid, aggregatetype text, type text, payload jsonb)",
         )
         .await?;
-    let (code, out) = run_expecting_failure(
+    let (code, out) = run_to_exit(
         dir.path(),
         &base.clone().set("outbox", "tables", "[\"public.outbox2\"]"),
     )?;
@@ -108,7 +96,7 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     assert!(out.contains("has no column \"aggregateid\""), "{out}");
 
     // Wrong password.
-    let (code, out) = run_expecting_failure(
+    let (code, out) = run_to_exit(
         dir.path(),
         &base.clone().set("postgres", "password", "\"wrong\""),
     )?;
@@ -120,7 +108,7 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     admin
         .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD 'pw'"))
         .await?;
-    let (code, out) = run_expecting_failure(
+    let (code, out) = run_to_exit(
         dir.path(),
         &base
             .clone()
@@ -134,7 +122,7 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     );
 
     // Publication missing and not creatable by walcast (not the table owner).
-    let (code, out) = run_expecting_failure(
+    let (code, out) = run_to_exit(
         dir.path(),
         &base
             .clone()
@@ -150,7 +138,7 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     // Slot active elsewhere: a second instance on the same slot fails clearly.
     let mut first = Walcast::start(&bin(), &dir.path().join("a"), &base)?;
     first.wait_streaming()?;
-    let (code, out) = run_expecting_failure(
+    let (code, out) = run_to_exit(
         dir.path(),
         &base.clone().set("postgres", "slot_wait_timeout_ms", "1500"),
     )?;
@@ -169,7 +157,7 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     admin
         .execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
         .await?;
-    let (code, out) = run_expecting_failure(dir.path(), &base)?;
+    let (code, out) = run_to_exit(dir.path(), &base)?;
     assert_eq!(code, OPERATOR_EXIT, "{out}");
     assert!(
         out.contains("no longer exists") && out.contains("walcast slot accept-gap"),
@@ -237,7 +225,7 @@ async fn wal_level_replica_is_refused() -> Result<()> {
         let db = TestDb::create_on(env, port, "wallevel", true).await?;
         let dir = tempfile::tempdir()?;
         let cfg = WalcastConfig::for_db(env, &db, dir.path());
-        let (code, out) = run_expecting_failure(dir.path(), &cfg)?;
+        let (code, out) = run_to_exit(dir.path(), &cfg)?;
         // `walcast check` names it too (issue 11).
         let check = crate::ops::walcast(dir.path(), Some(&cfg), &["check", "--json"])?;
         db.drop(env).await?;

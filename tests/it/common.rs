@@ -12,6 +12,7 @@ use walcast_pgoutput::{Decoder, Message};
 use walcast_tests::checker::{Observed, Outcome, WrittenEvent, WrittenTxn};
 use walcast_tests::kafka::{create_topics, Record, TopicReader};
 use walcast_tests::pg::TestDb;
+use walcast_tests::process::{Walcast, WalcastConfig};
 use walcast_tests::TestEnv;
 
 /// The walcast binary Cargo built for these tests.
@@ -235,6 +236,15 @@ pub fn wait_all(reader: &mut TopicReader, writer: &Writer, timeout: Duration) ->
         .filter(|t| t.outcome == Outcome::Committed)
         .flat_map(|t| t.events.iter().map(|e| e.id.clone()))
         .collect();
+    wait_ids(reader, &want, timeout)
+}
+
+/// Waits until the reader holds a record of every event id in `want`.
+pub fn wait_ids(
+    reader: &mut TopicReader,
+    want: &HashSet<String>,
+    timeout: Duration,
+) -> Result<bool> {
     let mut have: HashSet<String> = HashSet::new();
     let mut counted = 0;
     reader.read_until(timeout, |recs| {
@@ -246,6 +256,20 @@ pub fn wait_all(reader: &mut TopicReader, writer: &Writer, timeout: Duration) ->
         counted = recs.len();
         want.iter().all(|id| have.contains(id))
     })
+}
+
+/// Runs `walcast run` with `cfg` (written to `dir`) to completion: its exit
+/// code (-1 when killed) and its output.
+pub fn run_to_exit(dir: &std::path::Path, cfg: &WalcastConfig) -> Result<(i32, String)> {
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join("run-to-exit.toml");
+    std::fs::write(&file, &cfg.toml)?;
+    let (status, out) = Walcast::run_to_exit(
+        &bin(),
+        &["run", "--config", file.to_str().unwrap()],
+        Duration::from_secs(60),
+    )?;
+    Ok((status.code().unwrap_or(-1), out))
 }
 
 /// Waits until the slot's confirmed flush LSN reaches `lsn`.

@@ -96,20 +96,6 @@ fn wanted(log: &[WrittenTxn]) -> HashSet<String> {
         .collect()
 }
 
-fn wait_ids(reader: &mut TopicReader, want: &HashSet<String>, timeout: Duration) -> Result<bool> {
-    let mut have = HashSet::new();
-    let mut counted = 0;
-    reader.read_until(timeout, |recs| {
-        for r in &recs[counted..] {
-            if let Some(id) = r.header("id") {
-                have.insert(id);
-            }
-        }
-        counted = recs.len();
-        want.iter().all(|id| have.contains(id))
-    })
-}
-
 /// Issue 10 item 1: a partitioned outbox in its own schema with custom column
 /// names. A publication created the usual way (without
 /// `publish_via_partition_root`) is refused at start with the SQL to fix it;
@@ -135,14 +121,8 @@ async fn a_partitioned_outbox_relays_every_event() -> Result<()> {
     let cfg = partitioned_config(env, &db, dir.path());
 
     // 1. Refused at start, nothing created, with the exact fix.
-    let file = dir.path().join("walcast.toml");
-    std::fs::write(&file, &cfg.toml)?;
-    let (status, out) = Walcast::run_to_exit(
-        &bin(),
-        &["run", "--config", file.to_str().unwrap()],
-        Duration::from_secs(60),
-    )?;
-    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
+    let (code, out) = run_to_exit(dir.path(), &cfg)?;
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
     assert!(
         out.contains(&format!(
             "ALTER PUBLICATION \"{}\" SET (publish_via_partition_root = true)",
@@ -225,15 +205,6 @@ async fn a_change_walcast_cannot_attribute_stops_it() -> Result<()> {
     let c = db.admin(env).await?;
     let dir = tempfile::tempdir()?;
     let cfg = WalcastConfig::for_db(env, &db, dir.path());
-    let file = dir.path().join("walcast.toml");
-    std::fs::write(&file, &cfg.toml)?;
-    let run = || {
-        Walcast::run_to_exit(
-            &bin(),
-            &["run", "--config", file.to_str().unwrap()],
-            Duration::from_secs(60),
-        )
-    };
 
     // A publication that also carries another table.
     c.batch_execute(&format!(
@@ -242,8 +213,8 @@ async fn a_change_walcast_cannot_attribute_stops_it() -> Result<()> {
         db.publication
     ))
     .await?;
-    let (status, out) = run()?;
-    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
+    let (code, out) = run_to_exit(dir.path(), &cfg)?;
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
     assert!(
         out.contains("also publishes public.ledger")
             && out.contains(&format!(
@@ -256,16 +227,13 @@ async fn a_change_walcast_cannot_attribute_stops_it() -> Result<()> {
     let all = format!("{}_all", db.publication);
     c.batch_execute(&format!("CREATE PUBLICATION {all} FOR ALL TABLES"))
         .await?;
-    std::fs::write(
-        &file,
+    let (code, out) = run_to_exit(
+        dir.path(),
         &cfg.clone()
-            .set("postgres", "publication", &format!("\"{all}\""))
-            .toml,
+            .set("postgres", "publication", &format!("\"{all}\"")),
     )?;
-    let (status, out) = run()?;
-    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
     assert!(out.contains("is FOR ALL TABLES"), "{out}");
-    std::fs::write(&file, &cfg.toml)?;
     c.batch_execute(&format!(
         "ALTER PUBLICATION {} DROP TABLE ledger",
         db.publication
@@ -380,14 +348,8 @@ async fn oversize_rows_and_logical_messages() -> Result<()> {
     let want: HashSet<String> = [small_before].into_iter().collect();
     assert!(wait_ids(&mut reader, &want, Duration::from_secs(30))?);
     // A restart stops at the same row: it is never skipped.
-    let file = dir.path().join("again.toml");
-    std::fs::write(&file, &cfg.toml)?;
-    let (status, out) = Walcast::run_to_exit(
-        &bin(),
-        &["run", "--config", file.to_str().unwrap()],
-        Duration::from_secs(60),
-    )?;
-    assert_eq!(status.code(), Some(EXIT_PERMANENT), "{out}");
+    let (code, out) = run_to_exit(dir.path(), &cfg)?;
+    assert_eq!(code, EXIT_PERMANENT, "{out}");
     assert!(db.confirmed_flush_lsn(env).await?.unwrap_or(0) <= lsn_before);
     drop(c);
     db.drop(env).await?;
@@ -431,14 +393,8 @@ async fn a_swapped_outbox_stops_walcast() -> Result<()> {
         "{text}"
     );
     // A restart refuses too: the publication does not hold the new table.
-    let file = dir.path().join("again.toml");
-    std::fs::write(&file, &cfg.toml)?;
-    let (status, out) = Walcast::run_to_exit(
-        &bin(),
-        &["run", "--config", file.to_str().unwrap()],
-        Duration::from_secs(60),
-    )?;
-    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
+    let (code, out) = run_to_exit(dir.path(), &cfg)?;
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
     drop(c);
     db.drop(env).await?;
     Ok(())
