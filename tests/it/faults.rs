@@ -75,13 +75,20 @@ async fn kill_9_under_load_loses_nothing() -> Result<()> {
     let mut writer = Writer::new(&client).await?;
     let mut rng = rng("crash");
     let mut writer_rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(rng.random());
+    // The writer goes on until the last kill: every kill must happen under
+    // load, or it proves nothing (a kill of an idle relay has nothing in
+    // flight and nothing unconfirmed).
+    let kills_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = kills_done.clone();
     let writer_task = tokio::spawn(async move {
         let rng = &mut writer_rng;
-        while writer.committed() < 4_000 {
+        while writer.committed() < 4_000 || !done.load(std::sync::atomic::Ordering::Relaxed) {
             let size = rng.random_range(1..=40usize);
             let rollback = rng.random_bool(0.05);
             writer.txn(&mut client, rng, size, 200, rollback).await?;
-            tokio::time::sleep(Duration::from_millis(3)).await;
+            // Past the first 4,000 events, a lighter load keeps the kills busy.
+            let pause = if writer.committed() < 4_000 { 3 } else { 200 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
         anyhow::Ok(writer)
     });
@@ -108,6 +115,7 @@ async fn kill_9_under_load_loses_nothing() -> Result<()> {
         w = Walcast::start(&bin(), state.path(), &cfg)?;
         w.wait_streaming()?;
     }
+    kills_done.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut writer = writer_task.await??;
     assert!(
         wait_all(&mut reader, &writer, Duration::from_secs(120))?,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use walcast_core::state::SlotRecord;
-use walcast_core::Error;
+use walcast_core::{Error, ErrorKind};
 use walcast_pgoutput::Lsn;
 
 use crate::state::SlotState;
@@ -99,7 +99,17 @@ impl Gate {
     }
 }
 
+/// First wait before a failed (retryable) record write is tried again.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between retries of a failed record write.
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How often a record write that keeps failing is logged again.
+const RETRY_WARN_EVERY: Duration = Duration::from_secs(30);
+
 /// The background task that writes records ahead of the reported position.
+/// A retryable failure (the Kafka copy's store is unavailable) holds the
+/// position and is retried with backoff; any other failure is returned by
+/// the source (the run ends).
 ///
 /// `base` is the record written at start (identity, walsender); `reported`
 /// reads the LSN last sent to the server (the record's lower bound).
@@ -114,6 +124,9 @@ pub(crate) fn spawn_writer(
         let mut wanted = gate.wanted.subscribe();
         let mut lower = base.confirmed_lower;
         let mut last_write: Option<tokio::time::Instant> = None;
+        let mut retry = RETRY_FIRST;
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut warned_for = Duration::ZERO;
         loop {
             // Until the relay wants more than the record allows.
             loop {
@@ -141,7 +154,32 @@ pub(crate) fn spawn_writer(
             };
             last_write = Some(tokio::time::Instant::now());
             match state.save(record).await {
-                Ok(()) => gate.allow(target),
+                Ok(()) => {
+                    if failing_since.take().is_some() {
+                        tracing::info!(lsn = %target, "walcast's slot record is written again; the slot advances");
+                    }
+                    retry = RETRY_FIRST;
+                    gate.allow(target);
+                }
+                // The store is unavailable for now (Kafka down, the record's
+                // write timed out): hold the position and retry. The
+                // replication connection stays up and keeps sending status
+                // updates with the held position (rule 4): a Kafka outage
+                // must not end it.
+                Err(e) if e.kind() == ErrorKind::Retryable => {
+                    let now = tokio::time::Instant::now();
+                    let since = *failing_since.get_or_insert(now);
+                    if now == since || now.duration_since(since) >= warned_for + RETRY_WARN_EVERY {
+                        warned_for = now.duration_since(since);
+                        tracing::warn!(
+                            "{e}; the slot is not advanced past {} until walcast's record is written (retrying every {}s)",
+                            gate.allowed(),
+                            retry.as_secs()
+                        );
+                    }
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
                 Err(e) => {
                     tracing::warn!(
                         "{e}; the slot is not advanced past {} until walcast's record is written",
@@ -255,13 +293,60 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_failed_write_holds_the_position_and_reports_the_error() {
+    async fn a_store_that_is_down_holds_the_position_until_it_is_back() {
         let mem = Arc::new(Memory::default());
         mem.fail.store(true, Ordering::Relaxed);
         let gate = Gate::new(Lsn::new(100));
         let writer = spawn_writer(
             gate.clone(),
             SlotState::new(vec![mem.clone()]),
+            base(),
+            || Lsn::new(100),
+            Duration::from_millis(10),
+        );
+        gate.want(Lsn::new(200));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(
+            gate.allowed(),
+            Lsn::new(100),
+            "held while the store is down"
+        );
+        assert!(!gate.failed(), "a store that is down does not end the run");
+        mem.fail.store(false, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while gate.allowed() < Lsn::new(200) {
+                gate.raised().await;
+            }
+        })
+        .await
+        .unwrap();
+        writer.abort();
+    }
+
+    #[derive(Debug, Default)]
+    struct Refusing;
+
+    impl SlotRecordStore for Refusing {
+        fn describe(&self, _: &SlotKey) -> String {
+            "refusing".into()
+        }
+        fn load(&self, _: &SlotKey) -> Result<Option<SlotRecord>> {
+            Ok(None)
+        }
+        fn save(&self, _: &SlotRecord) -> Result<()> {
+            Err(Error::operator("state directory not writable"))
+        }
+        fn forget(&self, _: &SlotKey) -> Result<bool> {
+            Ok(false)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_write_holds_the_position_and_reports_the_error() {
+        let gate = Gate::new(Lsn::new(100));
+        let writer = spawn_writer(
+            gate.clone(),
+            SlotState::new(vec![Arc::new(Refusing)]),
             base(),
             || Lsn::new(100),
             Duration::from_millis(10),
@@ -279,7 +364,7 @@ mod tests {
             .take_failure()
             .unwrap()
             .to_string()
-            .contains("store down"));
+            .contains("not writable"));
         assert!(gate.take_failure().is_none(), "returned once");
         writer.await.unwrap();
     }
