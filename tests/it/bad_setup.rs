@@ -172,7 +172,8 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
         .get(0);
     assert_eq!(slots, 0, "walcast must not silently recreate the slot");
     // Accepting the gap explicitly lets the next run start a new slot.
-    let file = dir.path().join("bad.toml");
+    // The file run_to_exit wrote the configuration to.
+    let file = dir.path().join("run-to-exit.toml");
     let (status, out) = Walcast::run_to_exit(
         &bin(),
         &["slot", "accept-gap", "--config", file.to_str().unwrap()],
