@@ -311,7 +311,7 @@ pub async fn pg_drain(a: PgDrainArgs) -> Result<()> {
             .postgres_password()
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         tables: cfg.outbox_tables().map_err(|e| anyhow::anyhow!("{e}"))?,
-        columns: cfg.outbox.columns.clone(),
+        columns: cfg.routes()?.required_columns(),
         // The drain is a measurement tool: its record lives only in the
         // state directory (no Kafka copy).
         state: walcast_postgres::SlotState::new(vec![std::sync::Arc::new(
@@ -350,7 +350,7 @@ pub async fn pg_drain(a: PgDrainArgs) -> Result<()> {
                     filter.decode(&data).map_err(|e| anyhow::anyhow!("{e}"))?
                 {
                     let event = router
-                        .route(&table, commit_lsn, row)
+                        .route(&table, commit_lsn, 0, row)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
                     bytes += event.size_bytes();
                     events += 1;

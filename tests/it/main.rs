@@ -15,5 +15,6 @@ mod ops;
 mod pgoutput_live;
 mod relay;
 mod reliability;
+mod routing;
 mod slot_record;
 mod tls;

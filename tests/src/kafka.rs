@@ -31,6 +31,9 @@ pub struct Record {
     /// When the broker appended it (ms since the epoch), on topics with
     /// `message.timestamp.type = LogAppendTime`; `None` on others.
     pub appended_ms: Option<i64>,
+    /// The record's own timestamp (ms since the epoch) on topics with
+    /// `CreateTime` (the default); `None` on others.
+    pub create_ms: Option<i64>,
 }
 
 impl Record {
@@ -245,6 +248,10 @@ impl TopicReader {
                     headers,
                     appended_ms: match m.timestamp() {
                         rdkafka::Timestamp::LogAppendTime(ms) => Some(ms),
+                        _ => None,
+                    },
+                    create_ms: match m.timestamp() {
+                        rdkafka::Timestamp::CreateTime(ms) => Some(ms),
                         _ => None,
                     },
                 });

@@ -132,7 +132,7 @@ fn bench_filter_and_route(c: &mut Criterion) {
                 || prepared.clone(),
                 |rows| {
                     for (table, row) in rows {
-                        black_box(r.route(&table, Lsn::from(42u64), row).expect("routes"));
+                        black_box(r.route(&table, Lsn::from(42u64), 0, row).expect("routes"));
                     }
                 },
                 BatchSize::SmallInput,
@@ -149,7 +149,7 @@ fn bench_filter_and_route(c: &mut Criterion) {
                     let ticket = t.begin().expect("begin");
                     for m in chunk {
                         if let Row::OutboxInsert { table, row } = f.decode(m).expect("decodes") {
-                            let event = r.route(&table, Lsn::from(end), row).expect("routes");
+                            let event = r.route(&table, Lsn::from(end), 0, row).expect("routes");
                             black_box(event.size_bytes());
                             t.event_sent(ticket).expect("sent");
                             tickets.push(ticket);

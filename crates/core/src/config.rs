@@ -152,12 +152,16 @@ pub struct PostgresConfig {
     pub heartbeat_interval_ms: u64,
 }
 
-/// `[outbox]`
+/// `[outbox]`: the outbox tables and the default route (how their rows
+/// become records); `[[outbox.route]]` entries override it per table.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
-    /// Schema-qualified outbox tables (`schema.table`; `table` alone means `public.table`).
-    #[serde(default = "default_tables")]
+    /// Schema-qualified outbox tables (`schema.table`; `table` alone means
+    /// `public.table`) that use the default route. The tables of
+    /// `[[outbox.route]]` entries are outbox tables too. Empty (the default)
+    /// with no routes means `["public.outbox"]`.
+    #[serde(default)]
     pub tables: Vec<String>,
     /// Column names (Debezium EventRouter defaults).
     #[serde(default)]
@@ -165,6 +169,110 @@ pub struct OutboxConfig {
     /// Topic template; `${routedByValue}` is the `aggregatetype` column's value.
     #[serde(default = "default_topic")]
     pub topic: String,
+    /// The default route's UPDATE behaviour (Debezium `table.op.invalid.behavior`).
+    #[serde(default)]
+    pub table_op_invalid_behavior: crate::route::OpBehavior,
+    /// The default route's DELETE behaviour (deleting outbox rows after
+    /// they were written is the usual cleanup, so `ignore` by default).
+    #[serde(default = "default_delete_behavior")]
+    pub table_op_delete_behavior: crate::route::OpBehavior,
+    /// Record header names.
+    #[serde(default)]
+    pub headers: HeadersConfig,
+    /// Per-table routes (Debezium EventRouter options in snake case).
+    #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[outbox.headers]`: the names of the headers walcast puts on every
+/// record. An empty name leaves that header out (not for `id`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadersConfig {
+    /// Event id (delivery rule 9). Default `id` (Debezium's).
+    #[serde(default = "h_id")]
+    pub id: String,
+    /// Event type (the type column). Default `type`.
+    #[serde(default = "h_type")]
+    pub r#type: String,
+    /// Schema version (`table_field_event_schema_version`). Default `schema_version`.
+    #[serde(default = "h_schema_version")]
+    pub schema_version: String,
+    /// Commit LSN of the source transaction. Default `walcast.source.lsn`.
+    #[serde(default = "h_source_lsn")]
+    pub source_lsn: String,
+    /// Commit time of the source transaction (RFC 3339 UTC). Default `walcast.commit.time`.
+    #[serde(default = "h_commit_time")]
+    pub commit_time: String,
+    /// W3C trace parent. Default `traceparent`.
+    #[serde(default = "h_traceparent")]
+    pub traceparent: String,
+    /// W3C trace state. Default `tracestate`.
+    #[serde(default = "h_tracestate")]
+    pub tracestate: String,
+    /// Correlation id. Default `correlation_id`.
+    #[serde(default = "h_correlation_id")]
+    pub correlation_id: String,
+}
+
+/// `[[outbox.route]]`: how one outbox table's rows become records. Option
+/// names are Debezium's Outbox EventRouter options with `.` replaced by `_`
+/// (`table.field.event.id` is `table_field_event_id`), with the same defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The outbox table (`schema.table`).
+    pub table: String,
+    /// Event id column (`id` header).
+    #[serde(default = "col_id")]
+    pub table_field_event_id: String,
+    /// Record key column.
+    #[serde(default = "col_aggregateid")]
+    pub table_field_event_key: String,
+    /// Event type column (`type` header when the table has it; set "" for none).
+    #[serde(default = "col_type")]
+    pub table_field_event_type: String,
+    /// Record timestamp column (`timestamp`, `timestamptz` or bigint ms);
+    /// unset: the transaction's commit time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_field_event_timestamp: Option<String>,
+    /// Payload column.
+    #[serde(default = "col_payload")]
+    pub table_field_event_payload: String,
+    /// Schema version column (integer), sent in the schema version header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_field_event_schema_version: Option<String>,
+    /// `column:header[:alias],column:envelope[:alias],column:partition`.
+    #[serde(default)]
+    pub table_fields_additional_placement: String,
+    /// Expand a JSON payload into the record value (or the envelope).
+    #[serde(default)]
+    pub table_expand_json_payload: bool,
+    /// UPDATE behaviour: `warn` (default), `ignore` or `stop`.
+    #[serde(default)]
+    pub table_op_invalid_behavior: crate::route::OpBehavior,
+    /// DELETE behaviour: `ignore` (default), `warn` or `stop`.
+    #[serde(default = "default_delete_behavior")]
+    pub table_op_delete_behavior: crate::route::OpBehavior,
+    /// The column whose value routes the event.
+    #[serde(default = "col_aggregatetype")]
+    pub route_by_field: String,
+    /// Regex over the routing value (the whole value must match).
+    #[serde(default = "default_topic_regex")]
+    pub route_topic_regex: String,
+    /// The topic; group references such as `${routedByValue}` are replaced.
+    #[serde(default = "default_topic")]
+    pub route_topic_replacement: String,
+    /// NULL or blank payload → tombstone (a record without value).
+    #[serde(default)]
+    pub route_tombstone_on_empty_payload: bool,
+    /// Column with the W3C trace context (a `traceparent`, or Java
+    /// properties with `traceparent=`/`tracestate=` as Debezium writes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing_span_context_field: Option<String>,
+    /// Column with a correlation id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id_field: Option<String>,
 }
 
 /// `[outbox.columns]`: which column plays which part.
@@ -328,11 +436,38 @@ fn default_ready_stall_ms() -> u64 {
 fn default_application_name() -> String {
     "walcast".into()
 }
-fn default_tables() -> Vec<String> {
-    vec!["public.outbox".into()]
-}
 fn default_topic() -> String {
     "outbox.event.${routedByValue}".into()
+}
+fn default_topic_regex() -> String {
+    crate::route::DEFAULT_TOPIC_REGEX.into()
+}
+fn default_delete_behavior() -> crate::route::OpBehavior {
+    crate::route::OpBehavior::Ignore
+}
+fn h_id() -> String {
+    "id".into()
+}
+fn h_type() -> String {
+    "type".into()
+}
+fn h_schema_version() -> String {
+    "schema_version".into()
+}
+fn h_source_lsn() -> String {
+    "walcast.source.lsn".into()
+}
+fn h_commit_time() -> String {
+    "walcast.commit.time".into()
+}
+fn h_traceparent() -> String {
+    "traceparent".into()
+}
+fn h_tracestate() -> String {
+    "tracestate".into()
+}
+fn h_correlation_id() -> String {
+    "correlation_id".into()
 }
 fn col_id() -> String {
     "id".into()
@@ -386,9 +521,28 @@ fn default_log_level() -> String {
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
-            tables: default_tables(),
+            tables: Vec::new(),
             columns: OutboxColumns::default(),
             topic: default_topic(),
+            table_op_invalid_behavior: crate::route::OpBehavior::default(),
+            table_op_delete_behavior: default_delete_behavior(),
+            headers: HeadersConfig::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        HeadersConfig {
+            id: h_id(),
+            r#type: h_type(),
+            schema_version: h_schema_version(),
+            source_lsn: h_source_lsn(),
+            commit_time: h_commit_time(),
+            traceparent: h_traceparent(),
+            tracestate: h_tracestate(),
+            correlation_id: h_correlation_id(),
         }
     }
 }
@@ -611,16 +765,109 @@ impl Config {
         }
     }
 
-    /// The outbox tables, parsed.
+    /// The outbox tables, parsed: `outbox.tables` (default `public.outbox`
+    /// when there are no routes), then the routes' tables.
     ///
     /// # Errors
     /// As [`TableName::parse`].
     pub fn outbox_tables(&self) -> Result<Vec<TableName>> {
-        self.outbox
-            .tables
-            .iter()
-            .map(|t| TableName::parse(t))
-            .collect()
+        Ok(self.routes()?.tables.into_iter().map(|(t, _)| t).collect())
+    }
+
+    /// Every route and which table uses which (index 0: the `[outbox]` route).
+    ///
+    /// # Errors
+    /// An operator error naming the option at fault.
+    pub fn routes(&self) -> Result<crate::route::Routes> {
+        use crate::route::{parse_additional_placement, RouteSpec, TopicRule};
+        let o = &self.outbox;
+        let mut default = RouteSpec::legacy(
+            &o.columns,
+            TopicRule::Template(crate::route::TopicTemplate::parse(&o.topic)?),
+        );
+        default.on_update = o.table_op_invalid_behavior;
+        default.on_delete = o.table_op_delete_behavior;
+        let mut specs = vec![default];
+        let mut tables = Vec::new();
+        let listed: Vec<&String> = if o.tables.is_empty() && o.routes.is_empty() {
+            Vec::new()
+        } else {
+            o.tables.iter().collect()
+        };
+        if o.tables.is_empty() && o.routes.is_empty() {
+            tables.push((TableName::parse("public.outbox")?, 0));
+        }
+        for t in listed {
+            tables.push((TableName::parse(t)?, 0));
+        }
+        for r in &o.routes {
+            let table = TableName::parse(&r.table)?;
+            let option = format!("outbox.route[{table}]");
+            let nonempty = |name: &str, v: &str| -> Result<()> {
+                if v.trim().is_empty() {
+                    Err(Error::operator(format!("{option}.{name} is empty")))
+                } else {
+                    Ok(())
+                }
+            };
+            nonempty("table_field_event_id", &r.table_field_event_id)?;
+            nonempty("table_field_event_key", &r.table_field_event_key)?;
+            nonempty("table_field_event_payload", &r.table_field_event_payload)?;
+            nonempty("route_by_field", &r.route_by_field)?;
+            let opt = |v: &Option<String>| v.as_ref().filter(|s| !s.trim().is_empty()).cloned();
+            let spec = RouteSpec {
+                id: r.table_field_event_id.clone(),
+                key: r.table_field_event_key.clone(),
+                payload: r.table_field_event_payload.clone(),
+                route_by: r.route_by_field.clone(),
+                event_type: Some(r.table_field_event_type.clone()).filter(|s| !s.trim().is_empty()),
+                type_required: false,
+                timestamp: opt(&r.table_field_event_timestamp),
+                schema_version: opt(&r.table_field_event_schema_version),
+                tracing: opt(&r.tracing_span_context_field),
+                correlation_id: opt(&r.correlation_id_field),
+                additional: parse_additional_placement(
+                    &format!("{option}.table_fields_additional_placement"),
+                    &r.table_fields_additional_placement,
+                )?,
+                topic: TopicRule::new(&option, &r.route_topic_regex, &r.route_topic_replacement)?,
+                expand_json: r.table_expand_json_payload,
+                tombstone_on_empty: r.route_tombstone_on_empty_payload,
+                on_update: r.table_op_invalid_behavior,
+                on_delete: r.table_op_delete_behavior,
+                option,
+            };
+            if let Some((_, i)) = tables.iter().find(|(t, _)| *t == table) {
+                return Err(Error::operator(if *i == 0 {
+                    format!("outbox table {table} is listed in outbox.tables and has an [[outbox.route]]")
+                } else {
+                    format!("outbox table {table} has two [[outbox.route]] entries")
+                })
+                .with_hint("give each outbox table exactly one route: remove it from outbox.tables, or merge the routes"));
+            }
+            tables.push((table, specs.len()));
+            specs.push(spec);
+        }
+        Ok(crate::route::Routes {
+            specs: std::sync::Arc::from(specs),
+            tables,
+        })
+    }
+
+    /// The record header names (`[outbox.headers]`).
+    pub fn header_names(&self) -> crate::route::HeaderNames {
+        let h = &self.outbox.headers;
+        let name = |s: &str| Some(std::sync::Arc::<str>::from(s)).filter(|s| !s.is_empty());
+        crate::route::HeaderNames {
+            id: std::sync::Arc::from(h.id.as_str()),
+            event_type: name(&h.r#type),
+            schema_version: name(&h.schema_version),
+            source_lsn: name(&h.source_lsn),
+            commit_time: name(&h.commit_time),
+            traceparent: name(&h.traceparent),
+            tracestate: name(&h.tracestate),
+            correlation_id: name(&h.correlation_id),
+        }
     }
 
     /// Checks every value; runs before any I/O.
@@ -688,6 +935,28 @@ impl Config {
             }
         }
         crate::route::TopicTemplate::parse(&self.outbox.topic)?;
+        let h = &self.outbox.headers;
+        if h.id.is_empty() {
+            return Err(Error::operator("outbox.headers.id is empty")
+                .with_hint("every record carries its event id (consumers deduplicate on it); name the header, default \"id\""));
+        }
+        let mut names = std::collections::HashSet::new();
+        for n in [
+            &h.id,
+            &h.r#type,
+            &h.schema_version,
+            &h.source_lsn,
+            &h.commit_time,
+            &h.traceparent,
+            &h.tracestate,
+            &h.correlation_id,
+        ] {
+            if !n.is_empty() && !names.insert(n.as_str()) {
+                return Err(Error::operator(format!(
+                    "outbox.headers names the header {n:?} twice"
+                )));
+            }
+        }
         let k = &self.kafka;
         if k.bootstrap_servers.trim().is_empty() {
             return Err(Error::operator("kafka.bootstrap_servers is empty")
@@ -992,7 +1261,10 @@ mod tests {
         let c = Config::from_toml(MIN).unwrap();
         assert_eq!(c.postgres.port, 5432);
         assert_eq!(c.postgres.slot, "walcast");
-        assert_eq!(c.outbox.tables, vec!["public.outbox".to_string()]);
+        assert_eq!(
+            c.outbox_tables().unwrap(),
+            vec![TableName::parse("public.outbox").unwrap()]
+        );
         assert_eq!(c.outbox.topic, "outbox.event.${routedByValue}");
         assert_eq!(c.pipeline.max_in_flight_events, 10_000);
         assert_eq!(c.kafka.compression, "lz4");

@@ -13,7 +13,7 @@
 //! about, a renamed or swapped outbox, or a publication with extra tables. The
 //! filter returns an operator error and the slot does not move past it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,10 +21,9 @@ use walcast_pgoutput::{decode_bytea_text, ColumnValue, Decoder, Message, Relatio
 
 use crate::config::{OutboxColumns, TableName};
 use crate::error::{Error, Result};
-use crate::route::OutboxRow;
-
-/// `bytea`'s type OID.
-const BYTEA_OID: u32 = 17;
+use crate::route::{
+    oid, Cell, ColumnKind, OpBehavior, OutboxRow, RouteSpec, Routes, TopicRule, TopicTemplate,
+};
 
 /// What one pgoutput message means for the relay.
 #[derive(Debug)]
@@ -33,12 +32,19 @@ pub enum Row {
     OutboxInsert {
         /// `schema.table`
         table: Arc<str>,
-        /// The outbox columns.
+        /// The columns its route reads.
         row: OutboxRow,
     },
     /// A row change on an outbox table that is not an event (UPDATE, DELETE,
     /// TRUNCATE).
-    Skipped(SkipReason),
+    Skipped {
+        /// Which change.
+        reason: SkipReason,
+        /// The outbox table (`schema.table`; empty when the relation is unknown).
+        table: Arc<str>,
+        /// What its route says to do with it.
+        behavior: OpBehavior,
+    },
     /// Anything else (Relation, Type, Origin, …).
     Other,
 }
@@ -54,6 +60,17 @@ pub enum SkipReason {
     Truncate,
 }
 
+impl SkipReason {
+    /// `UPDATE`, `DELETE`, `TRUNCATE`.
+    pub fn as_sql(self) -> &'static str {
+        match self {
+            SkipReason::Update => "UPDATE",
+            SkipReason::Delete => "DELETE",
+            SkipReason::Truncate => "TRUNCATE",
+        }
+    }
+}
+
 /// What a relation of the stream is to walcast.
 #[derive(Debug, Clone)]
 enum RelationKind {
@@ -66,12 +83,9 @@ enum RelationKind {
 #[derive(Debug, Clone)]
 struct Mapping {
     table: Arc<str>,
-    id: usize,
-    aggregatetype: usize,
-    aggregateid: usize,
-    event_type: Option<usize>,
-    payload: usize,
-    payload_is_bytea: bool,
+    route: usize,
+    /// Per slot: the column's index in the relation and its type OID.
+    slots: Vec<Option<(usize, u32)>>,
     columns: usize,
 }
 
@@ -79,22 +93,33 @@ struct Mapping {
 #[derive(Debug)]
 pub struct OutboxFilter {
     decoder: Decoder,
-    tables: HashSet<TableName>,
+    /// Each outbox table with its route.
+    tables: HashMap<TableName, usize>,
     /// Partitions (at any depth) of partitioned outbox tables, by name, with
     /// the outbox table they belong to.
     partitions: HashMap<TableName, TableName>,
-    columns: OutboxColumns,
+    specs: Arc<[RouteSpec]>,
     relations: HashMap<u32, RelationKind>,
 }
 
 impl OutboxFilter {
-    /// A filter for `tables` with the given column names (protocol version 1).
+    /// A filter for `tables` with the given column names and the default
+    /// topic rule (protocol version 1): the `[outbox]` route alone.
     pub fn new(tables: impl IntoIterator<Item = TableName>, columns: OutboxColumns) -> Self {
+        let topic = TopicRule::Template(
+            TopicTemplate::parse(crate::route::ROUTED_BY_VALUE)
+                .expect("the bare placeholder is a valid template"),
+        );
+        Self::with_routes(&Routes::single(RouteSpec::legacy(&columns, topic), tables))
+    }
+
+    /// A filter for `routes` (the router must be built from the same routes).
+    pub fn with_routes(routes: &Routes) -> Self {
         OutboxFilter {
             decoder: Decoder::new(1),
-            tables: tables.into_iter().collect(),
+            tables: routes.tables.iter().cloned().collect(),
             partitions: HashMap::new(),
-            columns,
+            specs: routes.specs.clone(),
             relations: HashMap::new(),
         }
     }
@@ -114,33 +139,61 @@ impl OutboxFilter {
             schema: rel.schema().to_string(),
             name: rel.name.as_str().to_string(),
         };
-        let name = if self.tables.contains(&relation) {
+        let name = if self.tables.contains_key(&relation) {
             relation
         } else if let Some(root) = self.partitions.get(&relation) {
             root.clone()
         } else {
             return Ok(RelationKind::Foreign(Arc::from(relation.to_string())));
         };
-        let c = &self.columns;
-        let find = |opt: &str, col: &str| -> Result<usize> {
-            rel.column_index(col).ok_or_else(|| {
-                Error::operator(format!(
-                    "outbox table {name} has no column {col:?} (the {opt} column) in the replication stream; it was dropped or renamed"
+        let route = self.tables.get(&name).copied().unwrap_or(0);
+        let spec = &self.specs[route];
+        let mut slots = Vec::new();
+        for need in spec.columns() {
+            let Some(need) = need else {
+                slots.push(None);
+                continue;
+            };
+            let Some(index) = rel.column_index(&need.column) else {
+                if !need.required {
+                    slots.push(None);
+                    continue;
+                }
+                return Err(Error::operator(format!(
+                    "outbox table {name} has no column {:?} (named by {}) in the replication stream; it was dropped or renamed",
+                    need.column, need.option
                 ))
                 .with_hint(format!(
-                    "restore the column or set outbox.columns.{opt}; walcast stops here without moving the slot, and resumes from this row once fixed"
+                    "restore the column or change {}; walcast stops here without moving the slot, and resumes from this row once fixed",
+                    need.option
+                )));
+            };
+            let type_oid = rel.columns[index].type_oid;
+            let ok = match need.kind {
+                ColumnKind::Any => true,
+                ColumnKind::Integer => matches!(type_oid, oid::INT2 | oid::INT4 | oid::INT8),
+                ColumnKind::Timestamp => matches!(
+                    type_oid,
+                    oid::INT2 | oid::INT4 | oid::INT8 | oid::TIMESTAMP | oid::TIMESTAMPTZ
+                ),
+            };
+            if !ok {
+                let wanted = match need.kind {
+                    ColumnKind::Integer => "an integer type (smallint, integer, bigint)",
+                    _ => "timestamp, timestamptz or bigint (milliseconds since the Unix epoch)",
+                };
+                return Err(Error::operator(format!(
+                    "outbox table {name}: column {:?} (named by {}) has type OID {type_oid}, but it must be {wanted}",
+                    need.column, need.option
                 ))
-            })
-        };
-        let payload = find("payload", &c.payload)?;
+                .with_hint(format!("change the column's type or {}", need.option)));
+            }
+            slots.push(Some((index, type_oid)));
+        }
         Ok(RelationKind::Outbox(Mapping {
             table: Arc::from(name.to_string()),
-            id: find("id", &c.id)?,
-            aggregatetype: find("aggregatetype", &c.aggregatetype)?,
-            aggregateid: find("aggregateid", &c.aggregateid)?,
-            event_type: rel.column_index(&c.r#type),
-            payload,
-            payload_is_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            route,
+            slots,
             columns: rel.columns.len(),
         }))
     }
@@ -151,8 +204,9 @@ impl OutboxFilter {
     /// # Errors
     /// A permanent error for bytes that are not valid pgoutput or a row of a
     /// relation never described; an operator error when an outbox table lost
-    /// a required column, and for a row change of a relation that is not an
-    /// outbox table (see the module documentation).
+    /// a column its route needs (or its type no longer fits), and for a row
+    /// change of a relation that is not an outbox table (see the module
+    /// documentation).
     pub fn decode(&mut self, data: &Bytes) -> Result<Row> {
         let msg = self.decoder.decode(data).map_err(|e| {
             Error::permanent(format!("cannot decode a pgoutput message: {e}"))
@@ -186,41 +240,44 @@ impl OutboxFilter {
                         mapping.columns
                     )));
                 }
-                let text = |i: usize, what: &str| -> Result<Option<Bytes>> {
-                    match ins.new.get(i) {
-                        Some(ColumnValue::Text(b)) => Ok(Some(b.clone())),
-                        Some(ColumnValue::Null) | None => Ok(None),
-                        Some(ColumnValue::Binary(b)) => Ok(Some(b.clone())),
-                        Some(ColumnValue::UnchangedToast) => Err(Error::permanent(format!(
-                            "an INSERT on {} has no value for its {what} column (unchanged TOAST)",
-                            mapping.table
-                        ))),
-                    }
-                };
-                let mut payload = text(mapping.payload, "payload")?;
-                if mapping.payload_is_bytea {
-                    if let Some(p) = payload.take() {
-                        payload = Some(decode_bytea_text(&p).ok_or_else(|| {
+                let mut values = Vec::with_capacity(mapping.slots.len());
+                for s in &mapping.slots {
+                    let Some((i, type_oid)) = *s else {
+                        values.push(None);
+                        continue;
+                    };
+                    let bytes = match ins.new.get(i) {
+                        Some(ColumnValue::Text(b)) | Some(ColumnValue::Binary(b)) => b.clone(),
+                        Some(ColumnValue::Null) | None => {
+                            values.push(None);
+                            continue;
+                        }
+                        Some(ColumnValue::UnchangedToast) => {
+                            return Err(Error::permanent(format!(
+                                "an INSERT on {} has no value for its column number {} (unchanged TOAST)",
+                                mapping.table,
+                                i + 1
+                            )))
+                        }
+                    };
+                    let bytes = if type_oid == oid::BYTEA {
+                        decode_bytea_text(&bytes).ok_or_else(|| {
                             Error::permanent(format!(
-                                "the bytea payload of an INSERT on {} is not valid bytea text",
+                                "a bytea column of an INSERT on {} is not valid bytea text",
                                 mapping.table
                             ))
-                        })?);
-                    }
+                        })?
+                    } else {
+                        bytes
+                    };
+                    values.push(Some(Cell { bytes, type_oid }));
                 }
-                let row = OutboxRow {
-                    id: text(mapping.id, "id")?,
-                    aggregatetype: text(mapping.aggregatetype, "aggregatetype")?,
-                    aggregateid: text(mapping.aggregateid, "aggregateid")?,
-                    event_type: match mapping.event_type {
-                        Some(i) => text(i, "type")?,
-                        None => None,
-                    },
-                    payload,
-                };
                 Ok(Row::OutboxInsert {
                     table: mapping.table.clone(),
-                    row,
+                    row: OutboxRow {
+                        route: mapping.route,
+                        values,
+                    },
                 })
             }
             Message::Update(u) => self.other_change(u.rel_id, SkipReason::Update),
@@ -231,27 +288,43 @@ impl OutboxFilter {
                         return Err(self.foreign_change(name, "TRUNCATE"));
                     }
                 }
-                Ok(Row::Skipped(SkipReason::Truncate))
+                Ok(Row::Skipped {
+                    reason: SkipReason::Truncate,
+                    table: Arc::from(""),
+                    behavior: OpBehavior::Ignore,
+                })
             }
             _ => Ok(Row::Other),
         }
     }
 
-    /// An UPDATE or DELETE: skipped on an outbox table, an error elsewhere.
+    /// An UPDATE or DELETE: skipped (or stopped at, per its route) on an
+    /// outbox table, an error elsewhere.
     fn other_change(&self, rel_id: u32, reason: SkipReason) -> Result<Row> {
-        let what = match reason {
-            SkipReason::Update => "UPDATE",
-            SkipReason::Delete => "DELETE",
-            SkipReason::Truncate => "TRUNCATE",
-        };
         match self.relations.get(&rel_id) {
-            Some(RelationKind::Foreign(name)) => Err(self.foreign_change(name, what)),
-            _ => Ok(Row::Skipped(reason)),
+            Some(RelationKind::Foreign(name)) => Err(self.foreign_change(name, reason.as_sql())),
+            Some(RelationKind::Outbox(m)) => {
+                let spec = &self.specs[m.route];
+                Ok(Row::Skipped {
+                    reason,
+                    table: m.table.clone(),
+                    behavior: if reason == SkipReason::Update {
+                        spec.on_update
+                    } else {
+                        spec.on_delete
+                    },
+                })
+            }
+            None => Ok(Row::Skipped {
+                reason,
+                table: Arc::from(""),
+                behavior: OpBehavior::Ignore,
+            }),
         }
     }
 
     fn foreign_change(&self, relation: &str, what: &str) -> Error {
-        let mut configured: Vec<String> = self.tables.iter().map(ToString::to_string).collect();
+        let mut configured: Vec<String> = self.tables.keys().map(ToString::to_string).collect();
         configured.sort();
         Error::operator(format!(
             "the replication stream carries an {what} on {relation}, which is not a configured outbox table ({}) nor a partition of one known at start; walcast stops before the slot passes it",

@@ -31,7 +31,7 @@ use crate::ack::{AckTracker, TxnTicket};
 use crate::error::{Decision, Error, Origin, Result};
 use crate::failpoint::{Failpoints, Point};
 use crate::outbox::{OutboxFilter, Row, SkipReason};
-use crate::route::{OutboxEvent, Router};
+use crate::route::{OpBehavior, OutboxEvent, Router};
 use crate::sink::EventSink;
 use crate::source::{ReplicationSource, SourceEvent};
 
@@ -442,7 +442,7 @@ impl Pipeline {
                                         let (ticket, commit_lsn, commit_time) = open.ok_or_else(|| {
                                             protocol_error("an INSERT arrived outside a transaction")
                                         })?;
-                                        let event = self.router.route(&table, commit_lsn, row)?;
+                                        let event = self.router.route(&table, commit_lsn, commit_time, row)?;
                                         let size = event.size_bytes();
                                         sink.prepare(&event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
                                         if !deliveries.is_empty()
@@ -460,7 +460,26 @@ impl Pipeline {
                                             self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                                         }
                                     }
-                                    Row::Skipped(reason) => {
+                                    Row::Skipped { reason, table, behavior } => {
+                                        if behavior == OpBehavior::Stop {
+                                            // The route says an UPDATE/DELETE of this
+                                            // outbox table must not pass: stop AT it.
+                                            return Err(Error::permanent(format!(
+                                                "{} on outbox table {table} at LSN {wal_start}: its route does not allow it (table_op_{}_behavior = \"stop\")",
+                                                reason.as_sql(),
+                                                if reason == SkipReason::Update { "invalid" } else { "delete" },
+                                            ))
+                                            .with_hint("outbox rows are INSERT-only events; find the writer that changed the row. walcast stopped before the slot passed this change: set the behaviour to \"warn\" or \"ignore\" to let it pass, then restart"));
+                                        }
+                                        if behavior == OpBehavior::Warn {
+                                            tracing::warn!(
+                                                table = %table,
+                                                lsn = %wal_start,
+                                                "{} on outbox table {table} at LSN {wal_start} skipped: outbox rows are INSERT-only events (set the route's table_op_{}_behavior to \"ignore\" to skip such changes silently, or \"stop\")",
+                                                reason.as_sql(),
+                                                if reason == SkipReason::Update { "invalid" } else { "delete" },
+                                            );
+                                        }
                                         self.progress.changes_skipped.fetch_add(1, Ordering::Relaxed);
                                         match reason {
                                             SkipReason::Update => &self.progress.updates_skipped,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use rdkafka::admin::{AdminOptions, ResourceSpecifier};
 use walcast_core::check::CheckResult;
 use walcast_core::config::KafkaConfig;
-use walcast_core::route::TopicTemplate;
+use walcast_core::route::TopicMatcher;
 
 use crate::limits::{self, is_denied, lookup_error, LimitSource, TopicLimits};
 use crate::{
@@ -34,7 +34,7 @@ const ENFORCED: &[&str] = &[
 /// check.
 pub async fn check(
     cfg: &KafkaConfig,
-    template: &TopicTemplate,
+    template: &dyn TopicMatcher,
     queue: QueueLimits,
     timeout: Duration,
 ) -> Vec<CheckResult> {
@@ -93,7 +93,7 @@ pub async fn check(
     let mut topics: Vec<(String, usize, i64)> = md
         .topics()
         .iter()
-        .filter(|t| !t.name().starts_with("__") && template.matches(t.name()))
+        .filter(|t| !t.name().starts_with("__") && template.may_render(t.name()))
         .map(|t| {
             let rf = t
                 .partitions()

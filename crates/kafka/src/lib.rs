@@ -33,7 +33,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::watch;
 use walcast_core::config::KafkaConfig;
-use walcast_core::route::{OutboxEvent, TopicTemplate, HEADER_ID};
+use walcast_core::route::{OutboxEvent, TopicMatcher};
 use walcast_core::sink::EventSink;
 use walcast_core::{Error, ErrorKind, Lsn, Result};
 
@@ -272,7 +272,7 @@ impl KafkaSink {
     pub async fn connect(
         cfg: &KafkaConfig,
         queue: QueueLimits,
-        template: &TopicTemplate,
+        template: &dyn TopicMatcher,
         limits: &TopicLimits,
         timeout: Duration,
     ) -> Result<Self> {
@@ -719,8 +719,7 @@ impl EventSink for KafkaSink {
             topic: event.topic.clone(),
             id: event
                 .headers
-                .iter()
-                .find(|h| &*h.name == HEADER_ID)
+                .first()
                 .map(|h| h.value.clone())
                 .unwrap_or_default(),
             table: event.table.clone(),
@@ -729,10 +728,18 @@ impl EventSink for KafkaSink {
             topic_limit,
             batch_size: self.batch_size,
         };
-        let record = FutureRecord::to(&event.topic)
+        let mut record = FutureRecord::to(&event.topic)
             .key(&event.key[..])
-            .payload(&event.payload[..])
             .headers(headers);
+        if !event.tombstone {
+            record = record.payload(&event.payload[..]);
+        }
+        if let Some(ts) = event.timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        if let Some(p) = event.partition {
+            record = record.partition(p);
+        }
         match self.producer.send_result(record) {
             Ok(inner) => Ok(KafkaDelivery {
                 state: DeliveryState::Waiting(inner),
@@ -786,17 +793,17 @@ mod tests {
     };
 
     fn event(id: &str, payload_len: usize) -> OutboxEvent {
-        OutboxEvent {
-            topic: Arc::from("t.A"),
-            key: Bytes::from_static(b"order-1"),
-            payload: Bytes::from(vec![b'x'; payload_len]),
-            headers: vec![EventHeader {
-                name: Arc::from(HEADER_ID),
+        OutboxEvent::new(
+            Arc::from("t.A"),
+            Bytes::from_static(b"order-1"),
+            Bytes::from(vec![b'x'; payload_len]),
+            vec![EventHeader {
+                name: Arc::from(walcast_core::route::HEADER_ID),
                 value: Bytes::copy_from_slice(id.as_bytes()),
             }],
-            source_lsn: Lsn::from(0x1234),
-            table: Arc::from("public.outbox"),
-        }
+            Lsn::from(0x1234),
+            Arc::from("public.outbox"),
+        )
     }
 
     #[test]

@@ -17,7 +17,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, Resource
 use rdkafka::client::DefaultClientContext;
 use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
-use walcast_core::route::{OutboxEvent, TopicTemplate};
+use walcast_core::route::{OutboxEvent, TopicMatcher};
 use walcast_core::{Error, Result};
 
 /// librdkafka's default `message.max.bytes` (the producer's own record limit).
@@ -215,7 +215,7 @@ pub(crate) async fn fetch_metadata(
 pub(crate) async fn read_cluster_limits(
     admin: &Arc<Admin>,
     bootstrap: &str,
-    template: &TopicTemplate,
+    template: &dyn TopicMatcher,
     limits: &TopicLimits,
     timeout: Duration,
 ) -> Result<()> {
@@ -225,7 +225,7 @@ pub(crate) async fn read_cluster_limits(
         .topics()
         .iter()
         .map(|t| t.name())
-        .filter(|n| !n.starts_with("__") && template.matches(n))
+        .filter(|n| !n.starts_with("__") && template.may_render(n))
         .map(str::to_string)
         .collect();
     let opts = AdminOptions::new().request_timeout(Some(timeout));

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
-use walcast_core::config::{OutboxColumns, PostgresConfig, Secret, SslMode, TableName};
+use walcast_core::config::{PostgresConfig, Secret, SslMode, TableName};
 use walcast_core::state::{BackendId, SlotKey, SlotRecord};
 use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
@@ -24,8 +24,9 @@ pub struct ConnectOptions {
     pub password: Option<Secret>,
     /// Outbox tables.
     pub tables: Vec<TableName>,
-    /// Outbox column names.
-    pub columns: OutboxColumns,
+    /// The columns each outbox table must have: `(table, [(option, column)])`
+    /// (from `walcast_core::route::Routes::required_columns`).
+    pub columns: Vec<(TableName, Vec<(String, String)>)>,
     /// Where walcast's slot records live, and this process's sessions.
     pub state: SlotState,
     /// `pipeline.max_row_bytes`: the largest replication message accepted.
@@ -373,9 +374,15 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
 /// Checks that every outbox table exists with the required columns; returns
 /// the partitioned ones.
 pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> {
-    let cols = &s.opts.columns;
     let mut partitioned = Vec::new();
     for t in &s.opts.tables {
+        let cols: Vec<(String, String)> = s
+            .opts
+            .columns
+            .iter()
+            .find(|(table, _)| table == t)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_default();
         let rows = s
             .query(
                 &format!(
@@ -395,8 +402,8 @@ pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> 
                 s.opts.pg.database
             ))
             .with_hint(format!(
-                "create it (see README: the outbox table), or fix outbox.tables; walcast reads the columns {}, {}, {}, {}, {}",
-                cols.id, cols.aggregatetype, cols.aggregateid, cols.r#type, cols.payload
+                "create it (see README: the outbox table), or fix outbox.tables / [[outbox.route]]; walcast reads the columns {}",
+                cols.iter().map(|(_, c)| c.as_str()).collect::<Vec<_>>().join(", ")
             )));
         }
         if rows
@@ -411,18 +418,13 @@ pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> 
             .into_iter()
             .filter_map(|r| r.into_iter().next().flatten())
             .collect();
-        for (opt, col) in [
-            ("id", &cols.id),
-            ("aggregatetype", &cols.aggregatetype),
-            ("aggregateid", &cols.aggregateid),
-            ("payload", &cols.payload),
-        ] {
+        for (opt, col) in &cols {
             if !names.iter().any(|n| n == col) {
                 return Err(Error::operator(format!(
-                    "outbox table {t} has no column {col:?} (the {opt} column)"
+                    "outbox table {t} has no column {col:?} (named by {opt})"
                 ))
                 .with_hint(format!(
-                    "add it (ALTER TABLE {} ADD COLUMN {} ...) or set outbox.columns.{opt} to the column that holds it; the table has: {}",
+                    "add it (ALTER TABLE {} ADD COLUMN {} ...) or set {opt} to the column that holds it; the table has: {}",
                     quote_table(t),
                     quote_ident(col),
                     names.join(", ")

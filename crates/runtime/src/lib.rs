@@ -27,7 +27,7 @@ use walcast_core::config::Config;
 use walcast_core::failpoint::Failpoints;
 use walcast_core::outbox::OutboxFilter;
 use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
-use walcast_core::route::{Router, TopicTemplate};
+use walcast_core::route::Router;
 use walcast_core::sink::EventSink;
 use walcast_core::source::ReplicationSource;
 use walcast_core::state::SlotRecordStore;
@@ -273,7 +273,7 @@ pub fn connect_options(cfg: &Config, state: SlotState) -> Result<ConnectOptions>
         pg: cfg.postgres.clone(),
         password: cfg.postgres_password()?,
         tables: cfg.outbox_tables()?,
-        columns: cfg.outbox.columns.clone(),
+        columns: cfg.routes()?.required_columns(),
         state,
         max_row_bytes: cfg.pipeline.max_row_bytes,
     })
@@ -367,14 +367,14 @@ async fn run_once(
     stop: watch::Receiver<bool>,
 ) -> Result<PipelineExit> {
     let progress = &shared.progress;
-    let template = TopicTemplate::parse(&cfg.outbox.topic)?;
+    let routes = cfg.routes()?;
     let sink = KafkaSink::connect(
         &cfg.kafka,
         QueueLimits {
             max_in_flight_events: cfg.pipeline.max_in_flight_events,
             max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
         },
-        &template,
+        &routes,
         topic_limits,
         Duration::from_secs(10),
     )
@@ -410,9 +410,8 @@ async fn run_once(
     shared.kafka_reachable.store(true, Ordering::Release);
     shared.streaming.store(true, Ordering::Release);
     let _streaming = Streaming(shared);
-    let filter = OutboxFilter::new(cfg.outbox_tables()?, cfg.outbox.columns.clone())
-        .with_partitions(connected.partitions.clone());
-    let router = Router::new(template);
+    let filter = OutboxFilter::with_routes(&routes).with_partitions(connected.partitions.clone());
+    let router = Router::with_routes(&routes, cfg.header_names());
     let mut pipeline = Pipeline::new(
         PipelineSettings {
             max_in_flight_events: cfg.pipeline.max_in_flight_events,

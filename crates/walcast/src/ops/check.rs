@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use walcast_core::check::{CheckResult, CheckStatus};
-use walcast_core::route::TopicTemplate;
 use walcast_kafka::QueueLimits;
 
 use super::Exit;
@@ -25,7 +24,7 @@ pub(crate) struct CheckArgs {
 pub(crate) fn run(args: CheckArgs) -> anyhow::Result<()> {
     let cfg = crate::load(&args.config)?;
     let opts = crate::tool_options(&cfg)?;
-    let template = TopicTemplate::parse(&cfg.outbox.topic)?;
+    let template = cfg.routes()?;
     let queue = QueueLimits {
         max_in_flight_events: cfg.pipeline.max_in_flight_events,
         max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,

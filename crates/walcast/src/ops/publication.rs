@@ -53,7 +53,11 @@ pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<()> {
         if plan.statements.is_empty() {
             println!(
                 "publication {name} already publishes INSERTs of exactly {} via the partition root (nothing to do)",
-                cfg.outbox.tables.join(", ")
+                cfg.outbox_tables()?
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             return Ok(());
         }

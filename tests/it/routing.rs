@@ -1,0 +1,561 @@
+//! Per-table routing (`[[outbox.route]]`, Debezium Outbox EventRouter
+//! options) end to end: record shape, headers, the bad inputs that stop
+//! walcast at the row, and the columns checked at start and on a Relation
+//! change.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio_postgres::Client;
+use walcast_tests::kafka::{create_topics, Record, TopicReader};
+use walcast_tests::pg::TestDb;
+use walcast_tests::process::{Walcast, WalcastConfig};
+use walcast_tests::TestEnv;
+
+use crate::common::*;
+
+const EXIT_OPERATOR: i32 = 2;
+const EXIT_PERMANENT: i32 = 3;
+
+/// A test database with extra outbox tables (`ddl`) added to its publication.
+async fn db_with(env: &TestEnv, tag: &str, ddl: &str, tables: &[&str]) -> Result<(TestDb, Client)> {
+    let db = TestDb::create(env, tag).await?;
+    let admin = db.admin(env).await?;
+    admin.batch_execute(ddl).await?;
+    for t in tables {
+        admin
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} ADD TABLE {t}",
+                db.publication
+            ))
+            .await?;
+    }
+    Ok((db, admin))
+}
+
+/// `base` with TOML appended (routes are arrays of tables: they go last).
+fn with_routes(base: &WalcastConfig, routes: &str) -> WalcastConfig {
+    let mut c = base.clone();
+    c.toml.push('\n');
+    c.toml.push_str(routes);
+    c
+}
+
+fn header(r: &Record, name: &str) -> Option<String> {
+    r.header(name)
+}
+
+fn value_str(r: &Record) -> String {
+    String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Several outbox tables, each with its own shape: column mapping, topic by
+/// regex, fixed topic, header/envelope/partition placements, JSON expansion,
+/// record timestamp from a column or the commit time, schema version, trace
+/// and correlation headers, bytea payloads and tombstones; the `[outbox]`
+/// default route keeps working beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_table_routes_shape_records_like_the_event_router() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let (db, admin) = db_with(
+        env,
+        "routes",
+        "CREATE TABLE orders_outbox (event_id uuid PRIMARY KEY, agg_type text, agg_id text, kind text, body text, \
+           created timestamptz, version int, part int, trace text, corr text); \
+         CREATE TABLE fixed_outbox (id text PRIMARY KEY, aggregateid text, payload bytea);",
+        &["public.orders_outbox", "public.fixed_outbox"],
+    )
+    .await?;
+    let p = &db.topic_prefix;
+    let order_topic = format!("{p}.order");
+    let fixed_topic = format!("{p}.fixed");
+    let legacy_topic = format!("{p}.Order");
+    create_topics(&env.kafka_bootstrap, &[order_topic.as_str()], 3).await?;
+    create_topics(
+        &env.kafka_bootstrap,
+        &[fixed_topic.as_str(), legacy_topic.as_str()],
+        1,
+    )
+    .await?;
+    let mut reader = TopicReader::new(
+        &env.kafka_bootstrap,
+        &[
+            order_topic.as_str(),
+            fixed_topic.as_str(),
+            legacy_topic.as_str(),
+        ],
+    )?;
+    let state = tempfile::tempdir()?;
+    let cfg = with_routes(
+        &WalcastConfig::for_db(env, &db, state.path()),
+        &format!(
+            r#"
+[[outbox.route]]
+table = "public.orders_outbox"
+table_field_event_id = "event_id"
+table_field_event_key = "agg_id"
+table_field_event_type = "kind"
+table_field_event_payload = "body"
+table_field_event_timestamp = "created"
+table_field_event_schema_version = "version"
+table_fields_additional_placement = "kind:header:eventType,kind:envelope:eventType,part:partition"
+table_expand_json_payload = true
+route_by_field = "agg_type"
+route_topic_regex = "(?<kind>[a-z]+)-(?<region>.*)"
+route_topic_replacement = "{p}.${{kind}}"
+tracing_span_context_field = "trace"
+correlation_id_field = "corr"
+
+[[outbox.route]]
+table = "public.fixed_outbox"
+route_topic_replacement = "{fixed_topic}"
+route_tombstone_on_empty_payload = true
+"#
+        ),
+    );
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let before = now_ms();
+    admin
+        .batch_execute(&format!(
+            "BEGIN; \
+             INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) \
+               VALUES ('00000000-0000-0000-0000-00000000000a', 'Order', 'agg-1', 'Happened', '{{\"n\": 1}}'); \
+             INSERT INTO orders_outbox VALUES ('00000000-0000-0000-0000-000000000001', 'order-eu', 'o-1', 'OrderCreated', \
+               '{{\"total\": 42, \"items\": [\"a\", \"b c\"]}}', '2024-05-06 07:08:09.123456+00', 3, 2, \
+               E'#Mon Jan 01 00:00:00 UTC 2024\\ntraceparent={tp}\\ntracestate=congo=t61rcWkgMzE\\n', 'req-1'); \
+             INSERT INTO orders_outbox VALUES ('00000000-0000-0000-0000-000000000002', 'order-us', 'o-1', 'OrderPaid', \
+               '[1, 2]', NULL, 4, 2, '{tp}', NULL); \
+             INSERT INTO fixed_outbox VALUES ('f1', 'k1', '\\x00ff'::bytea), ('f2', 'k1', NULL), ('f3', 'k1', ''::bytea); \
+             COMMIT;"
+        ))
+        .await?;
+    assert!(
+        reader.read_at_least(6, Duration::from_secs(60))?,
+        "not every event arrived ({} of 6):\n{}",
+        reader.records.len(),
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(3))?;
+    let after = now_ms();
+    assert_eq!(reader.records.len(), 6, "{:#?}", reader.records);
+    let by_id = |id: &str| {
+        reader
+            .records
+            .iter()
+            .find(|r| r.header("id").as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("no record with id {id}: {:#?}", reader.records))
+            .clone()
+    };
+
+    // The default route: as before, plus the source headers.
+    let legacy = by_id("00000000-0000-0000-0000-00000000000a");
+    assert_eq!(legacy.topic, legacy_topic);
+    assert_eq!(legacy.key_str(), "agg-1");
+    assert_eq!(value_str(&legacy), "{\"n\": 1}");
+    assert_eq!(header(&legacy, "type").as_deref(), Some("Happened"));
+    assert_eq!(legacy.headers[0].0, "id", "the id header comes first");
+    let lsn = header(&legacy, "walcast.source.lsn").expect("source LSN header");
+    assert!(lsn.contains('/'), "{lsn}");
+    let commit = header(&legacy, "walcast.commit.time").expect("commit time header");
+    assert!(commit.ends_with('Z') && commit.contains('T'), "{commit}");
+    let ts = legacy.create_ms.expect("a CreateTime timestamp");
+    assert!(
+        ts >= before - 5_000 && ts <= after,
+        "commit time {ts} not in [{before}, {after}]"
+    );
+
+    // Regex topic, envelope with the expanded payload, header and partition
+    // placements, timestamp from a column, schema version, trace, correlation.
+    let e1 = by_id("00000000-0000-0000-0000-000000000001");
+    assert_eq!(e1.topic, order_topic);
+    assert_eq!(e1.partition, 2);
+    assert_eq!(e1.key_str(), "o-1");
+    assert_eq!(
+        value_str(&e1),
+        r#"{"payload":{"total":42,"items":["a","b c"]},"eventType":"OrderCreated"}"#
+    );
+    assert_eq!(header(&e1, "eventType").as_deref(), Some("OrderCreated"));
+    assert_eq!(header(&e1, "type").as_deref(), Some("OrderCreated"));
+    assert_eq!(header(&e1, "schema_version").as_deref(), Some("3"));
+    assert_eq!(header(&e1, "traceparent").as_deref(), Some(tp));
+    assert_eq!(
+        header(&e1, "tracestate").as_deref(),
+        Some("congo=t61rcWkgMzE")
+    );
+    assert_eq!(header(&e1, "correlation_id").as_deref(), Some("req-1"));
+    assert_eq!(e1.create_ms, Some(1_714_979_289_123));
+    assert_eq!(
+        header(&e1, "walcast.source.lsn"),
+        Some(lsn.clone()),
+        "one transaction, one LSN"
+    );
+    // NULL timestamp column: the commit time; a bare traceparent; no correlation id.
+    let e2 = by_id("00000000-0000-0000-0000-000000000002");
+    assert_eq!(e2.topic, order_topic);
+    assert_eq!(e2.partition, 2);
+    assert!(e2.offset > e1.offset, "one key's events keep their order");
+    assert_eq!(
+        value_str(&e2),
+        r#"{"payload":[1,2],"eventType":"OrderPaid"}"#
+    );
+    assert_eq!(e2.create_ms, legacy.create_ms);
+    assert_eq!(header(&e2, "traceparent").as_deref(), Some(tp));
+    assert_eq!(header(&e2, "tracestate"), None);
+    assert_eq!(header(&e2, "correlation_id"), None);
+
+    // A fixed topic, bytea as-is, NULL and empty payloads as tombstones.
+    let f1 = by_id("f1");
+    assert_eq!(f1.topic, fixed_topic);
+    assert_eq!(f1.value.as_deref(), Some(&[0u8, 255][..]));
+    for id in ["f2", "f3"] {
+        let t = by_id(id);
+        assert_eq!(t.topic, fixed_topic);
+        assert_eq!(t.key_str(), "k1");
+        assert_eq!(t.value, None, "{id} is a tombstone");
+    }
+    let fixed: Vec<&Record> = reader
+        .records
+        .iter()
+        .filter(|r| r.topic == fixed_topic)
+        .collect();
+    let order: Vec<String> = fixed.iter().map(|r| r.header("id").unwrap()).collect();
+    assert_eq!(order, ["f1", "f2", "f3"]);
+
+    w.terminate()?;
+    w.wait_exit(Duration::from_secs(30))?;
+    db.drop(env).await?;
+    Ok(())
+}
+
+const BAD_DDL: &str = "CREATE TABLE bad_outbox (seq serial, id text, aggregatetype text, aggregateid text, payload text, part int, ts timestamptz)";
+
+fn bad_route(prefix: &str) -> String {
+    format!(
+        r#"
+[[outbox.route]]
+table = "public.bad_outbox"
+table_fields_additional_placement = "part:partition"
+table_field_event_timestamp = "ts"
+table_expand_json_payload = true
+route_topic_replacement = "{prefix}.${{routedByValue}}"
+"#
+    )
+}
+
+/// Every row a route cannot publish is a permanent error that names the row:
+/// walcast delivers and confirms what came before it, then exits 3 without
+/// moving the slot past it; nothing after it is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    // (values of id, aggregatetype, aggregateid, payload, part, ts; expected text)
+    let cases: [(&str, &str); 7] = [
+        (
+            "'b1', 'A', NULL, '{}', 0, now()",
+            "key column \"aggregateid\" is NULL",
+        ),
+        (
+            "'b1', 'A', 'k', NULL, 0, now()",
+            "payload column \"payload\" is NULL",
+        ),
+        (
+            "NULL, 'A', 'k', '{}', 0, now()",
+            "event id column \"id\" is NULL",
+        ),
+        (
+            "'b1', 'bad topic!', 'k', '{}', 0, now()",
+            "which Kafka does not allow",
+        ),
+        (
+            "'b1', 'A', 'k', 'not json', 0, now()",
+            "table_expand_json_payload",
+        ),
+        (
+            "'b1', 'A', 'k', '{}', -1, now()",
+            "partition column \"part\"",
+        ),
+        (
+            "'b1', 'A', 'k', '{}', 0, 'infinity'",
+            "not a usable record timestamp",
+        ),
+    ];
+    for (values, needle) in cases {
+        let (db, admin) = db_with(env, "unroutable", BAD_DDL, &["public.bad_outbox"]).await?;
+        let topic = format!("{}.A", db.topic_prefix);
+        create_topics(&env.kafka_bootstrap, &[topic.as_str()], 1).await?;
+        let mut reader = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+        let dir = tempfile::tempdir()?;
+        let cfg = with_routes(
+            &WalcastConfig::for_db(env, &db, dir.path()),
+            &bad_route(&db.topic_prefix),
+        );
+        // Create the slot first, so the rows below are in its stream.
+        let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+        w.wait_streaming()?;
+        w.terminate()?;
+        w.wait_exit(Duration::from_secs(30))?;
+        admin
+            .batch_execute(
+                "INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts) VALUES ('g1', 'A', 'k', '{}', 0, now())",
+            )
+            .await?;
+        let before_bad = current_wal_lsn(&admin).await?;
+        admin
+            .batch_execute(&format!(
+                "INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts) VALUES ({values})"
+            ))
+            .await?;
+        admin
+            .batch_execute(
+                "INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts) VALUES ('g2', 'A', 'k', '{}', 0, now())",
+            )
+            .await?;
+        let (code, out) = run_to_exit(dir.path(), &cfg)?;
+        assert_eq!(code, EXIT_PERMANENT, "case {values}: {out}");
+        assert!(
+            out.contains(needle),
+            "case {values}: expected {needle:?} in:\n{out}"
+        );
+        assert!(
+            out.contains("public.bad_outbox"),
+            "case {values}: the table is named:\n{out}"
+        );
+        reader.read_to_end(Duration::from_secs(3))?;
+        let ids: Vec<String> = reader
+            .records
+            .iter()
+            .filter_map(|r| r.header("id"))
+            .collect();
+        assert_eq!(
+            ids,
+            ["g1"],
+            "case {values}: the row before is delivered, nothing after"
+        );
+        let confirmed = db.confirmed_flush_lsn(env).await?.unwrap_or(0);
+        assert!(
+            confirmed <= before_bad,
+            "case {values}: the slot ({confirmed:X}) passed the bad row's transaction (starts after {before_bad:X})"
+        );
+        db.drop(env).await?;
+    }
+    Ok(())
+}
+
+/// A column a route needs is checked in the catalog at start (exit 2, naming
+/// the column, the option and the table), and again when a Relation message
+/// describes the table anew (a column dropped while walcast runs): walcast
+/// stops there without skipping the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_route_column_stops_walcast_at_start_and_mid_stream() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let (db, admin) = db_with(
+        env,
+        "routecols",
+        "CREATE TABLE r_outbox (id text, aggregatetype text, aggregateid text, payload text, corr text, part text)",
+        &["public.r_outbox"],
+    )
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let base = WalcastConfig::for_db(env, &db, dir.path());
+    let route = |extra: &str| {
+        with_routes(
+            &base,
+            &format!(
+                "[[outbox.route]]\ntable = \"public.r_outbox\"\nroute_topic_replacement = \"{}.${{routedByValue}}\"\n{extra}\n",
+                db.topic_prefix
+            ),
+        )
+    };
+
+    // At start: a column the table does not have.
+    let (code, out) = run_to_exit(dir.path(), &route("correlation_id_field = \"nope\""))?;
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
+    assert!(
+        out.contains("outbox table public.r_outbox has no column \"nope\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("outbox.route[public.r_outbox].correlation_id_field"),
+        "{out}"
+    );
+
+    // A partition column that is not an integer: refused at its Relation message.
+    let topic = format!("{}.A", db.topic_prefix);
+    create_topics(&env.kafka_bootstrap, &[topic.as_str()], 3).await?;
+    let mut reader = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    let bad_type = route("table_fields_additional_placement = \"part:partition\"");
+    let mut w = Walcast::start(&bin(), dir.path(), &bad_type)?;
+    w.wait_streaming()?;
+    admin
+        .batch_execute("INSERT INTO r_outbox VALUES ('t1', 'A', 'k', '{}', NULL, '1')")
+        .await?;
+    let status = w.wait_exit(Duration::from_secs(60))?;
+    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{}", w.log_text());
+    assert!(
+        w.log_text().contains("must be an integer type"),
+        "{}",
+        w.log_text()
+    );
+    admin.batch_execute("DELETE FROM r_outbox").await?;
+
+    // Mid-stream: the correlation column is dropped while walcast runs
+    // (same slot: the row above is relayed now, its partition column unused).
+    let good = route("correlation_id_field = \"corr\"");
+    admin
+        .batch_execute("ALTER TABLE r_outbox DROP COLUMN part")
+        .await?;
+    let mut w = Walcast::start(&bin(), dir.path(), &good)?;
+    w.wait_streaming()?;
+    admin
+        .batch_execute("INSERT INTO r_outbox VALUES ('c1', 'A', 'k', '{}', 'corr-1')")
+        .await?;
+    assert!(
+        wait_ids(
+            &mut reader,
+            &["c1".to_string()].into(),
+            Duration::from_secs(60)
+        )?,
+        "{}",
+        w.log_text()
+    );
+    assert_eq!(
+        reader
+            .records
+            .iter()
+            .find(|r| r.header("id").as_deref() == Some("c1"))
+            .and_then(|r| r.header("correlation_id"))
+            .as_deref(),
+        Some("corr-1")
+    );
+    admin
+        .batch_execute(
+            "ALTER TABLE r_outbox DROP COLUMN corr; INSERT INTO r_outbox VALUES ('c2', 'A', 'k', '{}')",
+        )
+        .await?;
+    let status = w.wait_exit(Duration::from_secs(60))?;
+    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{}", w.log_text());
+    let log = w.log_text();
+    assert!(
+        log.contains("outbox table public.r_outbox has no column \"corr\" (named by outbox.route[public.r_outbox].correlation_id_field)"),
+        "{log}"
+    );
+    reader.read_to_end(Duration::from_secs(3))?;
+    assert!(
+        reader
+            .records
+            .iter()
+            .all(|r| r.header("id").as_deref() != Some("c2")),
+        "the row after the change is not published without its column"
+    );
+    db.drop(env).await?;
+    Ok(())
+}
+
+/// UPDATE and DELETE of an outbox table follow the route's behaviour:
+/// `warn` (UPDATE's default) logs and skips, `ignore` (DELETE's default)
+/// skips silently, `stop` exits 3 before the slot passes the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_and_delete_follow_the_routes_behaviour() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    for stop in [false, true] {
+        let (db, admin) = db_with(
+            env,
+            "routeops",
+            "CREATE TABLE u_outbox (id text PRIMARY KEY, aggregatetype text, aggregateid text, payload text)",
+            &["public.u_outbox"],
+        )
+        .await?;
+        admin
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} SET (publish = 'insert, update, delete')",
+                db.publication
+            ))
+            .await?;
+        let topic = format!("{}.A", db.topic_prefix);
+        create_topics(&env.kafka_bootstrap, &[topic.as_str()], 1).await?;
+        let mut reader = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+        let dir = tempfile::tempdir()?;
+        let cfg = with_routes(
+            &WalcastConfig::for_db(env, &db, dir.path()),
+            &format!(
+                "[[outbox.route]]\ntable = \"public.u_outbox\"\nroute_topic_replacement = \"{}.${{routedByValue}}\"\n{}\n",
+                db.topic_prefix,
+                if stop { "table_op_invalid_behavior = \"stop\"" } else { "" }
+            ),
+        );
+        let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+        w.wait_streaming()?;
+        // One transaction each.
+        for sql in [
+            "INSERT INTO u_outbox VALUES ('e1', 'A', 'k', '{}')",
+            "DELETE FROM u_outbox WHERE id = 'e1'",
+            "INSERT INTO u_outbox VALUES ('e2', 'A', 'k', '{}')",
+            "UPDATE u_outbox SET payload = '{\"x\": 1}' WHERE id = 'e2'",
+            "INSERT INTO u_outbox VALUES ('e3', 'A', 'k', '{}')",
+        ] {
+            admin.batch_execute(sql).await?;
+        }
+        if stop {
+            let status = w.wait_exit(Duration::from_secs(60))?;
+            let log = w.log_text();
+            assert_eq!(status.code(), Some(EXIT_PERMANENT), "{log}");
+            assert!(
+                log.contains("UPDATE on outbox table public.u_outbox"),
+                "{log}"
+            );
+            assert!(
+                log.contains("table_op_invalid_behavior = \\\"stop\\\"")
+                    || log.contains("table_op_invalid_behavior = \"stop\""),
+                "{log}"
+            );
+            reader.read_to_end(Duration::from_secs(3))?;
+            let ids: Vec<String> = reader
+                .records
+                .iter()
+                .filter_map(|r| r.header("id"))
+                .collect();
+            assert_eq!(
+                ids,
+                ["e1", "e2"],
+                "what came before the UPDATE is delivered, nothing after"
+            );
+        } else {
+            assert!(
+                wait_ids(
+                    &mut reader,
+                    &["e1".to_string(), "e2".to_string(), "e3".to_string()].into(),
+                    Duration::from_secs(60)
+                )?,
+                "{}",
+                w.log_text()
+            );
+            w.wait_for_log(
+                "UPDATE on outbox table public.u_outbox",
+                Duration::from_secs(10),
+            )?;
+            let log = w.log_text();
+            assert!(
+                !log.contains("DELETE on outbox table"),
+                "DELETE is ignored silently by default: {log}"
+            );
+            w.terminate()?;
+            w.wait_exit(Duration::from_secs(30))?;
+        }
+        db.drop(env).await?;
+    }
+    Ok(())
+}
