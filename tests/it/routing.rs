@@ -559,3 +559,56 @@ async fn update_and_delete_follow_the_routes_behaviour() -> Result<()> {
     }
     Ok(())
 }
+
+/// `walcast config from-debezium`: a supported connector becomes a config
+/// `walcast config` accepts (exit 0); an unsupported option is named and the
+/// command exits 2 without printing a config.
+#[test]
+fn config_from_debezium_converts_or_names_what_it_cannot() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let good = "name=o\nconnector.class=io.debezium.connector.postgresql.PostgresConnector\n\
+        database.hostname=db\ndatabase.dbname=app\ndatabase.user=dbz\ndatabase.password=pw\n\
+        table.include.list=public.outbox\ntransforms=outbox\n\
+        transforms.outbox.type=io.debezium.transforms.outbox.EventRouter\n\
+        transforms.outbox.route.topic.replacement=events.${routedByValue}\n\
+        value.converter=org.apache.kafka.connect.storage.StringConverter\n";
+    let file = dir.path().join("good.properties");
+    std::fs::write(&file, good)?;
+    let out = std::process::Command::new(bin())
+        .args(["config", "from-debezium", file.to_str().unwrap()])
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml_path = dir.path().join("walcast.toml");
+    std::fs::write(&toml_path, &out.stdout)?;
+    let check = std::process::Command::new(bin())
+        .args(["config", "--config", toml_path.to_str().unwrap()])
+        .output()?;
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "the converted config is valid: {}\n{}",
+        String::from_utf8_lossy(&check.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains("events.${routedByValue}"));
+
+    let bad = format!("{good}snapshot.mode=always\ntransforms.outbox.table.json.payload.null.behavior=optional_bytes\n");
+    std::fs::write(&file, bad)?;
+    let out = std::process::Command::new(bin())
+        .args(["config", "from-debezium", file.to_str().unwrap()])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(EXIT_OPERATOR), "{err}");
+    assert!(out.stdout.is_empty(), "no config is printed");
+    assert!(err.contains("snapshot.mode = always"), "{err}");
+    assert!(
+        err.contains("table.json.payload.null.behavior = optional_bytes"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -11,6 +11,7 @@ use walcast_core::{Error, ErrorKind};
 use walcast_postgres::ConnectOptions;
 use walcast_runtime::Relay;
 
+mod debezium;
 mod ops;
 
 #[derive(Debug, Parser)]
@@ -39,8 +40,15 @@ struct ConfigArgs {
 enum Command {
     /// Run the relay until SIGTERM/SIGINT.
     Run(ConfigArgs),
-    /// Validate the configuration (no I/O) and print it with secrets redacted.
-    Config(ConfigArgs),
+    /// Validate the configuration (no I/O) and print it with secrets redacted;
+    /// `walcast config from-debezium FILE` converts a Debezium connector.
+    #[command(args_conflicts_with_subcommands = true)]
+    Config {
+        #[command(flatten)]
+        args: ConfigArgs,
+        #[command(subcommand)]
+        convert: Option<ConfigCommand>,
+    },
     /// Print records of the outbox topics as they arrive (topic, partition,
     /// offset, key, headers, value), for demos and debugging.
     Tail {
@@ -63,6 +71,18 @@ enum Command {
     },
     #[command(flatten)]
     Ops(ops::OpsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Convert a Debezium PostgreSQL connector with the Outbox EventRouter
+    /// (a Kafka Connect .properties file, or the connector's JSON) into a
+    /// walcast configuration, printed on stdout. Exits 2 naming every
+    /// option walcast does not support.
+    FromDebezium {
+        /// The connector's properties (or JSON) file.
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,7 +150,37 @@ fn main() {
 
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Config(args) => {
+        Command::Config {
+            convert: Some(ConfigCommand::FromDebezium { file }),
+            ..
+        } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                Error::operator(format!("cannot read {}", file.display())).with_source(e)
+            })?;
+            let props = debezium::parse_connector(&text)
+                .map_err(|e| Error::operator(format!("{}: {e}", file.display())))?;
+            match debezium::convert(&props) {
+                Ok(toml) => {
+                    print!("{toml}");
+                    Ok(())
+                }
+                Err(problems) => {
+                    eprintln!(
+                        "walcast: error (operator_action): {} has {} option(s) walcast does not support; nothing was written:",
+                        file.display(),
+                        problems.len()
+                    );
+                    for p in &problems {
+                        eprintln!("  - {p}");
+                    }
+                    Err(ops::Exit(2).into())
+                }
+            }
+        }
+        Command::Config {
+            args,
+            convert: None,
+        } => {
             let cfg = load(&args)?;
             println!(
                 "{}",
