@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use walcast_pgoutput::Lsn;
 
+use crate::dead_letter::{Reason, Rejected};
 use crate::error::{Error, Result};
 
 /// The placeholder replaced by the routing column's value.
@@ -200,31 +201,40 @@ impl Router {
             .as_ref()
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .unwrap_or_else(|| "NULL".into());
-        let unroutable = |what: &str| {
+        // What a dead-letter record of a refused row carries (cheap clones).
+        let partial = row.clone();
+        let unroutable = |reason: Reason, what: &str| {
             Error::permanent(format!(
                 "outbox row in {table} (id {id_text}, commit LSN {source_lsn}) cannot be published: {what}"
             ))
-            .with_hint("walcast stops here without moving the slot past this row: fix the writer, then remove or repair the row's effects (for example by accepting the gap with a new slot) and restart")
+            .with_hint("walcast stops here without moving the slot past this row: fix the writer, then remove or repair the row's effects (for example by accepting the gap with a new slot) and restart; or set pipeline.on_permanent_error = \"dead-letter\"")
+            .with_rejected(Rejected::row(reason, table, source_lsn, &partial))
         };
-        let id = row.id.ok_or_else(|| unroutable("its id column is NULL"))?;
-        let key = row
-            .aggregateid
-            .ok_or_else(|| unroutable("its aggregateid column is NULL (the record key keeps one aggregate's events in order)"))?;
+        let id = row
+            .id
+            .ok_or_else(|| unroutable(Reason::NullId, "its id column is NULL"))?;
+        let key = row.aggregateid.ok_or_else(|| {
+            unroutable(Reason::NullKey, "its aggregateid column is NULL (the record key keeps one aggregate's events in order)")
+        })?;
         let payload = row
             .payload
-            .ok_or_else(|| unroutable("its payload column is NULL"))?;
-        let routed_by = row
-            .aggregatetype
-            .ok_or_else(|| unroutable("its aggregatetype column is NULL (it selects the topic)"))?;
+            .ok_or_else(|| unroutable(Reason::NullPayload, "its payload column is NULL"))?;
+        let routed_by = row.aggregatetype.ok_or_else(|| {
+            unroutable(
+                Reason::Unroutable,
+                "its aggregatetype column is NULL (it selects the topic)",
+            )
+        })?;
         let topic = match self.topics.get(&routed_by) {
             Some(t) => t.clone(),
             None => {
-                let value = std::str::from_utf8(&routed_by)
-                    .map_err(|_| unroutable("its aggregatetype is not valid UTF-8"))?;
+                let value = std::str::from_utf8(&routed_by).map_err(|_| {
+                    unroutable(Reason::Unroutable, "its aggregatetype is not valid UTF-8")
+                })?;
                 let topic: Arc<str> = Arc::from(
                     self.template
                         .render(value)
-                        .map_err(|e| unroutable(e.message()))?,
+                        .map_err(|e| unroutable(Reason::InvalidTopic, e.message()))?,
                 );
                 if self.topics.len() > 10_000 {
                     self.topics.clear();
@@ -293,6 +303,13 @@ mod tests {
         nul.aggregateid = None;
         let err = r.route(&t, Lsn::from(7), nul).unwrap_err();
         assert!(err.to_string().contains("aggregateid"), "{err}");
+        // The error carries the row for a dead-letter record.
+        let rejected = err.rejected().expect("the refused row");
+        assert_eq!(rejected.reason, Reason::NullKey);
+        assert_eq!(rejected.event_id(), Some(&b"0b0e5b3e-1"[..]));
+        assert_eq!(rejected.value.as_deref(), Some(&b"{\"a\":1}"[..]));
+        let err = r.route(&t, Lsn::from(7), row("bad topic!")).unwrap_err();
+        assert_eq!(err.rejected().map(|r| r.reason), Some(Reason::InvalidTopic));
         let mut nul = row("x");
         nul.payload = None;
         assert!(r.route(&t, Lsn::from(7), nul).is_err());

@@ -1,0 +1,144 @@
+//! The dead-letter topic (`pipeline.dead_letter_topic`): checked, or created
+//! when missing, before walcast streams under the dead-letter policy.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::error::RDKafkaErrorCode;
+use walcast_core::config::KafkaConfig;
+use walcast_core::{Error, ErrorKind, Result};
+
+use crate::limits::{is_denied, Admin};
+
+/// How long the topic's lookup and creation may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn create_command(bootstrap: &str, topic: &str) -> String {
+    format!(
+        "kafka-topics.sh --bootstrap-server {bootstrap} --create --topic {topic} --config cleanup.policy=delete"
+    )
+}
+
+/// Makes sure the dead-letter topic exists and keeps every record (not
+/// compacted: dead-letter records of one key must not replace each other).
+/// A missing topic is created with the brokers' default partitions and
+/// replication, `cleanup.policy=delete`.
+///
+/// # Errors
+/// An operator error when the topic is compacted, or missing and walcast may
+/// not create it (the message gives the `kafka-topics.sh` command); a
+/// retryable one when Kafka does not answer.
+pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<()> {
+    let admin: Admin = crate::admin_config(cfg)
+        .create()
+        .map_err(crate::rejected_config)?;
+    let opts = AdminOptions::new()
+        .request_timeout(Some(TIMEOUT))
+        .operation_timeout(Some(TIMEOUT));
+    let bootstrap = &cfg.bootstrap_servers;
+    let unavailable = |e: rdkafka::error::KafkaError| {
+        Error::retryable(format!(
+            "cannot read the dead-letter topic {topic:?} (pipeline.dead_letter_topic) at {bootstrap}"
+        ))
+        .with_source(e)
+        .with_hint("walcast retries with backoff; check the brokers and kafka.bootstrap_servers")
+    };
+    let spec = ResourceSpecifier::Topic(topic);
+    let described = tokio::time::timeout(TIMEOUT * 2, admin.describe_configs([&spec], &opts))
+        .await
+        .map_err(|_| {
+            Error::retryable(format!(
+                "Kafka did not describe the dead-letter topic {topic:?} in time"
+            ))
+        })?
+        .map_err(unavailable)?;
+    let mut missing = false;
+    for r in described {
+        match r {
+            Ok(res) => {
+                let policy = res
+                    .get("cleanup.policy")
+                    .and_then(|e| e.value.clone())
+                    .unwrap_or_default();
+                if policy.split(',').any(|p| p.trim() == "compact") {
+                    return Err(Error::operator(format!(
+                        "the dead-letter topic {topic:?} (pipeline.dead_letter_topic) has cleanup.policy = {policy:?}: compaction would drop dead-letter records of the same key"
+                    ))
+                    .with_hint(format!(
+                        "use a topic with cleanup.policy=delete (kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=delete), or another pipeline.dead_letter_topic"
+                    )));
+                }
+            }
+            Err(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                missing = true;
+            }
+            Err(code) if is_denied(code) => {
+                return Err(Error::operator(format!(
+                    "walcast may not describe the dead-letter topic {topic:?} (pipeline.dead_letter_topic): {code}"
+                ))
+                .with_hint(format!(
+                    "grant walcast's principal Describe, DescribeConfigs and Write on topic {topic} (and Create, to have walcast create it)"
+                )));
+            }
+            Err(code) => {
+                return Err(Error::retryable(format!(
+                    "Kafka could not describe the dead-letter topic {topic:?}: {code}"
+                )))
+            }
+        }
+    }
+    if !missing {
+        return Ok(());
+    }
+    let new = NewTopic::new(topic, -1, TopicReplication::Fixed(-1)).set("cleanup.policy", "delete");
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(unavailable)?;
+    for r in results {
+        match r {
+            Ok(_) => {
+                tracing::info!(
+                    topic,
+                    "created the dead-letter topic (pipeline.dead_letter_topic)"
+                );
+                // Wait (bounded) until the brokers describe the new topic's
+                // max.message.bytes, so walcast checks dead-letter records
+                // against it rather than an assumed limit.
+                for _ in 0..20 {
+                    let described = admin.describe_configs([&spec], &opts).await;
+                    let known = matches!(&described, Ok(rs) if rs.iter().flatten().any(|r| {
+                        r.get("max.message.bytes").and_then(|e| e.value.as_deref()).is_some_and(|v| !v.is_empty())
+                    }));
+                    if known {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => {
+                let kind = match code {
+                    RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::PolicyViolation
+                    | RDKafkaErrorCode::InvalidReplicationFactor
+                    | RDKafkaErrorCode::InvalidPartitions
+                    | RDKafkaErrorCode::InvalidConfig => ErrorKind::OperatorAction,
+                    _ => ErrorKind::Retryable,
+                };
+                return Err(Error::new(
+                    kind,
+                    format!(
+                        "the dead-letter topic {topic:?} (pipeline.dead_letter_topic) does not exist and walcast cannot create it: {code}"
+                    ),
+                )
+                .with_hint(format!(
+                    "create it as a Kafka administrator: {}; and grant walcast's principal Describe, DescribeConfigs and Write on it",
+                    create_command(bootstrap, topic)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
