@@ -103,7 +103,7 @@ impl Bad {
     }
 }
 
-async fn insert(
+pub(crate) async fn insert(
     c: &Client,
     id: &str,
     agg: Option<&str>,
@@ -185,7 +185,7 @@ pub(crate) async fn write(c: &Client, bad: &Bad) -> Result<Written> {
 }
 
 /// A reader of `topic`, which walcast may have created a moment ago.
-fn reader(env: &TestEnv, topic: &str) -> Result<TopicReader> {
+pub(crate) fn reader(env: &TestEnv, topic: &str) -> Result<TopicReader> {
     let mut last = None;
     for _ in 0..50 {
         match TopicReader::new(&env.kafka_bootstrap, &[topic]) {
@@ -499,7 +499,7 @@ async fn a_dead_letter_record_that_cannot_be_delivered_stops_walcast() -> Result
 
 /// Random hex: incompressible enough that compression cannot shrink it
 /// under a small limit.
-fn noise(len: usize) -> String {
+pub(crate) fn noise(len: usize) -> String {
     let mut s = String::with_capacity(len + 32);
     while s.len() < len {
         s.push_str(&uuid::Uuid::new_v4().simple().to_string());
