@@ -23,6 +23,8 @@ use crate::common::{bin, current_wal_lsn, observed, wait_confirmed, wait_ids};
 
 /// `walcast run`'s exit code for an event that can never be published.
 const EXIT_PERMANENT: i32 = 3;
+/// `walcast run`'s exit code for a setup an operator must fix.
+const EXIT_OPERATOR: i32 = 2;
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
@@ -342,6 +344,13 @@ async fn a_null_key_is_dead_lettered() -> Result<()> {
     let written = write(&c.c, &Bad::new(Some("A"), None, Some(payload))).await?;
     let (r, _) = delivered(env, &c, &mut w, &written, false).await?;
     check_headers(&r, &written, "null_key", None)?;
+    // walcast created the dead-letter topic (not compacted).
+    let policy =
+        walcast_tests::kafka::topic_config(&env.kafka_bootstrap, &c.dlq, "cleanup.policy").await?;
+    ensure!(
+        policy.as_deref() == Some("delete"),
+        "cleanup.policy {policy:?}"
+    );
     ensure!(
         r.key.as_deref().unwrap_or_default().is_empty(),
         "key {:?}",
@@ -555,4 +564,29 @@ async fn a_record_the_broker_refuses_is_dead_lettered_after_a_restart() -> Resul
         tail(&log, 30)
     );
     finish(c, w).await
+}
+
+/// A compacted dead-letter topic would drop dead-letter records of the same
+/// key: walcast refuses it at start (exit 2), naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_dead_letter_topic_is_refused() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let c = case(
+        env,
+        "dlq_compact",
+        &[],
+        Some(&[("cleanup.policy", "compact")]),
+    )
+    .await?;
+    let (code, log) = blocking(|| crate::common::run_to_exit(c.state.path(), &c.cfg))?;
+    ensure!(code == EXIT_OPERATOR, "exit {code}:\n{}", tail(&log, 20));
+    ensure!(
+        log.contains(&c.dlq) && log.contains("cleanup.policy=delete"),
+        "{}",
+        tail(&log, 20)
+    );
+    let Case { db, c: client, .. } = c;
+    drop(client);
+    db.drop(env).await
 }

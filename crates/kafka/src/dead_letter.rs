@@ -43,47 +43,53 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<()> {
         .with_source(e)
         .with_hint("walcast retries with backoff; check the brokers and kafka.bootstrap_servers")
     };
+    // Whether it exists: from the cluster's metadata of all topics (asking
+    // for the one topic could have the brokers auto-create it).
+    let admin = std::sync::Arc::new(admin);
+    let md_admin = admin.clone();
+    let metadata =
+        tokio::task::spawn_blocking(move || md_admin.inner().fetch_metadata(None, TIMEOUT))
+            .await
+            .map_err(|e| Error::retryable("metadata task failed").with_source(e))?
+            .map_err(unavailable)?;
+    let missing = !metadata.topics().iter().any(|t| t.name() == topic);
     let spec = ResourceSpecifier::Topic(topic);
-    let described = tokio::time::timeout(TIMEOUT * 2, admin.describe_configs([&spec], &opts))
-        .await
-        .map_err(|_| {
-            Error::retryable(format!(
-                "Kafka did not describe the dead-letter topic {topic:?} in time"
-            ))
-        })?
-        .map_err(unavailable)?;
-    let mut missing = false;
-    for r in described {
-        match r {
-            Ok(res) => {
-                let policy = res
-                    .get("cleanup.policy")
-                    .and_then(|e| e.value.clone())
-                    .unwrap_or_default();
-                if policy.split(',').any(|p| p.trim() == "compact") {
-                    return Err(Error::operator(format!(
-                        "the dead-letter topic {topic:?} (pipeline.dead_letter_topic) has cleanup.policy = {policy:?}: compaction would drop dead-letter records of the same key"
-                    ))
-                    .with_hint(format!(
-                        "use a topic with cleanup.policy=delete (kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=delete), or another pipeline.dead_letter_topic"
-                    )));
-                }
-            }
-            Err(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
-                missing = true;
-            }
-            Err(code) if is_denied(code) => {
-                return Err(Error::operator(format!(
-                    "walcast may not describe the dead-letter topic {topic:?} (pipeline.dead_letter_topic): {code}"
+    if !missing {
+        let described = tokio::time::timeout(TIMEOUT * 2, admin.describe_configs([&spec], &opts))
+            .await
+            .map_err(|_| {
+                Error::retryable(format!(
+                    "Kafka did not describe the dead-letter topic {topic:?} in time"
                 ))
-                .with_hint(format!(
-                    "grant walcast's principal Describe, DescribeConfigs and Write on topic {topic} (and Create, to have walcast create it)"
-                )));
-            }
-            Err(code) => {
-                return Err(Error::retryable(format!(
-                    "Kafka could not describe the dead-letter topic {topic:?}: {code}"
-                )))
+            })?
+            .map_err(unavailable)?;
+        for r in described {
+            match r {
+                Ok(res) => {
+                    let policy = res
+                        .get("cleanup.policy")
+                        .and_then(|e| e.value.clone())
+                        .unwrap_or_default();
+                    if policy.split(',').any(|p| p.trim() == "compact") {
+                        return Err(Error::operator(format!(
+                            "the dead-letter topic {topic:?} (pipeline.dead_letter_topic) has cleanup.policy = {policy:?}: compaction would drop dead-letter records of the same key"
+                        ))
+                        .with_hint(format!(
+                            "use a topic with cleanup.policy=delete (kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=delete), or another pipeline.dead_letter_topic"
+                        )));
+                    }
+                }
+                Err(code) if is_denied(code) => {
+                    tracing::warn!(
+                        topic,
+                        "walcast may not read the dead-letter topic's configuration ({code}); make sure it is not compacted. Grant walcast's principal DescribeConfigs on it"
+                    );
+                }
+                Err(code) => {
+                    return Err(Error::retryable(format!(
+                        "Kafka could not describe the dead-letter topic {topic:?}: {code}"
+                    )))
+                }
             }
         }
     }
