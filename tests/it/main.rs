@@ -7,6 +7,7 @@ mod common;
 
 mod bad_setup;
 mod broker_rejection;
+mod dead_letter;
 mod deploy;
 mod edges;
 mod faults;

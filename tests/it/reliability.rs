@@ -1630,10 +1630,150 @@ async fn bad_rows_follow_their_policy() -> Result<()> {
         db.drop(env).await?;
     }
 
-    let result = ScenarioResult::new("8. bad rows", 7, &total, started).note(
-        "NULL key / payload / aggregatetype and a 1.5 MB record: exit 3 naming the row, slot not moved, stops there again on restart; malformed JSON in a text payload relayed byte for byte; UPDATE/DELETE/TRUNCATE/other tables skipped; ADD/DROP COLUMN followed; dropping a required column: exit 2",
+    // The same bad rows (and an invalid topic, and records too large for
+    // the topic and for the producer) under the dead-letter policy.
+    add(&dead_letter_policy(env).await?);
+
+    let result = ScenarioResult::new("8. bad rows", 8, &total, started).note(
+        "NULL key / payload / aggregatetype and a 1.5 MB record: exit 3 naming the row, slot not moved, stops there again on restart; malformed JSON in a text payload relayed byte for byte; UPDATE/DELETE/TRUNCATE/other tables skipped; ADD/DROP COLUMN followed; dropping a required column: exit 2; under on_permanent_error = \"dead-letter\" (killed once midway) each bad row is in the dead-letter topic with its reason, every other event in its topic in order, the slot past them all",
     );
     judge(&result, &total, "")
+}
+
+/// Scenario 8 under `on_permanent_error = "dead-letter"`: six kinds of bad
+/// rows, each inside a transaction with good rows of its key, good rows of
+/// several keys between them; walcast is killed (-9) after half of them and
+/// started again. Each bad row must be in the dead-letter topic with its
+/// reason (a dead-lettered event counts as delivered there, not lost), no
+/// good event may be there, every good event is in its topic in commit order
+/// per key, and the slot passes them all.
+async fn dead_letter_policy(env: &'static TestEnv) -> Result<Report> {
+    use crate::dead_letter as dl;
+    let c = dl::case(env, "s8_dlq", &[("max.message.bytes", "100000")], None).await?;
+    let mut w = dl::start(&c)?;
+    let ok = "{\"ok\": true}";
+    // (reason, routing value, key, payload)
+    #[allow(clippy::type_complexity)]
+    let bad: Vec<(&str, Option<&str>, Option<&str>, Option<String>)> = vec![
+        ("null_key", Some("A"), None, Some("{}".into())),
+        ("null_payload", Some("A"), Some("key-1"), None),
+        ("unroutable", None, Some("key-2"), Some("{}".into())),
+        (
+            "invalid_topic",
+            Some("not a topic"),
+            Some("key-3"),
+            Some("{}".into()),
+        ),
+        (
+            "too_large",
+            Some("A"),
+            Some("key-4"),
+            Some(format!("\"{}\"", dl::noise(300_000))),
+        ),
+        (
+            "too_large",
+            Some("A"),
+            Some("key-5"),
+            Some(format!("\"{}\"", "q".repeat(1_500_000))),
+        ),
+    ];
+    let mut txns: Vec<walcast_tests::checker::WrittenTxn> = Vec::new();
+    let mut dead: HashSet<String> = HashSet::new();
+    let mut reasons = Vec::new();
+    let written = |ids: Vec<(String, String)>| walcast_tests::checker::WrittenTxn {
+        events: ids
+            .into_iter()
+            .map(|(id, key)| walcast_tests::checker::WrittenEvent { id, key })
+            .collect(),
+        outcome: Outcome::Committed,
+        end_lsn: None,
+    };
+    let mut n = 0;
+    for (i, (reason, agg, key, payload)) in bad.iter().enumerate() {
+        if i == bad.len() / 2 {
+            // Killed midway: the next run resumes from the slot and
+            // dead-letters again what it had not confirmed.
+            w.kill9()?;
+            w = dl::start(&c)?;
+        }
+        for _ in 0..3 {
+            n += 1;
+            let (id, k) = (uuid(), format!("key-{}", n % 4));
+            dl::insert(&c.c, &id, Some("A"), Some(&k), Some(ok)).await?;
+            txns.push(written(vec![(id, k)]));
+        }
+        let k = key.unwrap_or("key-0").to_string();
+        let (first, bad_id, last) = (uuid(), uuid(), uuid());
+        c.c.batch_execute("BEGIN").await?;
+        dl::insert(&c.c, &first, Some("A"), Some(&k), Some(ok)).await?;
+        dl::insert(&c.c, &bad_id, *agg, *key, payload.as_deref()).await?;
+        dl::insert(&c.c, &last, Some("A"), Some(&k), Some(ok)).await?;
+        c.c.batch_execute("COMMIT").await?;
+        txns.push(written(vec![
+            (first, k.clone()),
+            (bad_id.clone(), k.clone()),
+            (last, k),
+        ]));
+        dead.insert(bad_id.clone());
+        reasons.push((bad_id, *reason));
+    }
+    let end = crate::common::current_wal_lsn(&c.c).await?;
+    let mut dlq = blocking(|| dl::reader(env, &c.dlq))?;
+    ensure!(
+        blocking(|| crate::common::wait_ids(&mut dlq, &dead, Duration::from_secs(90)))?,
+        "dead-letter records missing:\n{}",
+        tail(&w.log_text(), 30)
+    );
+    let mut main = blocking(|| dl::reader(env, &c.topic))?;
+    let good: HashSet<String> = txns
+        .iter()
+        .flat_map(|t| t.events.iter().map(|e| e.id.clone()))
+        .filter(|id| !dead.contains(id))
+        .collect();
+    ensure!(
+        blocking(|| crate::common::wait_ids(&mut main, &good, Duration::from_secs(90)))?,
+        "good events missing:\n{}",
+        tail(&w.log_text(), 30)
+    );
+    ensure!(
+        crate::common::wait_confirmed(env, &c.db, end, Duration::from_secs(30)).await?,
+        "the slot did not pass the dead-lettered rows"
+    );
+    ensure!(
+        w.is_running(),
+        "walcast stopped:\n{}",
+        tail(&w.log_text(), 30)
+    );
+    blocking(|| main.read_to_end(Duration::from_secs(30)))?;
+    blocking(|| dlq.read_to_end(Duration::from_secs(30)))?;
+    let report = walcast_tests::checker::check_with_dead_letters(
+        &txns,
+        &crate::common::observed(&main.records),
+        &dead,
+        &crate::common::observed(&dlq.records),
+        &[],
+    );
+    ensure!(
+        report.is_clean() && report.dead_lettered == dead.len(),
+        "dead-letter policy: {report}"
+    );
+    for (id, reason) in &reasons {
+        let r = dlq
+            .records
+            .iter()
+            .find(|r| r.header("id").as_deref() == Some(id.as_str()))
+            .context("dead-letter record")?;
+        ensure!(
+            r.header("walcast.error.reason").as_deref() == Some(*reason),
+            "{id}: reason {:?}, expected {reason}",
+            r.header("walcast.error.reason")
+        );
+    }
+    w.kill9()?;
+    let dl::Case { db, c: client, .. } = c;
+    drop(client);
+    db.drop(env).await?;
+    Ok(report)
 }
 
 // ------------------------------------------------------------------ 9 ----

@@ -86,6 +86,67 @@ pub struct Report {
     pub delivered_unconfirmed_at_kills: usize,
     /// Keys whose records are spread over more than one partition.
     pub split_keys: Vec<String>,
+    /// Distinct events found in the dead-letter topic
+    /// ([`check_with_dead_letters`]).
+    pub dead_lettered: usize,
+}
+
+/// [`check`] under the dead-letter policy: the events in `dead` must be in
+/// the dead-letter topic (`dead_letters`, by their `id` header) and nowhere
+/// else; every other committed event must be in `observed`, per key in
+/// commit order. A dead-lettered event counts as delivered (to the
+/// dead-letter topic); one missing from it is lost; a record in the
+/// dead-letter topic that was not expected there is a phantom (an event
+/// silently diverted), and so is an expected dead letter found in `observed`.
+pub fn check_with_dead_letters(
+    txns: &[WrittenTxn],
+    observed: &[Observed],
+    dead: &HashSet<String>,
+    dead_letters: &[Observed],
+    kills: &[KillObservation],
+) -> Report {
+    let main: Vec<WrittenTxn> = txns
+        .iter()
+        .map(|t| WrittenTxn {
+            events: t
+                .events
+                .iter()
+                .filter(|e| !dead.contains(&e.id))
+                .cloned()
+                .collect(),
+            outcome: t.outcome,
+            end_lsn: t.end_lsn,
+        })
+        .collect();
+    let mut report = check(&main, observed, kills);
+    let committed_dead: Vec<&WrittenEvent> = txns
+        .iter()
+        .filter(|t| t.outcome == Outcome::Committed)
+        .flat_map(|t| t.events.iter())
+        .filter(|e| dead.contains(&e.id))
+        .collect();
+    let in_dlq: HashSet<&str> = dead_letters.iter().map(|o| o.id.as_str()).collect();
+    for e in &committed_dead {
+        report.committed += 1;
+        if !in_dlq.contains(e.id.as_str()) {
+            report
+                .lost
+                .push(format!("{} (expected in the dead-letter topic)", e.id));
+        }
+    }
+    let mut seen = HashSet::new();
+    for o in dead_letters {
+        report.observed += 1;
+        if !seen.insert(o.id.as_str()) {
+            report.duplicates += 1;
+        } else if !dead.contains(&o.id) {
+            report
+                .phantom
+                .push(format!("{} (dead-lettered, but it was publishable)", o.id));
+        }
+    }
+    report.dead_lettered = in_dlq.len();
+    report
 }
 
 impl Report {
@@ -106,7 +167,7 @@ impl fmt::Display for Report {
         let first = |v: &Vec<String>| v.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
         write!(
             f,
-            "committed={} observed={} lost={} phantom={} reordered={} duplicates={} (not a replayed suffix: {}) ack_safety={} split_keys={}",
+            "committed={} observed={} lost={} phantom={} reordered={} duplicates={} (not a replayed suffix: {}) ack_safety={} split_keys={} dead_lettered={}",
             self.committed,
             self.observed,
             self.lost.len(),
@@ -115,7 +176,8 @@ impl fmt::Display for Report {
             self.duplicates,
             self.duplicates_not_suffix.len(),
             self.ack_safety.len(),
-            self.split_keys.len()
+            self.split_keys.len(),
+            self.dead_lettered
         )?;
         for (name, v) in [
             ("lost", &self.lost),

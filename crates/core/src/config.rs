@@ -332,6 +332,20 @@ pub enum PermanentErrorPolicy {
     /// Stop without moving the slot past the event (default).
     #[default]
     Stop,
+    /// Deliver the event to `pipeline.dead_letter_topic` instead (its key,
+    /// value and headers plus `walcast.error.*` headers), then go on. The
+    /// slot passes the row only once the dead-letter record is acknowledged.
+    DeadLetter,
+}
+
+impl PermanentErrorPolicy {
+    /// The name used in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PermanentErrorPolicy::Stop => "stop",
+            PermanentErrorPolicy::DeadLetter => "dead-letter",
+        }
+    }
 }
 
 /// `[pipeline]`
@@ -375,6 +389,11 @@ pub struct PipelineConfig {
     /// Policy for events that can never be published.
     #[serde(default)]
     pub on_permanent_error: PermanentErrorPolicy,
+    /// The topic that receives the events that can never be published when
+    /// `on_permanent_error = "dead-letter"` (required then, refused
+    /// otherwise). walcast creates it when it is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// Log output format.
@@ -571,6 +590,7 @@ impl Default for PipelineConfig {
             state_dir: None,
             state_topic: default_state_topic(),
             on_permanent_error: PermanentErrorPolicy::default(),
+            dead_letter_topic: None,
         }
     }
 }
@@ -1013,6 +1033,39 @@ impl Config {
             ));
         }
         validate_topic_name("pipeline.state_topic", &p.state_topic)?;
+        match (p.on_permanent_error, &p.dead_letter_topic) {
+            (PermanentErrorPolicy::DeadLetter, None) => {
+                return Err(Error::operator(
+                    "pipeline.on_permanent_error = \"dead-letter\" needs pipeline.dead_letter_topic",
+                )
+                .with_hint("set pipeline.dead_letter_topic to the topic that receives the events that can never be published (for example \"walcast.dead-letter\"), or use on_permanent_error = \"stop\""));
+            }
+            (PermanentErrorPolicy::Stop, Some(t)) => {
+                return Err(Error::operator(format!(
+                    "pipeline.dead_letter_topic = {t:?} is set but pipeline.on_permanent_error is \"stop\", so it would never be used"
+                ))
+                .with_hint("set pipeline.on_permanent_error = \"dead-letter\" to use it, or remove pipeline.dead_letter_topic"));
+            }
+            (PermanentErrorPolicy::DeadLetter, Some(t)) => {
+                validate_topic_name("pipeline.dead_letter_topic", t)?;
+                if *t == p.state_topic {
+                    return Err(Error::operator(format!(
+                        "pipeline.dead_letter_topic and pipeline.state_topic are both {t:?}"
+                    ))
+                    .with_hint("the state topic is compacted and holds walcast's slot records: give the dead-letter topic its own name"));
+                }
+                if crate::route::TopicTemplate::parse(&self.outbox.topic)
+                    .is_ok_and(|tpl| tpl.matches(t))
+                {
+                    return Err(Error::operator(format!(
+                        "pipeline.dead_letter_topic = {t:?} is a topic outbox.topic = {:?} can route events to",
+                        self.outbox.topic
+                    ))
+                    .with_hint("give the dead-letter topic a name outside the outbox topics, so dead letters never mix with events"));
+                }
+            }
+            (PermanentErrorPolicy::Stop, None) => {}
+        }
         if p.state_dir
             .as_ref()
             .is_some_and(|d| d.as_os_str().is_empty())
@@ -1482,6 +1535,44 @@ mod tests {
         assert_eq!(
             abs.state_dir(env(&[("STATE_DIRECTORY", "/x")])).unwrap(),
             PathBuf::from("/srv/w")
+        );
+    }
+
+    #[test]
+    fn the_dead_letter_policy_needs_a_valid_topic_of_its_own() {
+        let with = |extra: &str| Config::from_toml(&format!("{MIN}\n[pipeline]\n{extra}\n"));
+        let err = with("on_permanent_error = \"dead-letter\"").unwrap_err();
+        assert!(
+            err.to_string().contains("pipeline.dead_letter_topic"),
+            "{err}"
+        );
+        let err = with("dead_letter_topic = \"dlq\"").unwrap_err();
+        assert!(err.to_string().contains("never be used"), "{err}");
+        let err =
+            with("on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"a b\"").unwrap_err();
+        assert!(
+            err.to_string().contains("pipeline.dead_letter_topic"),
+            "{err}"
+        );
+        let err =
+            with("on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"walcast.state\"")
+                .unwrap_err();
+        assert!(err.to_string().contains("state_topic"), "{err}");
+        let err =
+            with("on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"outbox.event.dlq\"")
+                .unwrap_err();
+        assert!(err.to_string().contains("outbox.topic"), "{err}");
+        let ok = with(
+            "on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"walcast.dead-letters\"",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.pipeline.on_permanent_error,
+            PermanentErrorPolicy::DeadLetter
+        );
+        assert_eq!(
+            ok.pipeline.dead_letter_topic.as_deref(),
+            Some("walcast.dead-letters")
         );
     }
 

@@ -87,6 +87,9 @@ pub struct Error {
     hint: Option<String>,
     origin: Option<Origin>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// The event this error refused, when it can never be published (for
+    /// the dead-letter policy).
+    rejected: Option<Box<crate::dead_letter::Rejected>>,
 }
 
 /// Result alias for the relay.
@@ -101,6 +104,7 @@ impl Error {
             hint: None,
             origin: None,
             source: None,
+            rejected: None,
         }
     }
 
@@ -134,6 +138,26 @@ impl Error {
     /// Marks where the error came from, unless that is already known.
     pub fn or_origin(mut self, origin: Origin) -> Self {
         self.origin.get_or_insert(origin);
+        self
+    }
+
+    /// Attaches the event this error refused: it can never be published as
+    /// it is, and the dead-letter policy may deliver it to the dead-letter
+    /// topic instead.
+    pub fn with_rejected(mut self, rejected: crate::dead_letter::Rejected) -> Self {
+        self.rejected = Some(Box::new(rejected));
+        self
+    }
+
+    /// The event this error refused, when attached.
+    pub fn rejected(&self) -> Option<&crate::dead_letter::Rejected> {
+        self.rejected.as_deref()
+    }
+
+    /// Detaches the refused event (an error that must stop walcast whatever
+    /// the policy, for example a failed dead-letter record).
+    pub fn without_rejected(mut self) -> Self {
+        self.rejected = None;
         self
     }
 

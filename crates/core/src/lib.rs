@@ -7,6 +7,7 @@
 pub mod ack;
 pub mod check;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod failpoint;
 pub mod outbox;

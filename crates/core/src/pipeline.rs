@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use walcast_pgoutput::Lsn;
 
 use crate::ack::{AckTracker, TxnTicket};
+use crate::dead_letter::{self, Reason};
 use crate::error::{Decision, Error, Origin, Result};
 use crate::failpoint::{Failpoints, Point};
 use crate::outbox::{OutboxFilter, Row, SkipReason};
@@ -227,6 +228,14 @@ pub trait PipelineObserver: Send {
         let _ = error;
     }
 
+    /// Kafka acknowledged the dead-letter record of an event that could not
+    /// be published for `reason`; `original_topic` is the topic it was
+    /// routed to (`None`: the row has no valid topic). Called after
+    /// [`PipelineObserver::delivered`] for the dead-letter topic.
+    fn dead_lettered(&mut self, reason: Reason, original_topic: Option<&Arc<str>>) {
+        let _ = (reason, original_topic);
+    }
+
     /// Events have been in flight without a delivery report for
     /// `blocked_for` (at least the stall warning threshold); called once per stall.
     fn kafka_blocked(&mut self, blocked_for: Duration, in_flight_events: u64, confirmed: Lsn) {
@@ -281,6 +290,10 @@ pub struct Pipeline {
     progress: Arc<Progress>,
     failpoints: Option<Arc<Failpoints>>,
     observer: Box<dyn PipelineObserver>,
+    /// `pipeline.dead_letter_topic` under the dead-letter policy.
+    dead_letter: Option<Arc<str>>,
+    /// Events Kafka refused for good in an earlier run (dead-letter policy).
+    known_rejections: Vec<dead_letter::KnownRejection>,
 }
 
 impl std::fmt::Debug for dyn PipelineObserver {
@@ -304,6 +317,8 @@ impl Pipeline {
             progress,
             failpoints: None,
             observer: Box::new(LogObserver),
+            dead_letter: None,
+            known_rejections: Vec::new(),
         }
     }
 
@@ -315,6 +330,27 @@ impl Pipeline {
     /// Replaces the observer (the default only logs).
     pub fn with_observer(mut self, observer: Box<dyn PipelineObserver>) -> Self {
         self.observer = observer;
+        self
+    }
+
+    /// Turns on the dead-letter policy (`pipeline.on_permanent_error =
+    /// "dead-letter"`): an event that can never be published (its error
+    /// carries a [`dead_letter::Rejected`]) is replaced by its dead-letter
+    /// record for `topic`, which takes the event's place in the ack tracker.
+    /// Nothing more is read from the stream until that record is
+    /// acknowledged, so no later event reaches Kafka before it. `None`: stop.
+    pub fn with_dead_letter(mut self, topic: Option<Arc<str>>) -> Self {
+        self.dead_letter = topic;
+        self
+    }
+
+    /// Events a broker refused for good in an earlier run (under the
+    /// dead-letter policy): when the stream brings one of them again, its
+    /// dead-letter record is sent instead of producing it (a broker refusal
+    /// stops the gapless producer, so it cannot be dead-lettered in the run
+    /// that saw it). Entries the slot has passed are ignored.
+    pub fn with_known_rejections(mut self, known: Vec<dead_letter::KnownRejection>) -> Self {
+        self.known_rejections = known;
         self
     }
 
@@ -360,7 +396,20 @@ impl Pipeline {
         let mut bytes_in_flight: u64 = 0;
         // An event read but not yet handed to the sink because the byte bound
         // was full; nothing more is read until it went out.
-        let mut waiting: Option<(TxnTicket, i64, OutboxEvent)> = None;
+        let mut waiting: Option<(TxnTicket, i64, Outgoing)> = None;
+        // Dead-letter records handed to the sink and not yet acknowledged:
+        // nothing more is read while there is one (rule 8).
+        let mut dead_letters_in_flight: u64 = 0;
+        let dead_letter_topic = self.dead_letter.clone();
+        self.known_rejections
+            .retain(|k| k.rejected.source_lsn >= start);
+        if let Some(dlq) = &dead_letter_topic {
+            // Learn the dead-letter topic's limit now, so a dead-letter record
+            // can be handed over at once when an event is refused.
+            sink.prepare(&dead_letter::probe(dlq))
+                .await
+                .map_err(|e| e.or_origin(Origin::Kafka))?;
+        }
         let mut warned_prefixes = std::collections::HashSet::new();
         let mut last_delivery = Instant::now();
         let mut stall_warned = None::<Duration>;
@@ -380,19 +429,27 @@ impl Pipeline {
                 // were delivered behind a stuck one wait there (empty ones are
                 // merged, so only transactions that had events count).
                 let has_room = waiting.is_none()
+                    && dead_letters_in_flight == 0
                     && tracker.in_flight_events() < self.settings.max_in_flight_events
                     && (tracker.pending_transactions() as u64) <= self.settings.max_in_flight_events
                     && bytes_in_flight < self.settings.max_in_flight_bytes;
                 tokio::select! {
                     biased;
-                    Some((ticket, size, topic, commit_time, result)) = deliveries.next(), if !deliveries.is_empty() => {
-                        let result: Result<()> = result;
+                    Some(Done { ticket, size, topic, commit_time, dead_letter, result }) = deliveries.next(), if !deliveries.is_empty() => {
                         if let Err(e) = result {
                             delivery_failed = true;
+                            let e = match &dead_letter {
+                                Some(dl) => dl.failed(e),
+                                None => e,
+                            };
                             self.observer.delivery_failed(&e);
                             return Err(e.or_origin(Origin::Kafka));
                         }
                         tracker.delivered(ticket).map_err(protocol_error)?;
+                        if let Some(dl) = &dead_letter {
+                            dead_letters_in_flight -= 1;
+                            self.observer.dead_lettered(dl.reason, dl.original_topic.as_ref());
+                        }
                         bytes_in_flight -= size;
                         if stall_warned.take().is_some() {
                             self.observer.kafka_flowing(last_delivery.elapsed());
@@ -408,15 +465,15 @@ impl Pipeline {
                                 Failpoints::fire(Point::AfterDelivery);
                             }
                         }
-                        if waiting.as_ref().is_some_and(|(_, _, e)| {
-                            fits(bytes_in_flight, e.size_bytes(), self.settings.max_in_flight_bytes)
+                        if waiting.as_ref().is_some_and(|(_, _, o)| {
+                            fits(bytes_in_flight, o.event.size_bytes(), self.settings.max_in_flight_bytes)
                         }) {
-                            if let Some((ticket, commit_time, event)) = waiting.take() {
-                                let size = event.size_bytes();
-                                let delivery = dispatch(sink, &mut tracker, ticket, commit_time, event)
+                            if let Some((ticket, commit_time, outgoing)) = waiting.take() {
+                                let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
                                     .inspect_err(|e| self.observer.delivery_failed(e))?;
                                 deliveries.push(delivery);
                                 bytes_in_flight += size;
+                                dead_letters_in_flight += u64::from(dead);
                                 self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -442,17 +499,24 @@ impl Pipeline {
                                         let (ticket, commit_lsn, commit_time) = open.ok_or_else(|| {
                                             protocol_error("an INSERT arrived outside a transaction")
                                         })?;
-                                        let event = self.router.route(&table, commit_lsn, commit_time, row)?;
-                                        let size = event.size_bytes();
-                                        sink.prepare(&event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
+                                        let outgoing = match self.router.route(&table, commit_lsn, commit_time, row) {
+                                            Ok(event) => match self.known_rejections.iter().find(|k| k.matches(&event)) {
+                                                Some(known) => DeadLetter::replace(dead_letter_topic.as_ref(), known.error_for(&event))?,
+                                                None => Outgoing { event, dead_letter: None },
+                                            },
+                                            Err(e) => DeadLetter::replace(dead_letter_topic.as_ref(), e)?,
+                                        };
+                                        let size = outgoing.event.size_bytes();
+                                        sink.prepare(&outgoing.event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
                                         if !deliveries.is_empty()
                                             && !fits(bytes_in_flight, size, self.settings.max_in_flight_bytes)
                                         {
-                                            waiting = Some((ticket, commit_time, event));
+                                            waiting = Some((ticket, commit_time, outgoing));
                                         } else {
-                                            let delivery = dispatch(sink, &mut tracker, ticket, commit_time, event)
+                                            let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
                                                 .inspect_err(|e| self.observer.delivery_failed(e))?;
                                             bytes_in_flight += size;
+                                            dead_letters_in_flight += u64::from(dead);
                                             if deliveries.is_empty() {
                                                 last_delivery = Instant::now();
                                             }
@@ -600,8 +664,14 @@ impl Pipeline {
         );
         while !deliveries.is_empty() {
             match tokio::time::timeout_at(deadline, deliveries.next()).await {
-                Ok(Some((ticket, size, topic, commit_time, result))) => {
-                    let result: Result<()> = result;
+                Ok(Some(Done {
+                    ticket,
+                    size,
+                    topic,
+                    commit_time,
+                    dead_letter,
+                    result,
+                })) => {
                     if let Err(e) = result {
                         self.observer.delivery_failed(&e);
                         tracing::warn!(error = %e, "delivery failed during shutdown; the event is left for the next run");
@@ -609,6 +679,10 @@ impl Pipeline {
                     }
                     tracker.delivered(ticket).map_err(protocol_error)?;
                     self.observer.delivered(&topic, size, commit_time);
+                    if let Some(dl) = &dead_letter {
+                        self.observer
+                            .dead_lettered(dl.reason, dl.original_topic.as_ref());
+                    }
                     bytes_in_flight -= size;
                     self.progress
                         .in_flight_bytes
@@ -662,23 +736,167 @@ impl Pipeline {
     }
 }
 
-/// Hands `event` of the open transaction `ticket` (committed at
-/// `commit_time`) to the sink; the returned future resolves to the ticket,
-/// the event's size, topic and commit time, and the delivery result.
+/// A finished delivery: the event's ticket, size, topic and commit time,
+/// whether it was a dead-letter record, and the result.
+struct Done {
+    ticket: TxnTicket,
+    size: u64,
+    topic: Arc<str>,
+    commit_time: i64,
+    dead_letter: Option<DeadLetter>,
+    result: Result<()>,
+}
+
+/// A dead-letter record's origin: the refused event.
+#[derive(Debug, Clone)]
+struct DeadLetter {
+    reason: Reason,
+    original_topic: Option<Arc<str>>,
+    /// The refused event's id and LSN, for errors.
+    what: String,
+}
+
+/// What the loop hands to the sink: an event, or a dead-letter record in
+/// its place.
+#[derive(Debug)]
+struct Outgoing {
+    event: OutboxEvent,
+    dead_letter: Option<DeadLetter>,
+}
+
+impl DeadLetter {
+    /// The dead-letter record replacing the event `refused` refused, when
+    /// the dead-letter policy is on (`topic`) and the error carries the
+    /// event; else `refused` itself.
+    fn replace(topic: Option<&Arc<str>>, refused: Error) -> Result<Outgoing> {
+        let (Some(topic), Some(rejected)) = (topic, refused.rejected()) else {
+            return Err(refused);
+        };
+        if refused.kind() == crate::ErrorKind::Retryable {
+            return Err(refused);
+        }
+        let id = rejected
+            .event_id()
+            .map(|id| String::from_utf8_lossy(id).into_owned())
+            .unwrap_or_else(|| "NULL".into());
+        let dl = DeadLetter {
+            reason: rejected.reason,
+            original_topic: rejected.topic.clone(),
+            what: format!(
+                "event {id} from {} (commit LSN {})",
+                rejected.table, rejected.source_lsn
+            ),
+        };
+        tracing::warn!(
+            reason = dl.reason.as_str(),
+            dead_letter_topic = %topic,
+            "{}; it goes to the dead-letter topic {topic} instead (pipeline.on_permanent_error = \"dead-letter\")",
+            refused.message()
+        );
+        let event = dead_letter::record(topic, rejected, &refused, std::time::SystemTime::now());
+        Ok(Outgoing {
+            event,
+            dead_letter: Some(dl),
+        })
+    }
+
+    /// The error that ends the run when this dead-letter record cannot be
+    /// delivered: never dropped, and never dead-lettered in turn.
+    fn failed(&self, e: Error) -> Error {
+        let kind = e.kind();
+        let hint = match kind {
+            crate::ErrorKind::Retryable => "walcast restarts from the slot's confirmed position and dead-letters the event again; nothing is skipped".to_string(),
+            _ => format!(
+                "{}. walcast stops without moving the slot past the event; fix the dead-letter topic (pipeline.dead_letter_topic) and restart",
+                e.hint().unwrap_or("check the dead-letter topic")
+            ),
+        };
+        Error::new(
+            kind,
+            format!(
+                "the dead-letter record of {} ({}) could not be delivered: {}",
+                self.what,
+                self.reason.as_str(),
+                e.message()
+            ),
+        )
+        .with_hint(hint)
+    }
+}
+
+/// Hands `outgoing` of the open transaction `ticket` (committed at
+/// `commit_time`) to the sink. Under the dead-letter policy (`dlq`), an
+/// event the sink refuses for good before producing it is replaced by its
+/// dead-letter record, and a dead-letter record too large for its topic is
+/// sent without its value. Returns the delivery, the bytes it holds in
+/// flight, and whether it is a dead-letter record.
 #[allow(clippy::type_complexity)]
+fn hand_over<K: EventSink>(
+    sink: &mut K,
+    tracker: &mut AckTracker,
+    dlq: Option<&Arc<str>>,
+    ticket: TxnTicket,
+    commit_time: i64,
+    outgoing: Outgoing,
+) -> Result<(impl std::future::Future<Output = Done> + use<K>, u64, bool)> {
+    let Outgoing { event, dead_letter } = outgoing;
+    let (record, dl) = match dead_letter {
+        None => {
+            let size = event.size_bytes();
+            match dispatch(sink, tracker, ticket, commit_time, event, None) {
+                Ok(d) => return Ok((d, size, false)),
+                Err(refused) => {
+                    let o = DeadLetter::replace(dlq, refused)?;
+                    (o.event, o.dead_letter.unwrap_or_else(|| unreachable!()))
+                }
+            }
+        }
+        Some(dl) => (event, dl),
+    };
+    let size = record.size_bytes();
+    let keep = (!record.payload.is_empty()).then(|| record.clone());
+    match dispatch(sink, tracker, ticket, commit_time, record, Some(dl.clone())) {
+        Ok(d) => Ok((d, size, true)),
+        Err(e) if keep.is_some() && e.rejected().is_some_and(|r| r.reason == Reason::TooLarge) => {
+            // The value does not fit the dead-letter topic either: send the
+            // key and headers, with the value's size in a header.
+            let record = dead_letter::without_value(keep.unwrap_or_else(|| unreachable!()));
+            tracing::warn!(
+                "the dead-letter record of {} is too large for the dead-letter topic with its value: it is sent without it ({})",
+                dl.what,
+                dead_letter::HEADER_VALUE_OMITTED
+            );
+            let size = record.size_bytes();
+            dispatch(sink, tracker, ticket, commit_time, record, Some(dl.clone()))
+                .map(|d| (d, size, true))
+                .map_err(|e| dl.failed(e))
+        }
+        Err(e) => Err(dl.failed(e)),
+    }
+}
+
+/// Hands `event` of the open transaction `ticket` (committed at
+/// `commit_time`) to the sink; the returned future resolves to its [`Done`].
 fn dispatch<K: EventSink>(
     sink: &mut K,
     tracker: &mut AckTracker,
     ticket: TxnTicket,
     commit_time: i64,
     event: OutboxEvent,
-) -> Result<impl std::future::Future<Output = (TxnTicket, u64, Arc<str>, i64, Result<()>)> + use<K>>
-{
+    dead_letter: Option<DeadLetter>,
+) -> Result<impl std::future::Future<Output = Done> + use<K>> {
     let size = event.size_bytes();
     let topic = event.topic.clone();
     let delivery = sink.send(event).map_err(|e| e.or_origin(Origin::Kafka))?;
     tracker.event_sent(ticket).map_err(protocol_error)?;
-    Ok(delivery.map(move |r| (ticket, size, topic, commit_time, r)))
+    Ok(delivery.map(move |result| Done {
+        ticket,
+        size,
+        topic,
+        commit_time,
+        dead_letter,
+        result,
+    }))
 }
 
 /// True when an event of `size` bytes may join `in_flight` bytes under `max`.

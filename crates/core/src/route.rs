@@ -17,6 +17,7 @@ use bytes::Bytes;
 use walcast_pgoutput::{Lsn, PgTimestamp};
 
 use crate::config::TableName;
+use crate::dead_letter::{Reason, Rejected};
 use crate::error::{Error, Result};
 
 /// The placeholder replaced by the routing column's value.
@@ -760,34 +761,6 @@ impl OutboxEvent {
     }
 }
 
-/// What was known of a row that cannot be published, for a dead-letter
-/// record: attached as the source of the routing error
-/// (`error.source()?.downcast_ref::<Unroutable>()`).
-#[derive(Debug, Clone)]
-pub struct Unroutable {
-    /// The outbox table.
-    pub table: Arc<str>,
-    /// Commit LSN of the row's transaction.
-    pub source_lsn: Lsn,
-    /// Why it cannot be published.
-    pub reason: String,
-    /// The key column's value, if it was read.
-    pub key: Option<Bytes>,
-    /// The payload column's value, if it was read.
-    pub value: Option<Bytes>,
-    /// The headers built so far (the event id first, when known).
-    pub headers: Vec<Header>,
-}
-
-impl std::fmt::Display for Unroutable {
-    fn fmt(&self, _f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The routing error's message already says it all.
-        Ok(())
-    }
-}
-
-impl std::error::Error for Unroutable {}
-
 /// Turns outbox rows into events.
 #[derive(Debug)]
 pub struct Router {
@@ -830,7 +803,8 @@ impl Router {
     /// required column is NULL, the topic would be invalid, the payload is
     /// not JSON but must be expanded, or the timestamp or partition column
     /// holds no usable value. The message names the table, the event id and
-    /// the LSN so the row can be found; an [`Unroutable`] is attached.
+    /// the LSN so the row can be found; a [`Rejected`] is attached for the
+    /// dead-letter policy.
     pub fn route(
         &mut self,
         table: &Arc<str>,
@@ -863,29 +837,31 @@ impl Router {
             });
         }
         let payload_bytes = payload.as_ref().map(|c| c.bytes.clone());
-        let unroutable = |what: &str, headers: &[Header]| {
+        let unroutable = |reason: Reason, what: &str, headers: &[Header]| {
             Error::permanent(format!(
                 "outbox row in {table} (id {id_text}, commit LSN {source_lsn}) cannot be published: {what}"
             ))
-            .with_hint("walcast stops here without moving the slot past this row: fix the writer, then remove or repair the row's effects (for example by accepting the gap with a new slot) and restart")
-            .with_source(Unroutable {
-                table: table.clone(),
-                source_lsn,
-                reason: what.to_string(),
+            .with_hint("walcast stops here without moving the slot past this row: fix the writer, then remove or repair the row's effects (for example by accepting the gap with a new slot) and restart; or set pipeline.on_permanent_error = \"dead-letter\"")
+            .with_rejected(Rejected {
+                reason,
+                topic: None,
                 key: key.clone(),
                 value: payload_bytes.clone(),
                 headers: headers.to_vec(),
+                table: table.clone(),
+                source_lsn,
             })
         };
         let Some(id) = id else {
             return Err(unroutable(
+                Reason::NullId,
                 &format!("its event id column {:?} is NULL", spec.id),
                 &headers,
             ));
         };
         let _ = id;
         let Some(key_bytes) = key.clone() else {
-            return Err(unroutable(
+            return Err(unroutable(Reason::NullKey,
                 &format!("its key column {:?} is NULL (the record key keeps one aggregate's events in order)", spec.key),
                 &headers,
             ));
@@ -894,6 +870,7 @@ impl Router {
         let topic = if spec.topic.uses_routed_value() {
             let Some(routed_by) = row.take(slot::ROUTE_BY).map(|c| c.bytes) else {
                 return Err(unroutable(
+                    Reason::Unroutable,
                     &format!(
                         "its routing column {:?} is NULL (it selects the topic)",
                         spec.route_by
@@ -907,13 +884,16 @@ impl Router {
                 None => {
                     let Some(value) = text(&routed_by) else {
                         return Err(unroutable(
+                            Reason::Unroutable,
                             &format!("its routing column {:?} is not valid UTF-8", spec.route_by),
                             &headers,
                         ));
                     };
                     let topic: Arc<str> = match spec.topic.render(value) {
                         Ok(t) => Arc::from(t),
-                        Err(e) => return Err(unroutable(e.message(), &headers)),
+                        Err(e) => {
+                            return Err(unroutable(Reason::InvalidTopic, e.message(), &headers))
+                        }
                     };
                     if cache.len() > 10_000 {
                         cache.clear();
@@ -929,7 +909,9 @@ impl Router {
                 None => {
                     let t: Arc<str> = match spec.topic.render("") {
                         Ok(t) => Arc::from(t),
-                        Err(e) => return Err(unroutable(e.message(), &headers)),
+                        Err(e) => {
+                            return Err(unroutable(Reason::InvalidTopic, e.message(), &headers))
+                        }
                     };
                     cache.insert(Bytes::new(), t.clone());
                     t
@@ -967,6 +949,7 @@ impl Router {
                         Some(p) => partition = Some(p),
                         None => {
                             return Err(unroutable(
+                    Reason::Unroutable,
                                 &format!(
                                     "its partition column {:?} is {} (a partition number is an integer from 0)",
                                     f.column,
@@ -1037,7 +1020,7 @@ impl Router {
             Some(c) => match timestamp_ms(&c) {
                 Some(ms) => ms,
                 None => {
-                    return Err(unroutable(
+                    return Err(unroutable(Reason::InvalidRecord,
                         &format!(
                             "its timestamp column {:?} holds {:?}, which is not a usable record timestamp",
                             spec.timestamp.as_deref().unwrap_or_default(),
@@ -1059,7 +1042,7 @@ impl Router {
             (Bytes::new(), true)
         } else {
             let Some(p) = payload else {
-                return Err(unroutable(
+                return Err(unroutable(Reason::NullPayload,
                     &format!("its payload column {:?} is NULL (set route_tombstone_on_empty_payload = true to send a tombstone)", spec.payload),
                     &headers,
                 ));
@@ -1068,7 +1051,7 @@ impl Router {
                 match compact_json(&p.bytes) {
                     Some(j) => Some(j),
                     None => {
-                        return Err(unroutable(
+                        return Err(unroutable(Reason::PayloadExpansion,
                             "its payload is not a JSON object or array, but the route expands JSON payloads (table_expand_json_payload)",
                             &headers,
                         ))
@@ -1325,19 +1308,22 @@ mod tests {
         let err = r.route(&t, Lsn::from(7), T, row("bad topic!")).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Permanent);
         assert!(err.to_string().contains("0b0e5b3e-1"), "{err}");
-        let u = std::error::Error::source(&err)
-            .and_then(|s| s.downcast_ref::<Unroutable>())
-            .expect("dead-letter details attached");
+        // The error carries the row for a dead-letter record.
+        let u = err.rejected().expect("dead-letter details attached");
+        assert_eq!(u.reason, Reason::InvalidTopic);
         assert_eq!(u.key.as_deref(), Some(&b"order-1"[..]));
         assert_eq!(u.value.as_deref(), Some(&b"{\"a\": 1}"[..]));
         assert_eq!(u.headers[0].value, Bytes::from_static(b"0b0e5b3e-1"));
+        assert_eq!(u.event_id(), Some(&b"0b0e5b3e-1"[..]));
         let mut nul = row("x");
         nul.values[slot::KEY] = None;
         let err = r.route(&t, Lsn::from(7), T, nul).unwrap_err();
         assert!(err.to_string().contains("aggregateid"), "{err}");
+        assert_eq!(err.rejected().map(|r| r.reason), Some(Reason::NullKey));
         let mut nul = row("x");
         nul.values[slot::PAYLOAD] = None;
-        assert!(r.route(&t, Lsn::from(7), T, nul).is_err());
+        let err = r.route(&t, Lsn::from(7), T, nul).unwrap_err();
+        assert_eq!(err.rejected().map(|r| r.reason), Some(Reason::NullPayload));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch, Notify};
 use walcast_core::config::{OutboxColumns, TableName};
+use walcast_core::dead_letter::{Reason, Rejected};
 use walcast_core::outbox::OutboxFilter;
 use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
 use walcast_core::route::{OutboxEvent, Router, TopicTemplate};
@@ -91,9 +92,13 @@ impl EventSink for FakeSink {
     }
     fn send(&mut self, event: OutboxEvent) -> Result<FakeDelivery> {
         let (tx, rx) = oneshot::channel();
-        let id = String::from_utf8_lossy(event.event_id()).into_owned();
-        if id.starts_with("big") {
-            return Err(Error::permanent(format!("event {id} is too large")));
+        let mut id = String::from_utf8_lossy(event.event_id()).into_owned();
+        if &*event.topic == DLQ {
+            // A dead-letter record (it keeps the event's id).
+            id = format!("{DLQ}:{id}");
+        } else if id.starts_with("big") {
+            return Err(Error::permanent(format!("event {id} is too large"))
+                .with_rejected(Rejected::event(Reason::TooLarge, &event)));
         }
         self.0.lock().unwrap().push((id, tx));
         Ok(FakeDelivery(rx))
@@ -102,6 +107,9 @@ impl EventSink for FakeSink {
 }
 
 const REL: u32 = 16384;
+
+/// The dead-letter topic of [`start_dead_letter`].
+const DLQ: &str = "dlq";
 
 fn relation() -> Bytes {
     let col = |name: &str, type_oid: u32| RelationColumn {
@@ -180,6 +188,20 @@ fn start(max_events: u64, max_bytes: u64) -> Harness {
 }
 
 fn start_with(max_events: u64, max_bytes: u64, delivery_timeout: Duration) -> Harness {
+    start_full(max_events, max_bytes, delivery_timeout, None)
+}
+
+/// A pipeline under the dead-letter policy (topic [`DLQ`]).
+fn start_dead_letter() -> Harness {
+    start_full(100, 1 << 20, Duration::from_secs(600), Some(Arc::from(DLQ)))
+}
+
+fn start_full(
+    max_events: u64,
+    max_bytes: u64,
+    delivery_timeout: Duration,
+    dead_letter: Option<Arc<str>>,
+) -> Harness {
     let source = SourceState::default();
     let pending: Pending = Arc::default();
     let (stop, stop_rx) = watch::channel(false);
@@ -198,7 +220,8 @@ fn start_with(max_events: u64, max_bytes: u64, delivery_timeout: Duration) -> Ha
         ),
         Router::new(TopicTemplate::parse("outbox.event.${routedByValue}").unwrap()),
         progress.clone(),
-    );
+    )
+    .with_dead_letter(dead_letter);
     let mut src = FakeSource(source.clone());
     let prepared = Arc::new(AtomicUsize::new(0));
     let mut sink = FakeSink(pending.clone(), prepared.clone());
@@ -624,4 +647,122 @@ async fn nothing_delivered_for_the_delivery_timeout_restarts_without_confirming(
     assert_eq!(err.kind(), walcast_core::ErrorKind::Retryable);
     assert!(err.to_string().contains("delivery_timeout_ms"), "{err}");
     assert_eq!(h.source.last_confirmed(), None);
+}
+
+fn null_key(id: &str) -> Bytes {
+    let t = |s: &str| ColumnValue::Text(Bytes::copy_from_slice(s.as_bytes()));
+    Message::Insert(Insert {
+        xid: None,
+        rel_id: REL,
+        new: TupleData::new(vec![t(id), t("Order"), ColumnValue::Null, t("T"), t("{}")]),
+    })
+    .to_bytes()
+}
+
+fn pending_ids(h: &Harness) -> Vec<String> {
+    h.pending
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Delivery rule 8: the dead-letter record takes the bad event's place in
+/// its transaction: the slot does not pass the row before the record is
+/// acknowledged, and nothing after the row is sent before that either.
+#[tokio::test]
+async fn a_dead_letter_record_holds_the_slot_and_the_stream_until_acknowledged() {
+    let h = start_dead_letter();
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(commit(200));
+    h.source.push(begin(250));
+    h.source.push(data(insert("b1", "b", 10)));
+    h.source.push(data(null_key("b2")));
+    h.source.push(data(insert("b3", "b", 10)));
+    h.source.push(commit(300));
+    h.source.push(begin(350));
+    h.source.push(data(insert("b4", "b", 10)));
+    h.source.push(commit(400));
+    settle().await;
+    assert_eq!(
+        pending_ids(&h),
+        ["a1", "b1", "dlq:b2"],
+        "nothing after the dead-lettered row is sent before its record is acknowledged"
+    );
+    deliver(&h, "a1", Ok(()));
+    deliver(&h, "b1", Ok(()));
+    settle().await;
+    assert_eq!(
+        h.source.last_confirmed(),
+        Some(Lsn::new(200)),
+        "the slot stays before the row's transaction until its dead-letter record is acknowledged"
+    );
+    assert_eq!(pending_ids(&h), ["dlq:b2"]);
+    deliver(&h, "dlq:b2", Ok(()));
+    settle().await;
+    assert_eq!(pending_ids(&h), ["b3", "b4"]);
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    deliver(&h, "b3", Ok(()));
+    deliver(&h, "b4", Ok(()));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(400)));
+    assert!(!h.task.is_finished(), "the pipeline goes on");
+    let _ = h.stop.send(true);
+    h.task.await.unwrap().unwrap();
+}
+
+/// An event the sink refuses before producing it (over the size limit) is
+/// dead-lettered in its place, under the same rule.
+#[tokio::test]
+async fn a_record_refused_by_the_sink_is_dead_lettered() {
+    let h = start_dead_letter();
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(data(insert("big1", "a", 10)));
+    h.source.push(data(insert("a2", "a", 10)));
+    h.source.push(commit(200));
+    settle().await;
+    assert_eq!(pending_ids(&h), ["a1", "dlq:big1"]);
+    deliver(&h, "a1", Ok(()));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), None);
+    deliver(&h, "dlq:big1", Ok(()));
+    settle().await;
+    assert_eq!(pending_ids(&h), ["a2"]);
+    deliver(&h, "a2", Ok(()));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    let _ = h.stop.send(true);
+    h.task.await.unwrap().unwrap();
+}
+
+/// A dead-letter record that fails ends the run without confirming its
+/// row: it is never dropped (and never dead-lettered in turn).
+#[tokio::test]
+async fn a_failed_dead_letter_record_stops_without_passing_the_row() {
+    let h = start_dead_letter();
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("a1", "a", 10)));
+    h.source.push(commit(200));
+    h.source.push(begin(250));
+    h.source.push(data(null_key("b2")));
+    h.source.push(commit(300));
+    settle().await;
+    deliver(&h, "a1", Ok(()));
+    settle().await;
+    deliver(
+        &h,
+        "dlq:b2",
+        Err(Error::permanent("the dead-letter topic refused it")),
+    );
+    let err = h.task.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Permanent);
+    assert!(err.to_string().contains("dead-letter record"), "{err}");
+    assert!(err.rejected().is_none(), "never dead-lettered in turn");
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
 }

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod dead_letter;
 pub mod limits;
 mod state;
 
@@ -33,6 +34,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tokio::sync::watch;
 use walcast_core::config::KafkaConfig;
+use walcast_core::dead_letter::{Reason, Rejected};
 use walcast_core::route::{OutboxEvent, TopicMatcher};
 use walcast_core::sink::EventSink;
 use walcast_core::{Error, ErrorKind, Lsn, Result};
@@ -158,6 +160,7 @@ struct Failure {
     kind: ErrorKind,
     message: String,
     hint: Option<String>,
+    rejected: Option<Rejected>,
 }
 
 impl Failure {
@@ -170,15 +173,19 @@ impl Failure {
             kind: e.kind(),
             message,
             hint: e.hint().map(str::to_string),
+            rejected: e.rejected().cloned(),
         }
     }
 
     fn to_error(&self) -> Error {
-        let e = Error::new(self.kind, self.message.clone());
-        match &self.hint {
-            Some(h) => e.with_hint(h.clone()),
-            None => e,
+        let mut e = Error::new(self.kind, self.message.clone());
+        if let Some(h) = &self.hint {
+            e = e.with_hint(h.clone());
         }
+        if let Some(r) = &self.rejected {
+            e = e.with_rejected(r.clone());
+        }
+        e
     }
 }
 
@@ -217,6 +224,9 @@ pub struct KafkaSink {
     shared: Arc<Shared>,
     /// A topic this sink produces to, for [`KafkaProbe`].
     probe_topic: Arc<std::sync::Mutex<Option<Arc<str>>>>,
+    /// `pipeline.dead_letter_topic`: its records are checked against an
+    /// assumed limit too (see [`KafkaSink::with_dead_letter_topic`]).
+    dead_letter_topic: Option<Arc<str>>,
 }
 
 /// Checks that the Kafka cluster answers, with the sink's admin client (the
@@ -325,7 +335,17 @@ impl KafkaSink {
             batch_size,
             lookup_timeout,
             probe_topic: Arc::default(),
+            dead_letter_topic: None,
         })
+    }
+
+    /// Names the dead-letter topic. A dead-letter record is checked against
+    /// the topic's limit even when walcast could only assume it (the
+    /// brokers' default): a dead-letter record the broker refused would stop
+    /// walcast, while one refused here is sent again without its value.
+    pub fn with_dead_letter_topic(mut self, topic: Option<Arc<str>>) -> Self {
+        self.dead_letter_topic = topic;
+        self
     }
 
     /// A probe of the cluster's reachability for readiness checks.
@@ -545,6 +565,55 @@ fn delivery_error(err: KafkaError, info: &RecordInfo) -> Error {
     .with_hint(hint)
 }
 
+/// The record a broker refused for good, for the dead-letter policy: a
+/// record too large (alone in its batch), an invalid record or topic, an
+/// unknown topic or one walcast may not write to. `None` for errors that are
+/// not the record's own (the batch, the cluster, a transient one).
+fn rejected_by_broker(
+    e: &Error,
+    msg: &rdkafka::message::OwnedMessage,
+    info: &RecordInfo,
+) -> Option<Rejected> {
+    use rdkafka::message::{Headers, Message};
+    if e.kind() == ErrorKind::Retryable {
+        return None;
+    }
+    let code = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<KafkaError>())
+        .and_then(code_of)?;
+    let reason = match code {
+        RDKafkaErrorCode::MessageSizeTooLarge => Reason::TooLarge,
+        RDKafkaErrorCode::InvalidTopic => Reason::InvalidTopic,
+        RDKafkaErrorCode::InvalidRecord
+        | RDKafkaErrorCode::InvalidMessage
+        | RDKafkaErrorCode::InvalidMessageSize => Reason::InvalidRecord,
+        RDKafkaErrorCode::UnknownTopic
+        | RDKafkaErrorCode::UnknownTopicOrPartition
+        | RDKafkaErrorCode::TopicAuthorizationFailed => Reason::TopicRejected,
+        _ => return None,
+    };
+    let headers = msg
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| walcast_core::route::Header {
+                    name: Arc::from(h.key),
+                    value: Bytes::copy_from_slice(h.value.unwrap_or_default()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Rejected {
+        reason,
+        topic: Some(info.topic.clone()),
+        key: msg.key().map(Bytes::copy_from_slice),
+        value: msg.payload().map(Bytes::copy_from_slice),
+        headers,
+        table: info.table.clone(),
+        source_lsn: info.source_lsn,
+    })
+}
+
 /// The error of a delivery that failed because the producer stopped: the
 /// error of the record that stopped it, once its delivery report is in (or
 /// the producer's fatal error when no record of this sink caused it).
@@ -613,7 +682,7 @@ impl Future for KafkaDelivery {
                         this.state = DeliveryState::Done;
                         return Poll::Ready(Ok(()));
                     }
-                    Poll::Ready(Ok(Err((err, _msg)))) => {
+                    Poll::Ready(Ok(Err((err, msg)))) => {
                         if is_collateral(&err) {
                             this.state = DeliveryState::Collateral(collateral(
                                 this.shared.clone(),
@@ -623,6 +692,10 @@ impl Future for KafkaDelivery {
                             continue;
                         }
                         let e = delivery_error(err, &this.info);
+                        let e = match rejected_by_broker(&e, &msg, &this.info) {
+                            Some(r) => e.with_rejected(r),
+                            None => e,
+                        };
                         this.shared.record_root(&e);
                         this.state = DeliveryState::Done;
                         return Poll::Ready(Err(e));
@@ -700,13 +773,17 @@ impl EventSink for KafkaSink {
         }
         // An assumed limit sizes batches, but does not refuse records: the
         // topic may accept more than walcast may read; the broker judges.
-        .filter(|l| l.source != LimitSource::Assumed);
+        .filter(|l| {
+            l.source != LimitSource::Assumed
+                || self.dead_letter_topic.as_deref() == Some(&*event.topic)
+        });
         if estimate
             > topic_limit
                 .map_or(u64::MAX, |l| l.bytes)
                 .min(self.producer_max)
         {
-            return Err(too_large(&event, estimate, topic_limit, self.producer_max));
+            return Err(too_large(&event, estimate, topic_limit, self.producer_max)
+                .with_rejected(Rejected::event(Reason::TooLarge, &event)));
         }
         let mut headers = OwnedHeaders::new_with_capacity(event.headers.len());
         for h in &event.headers {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use walcast_core::config::Config;
+use walcast_core::dead_letter::KnownRejection;
 use walcast_core::failpoint::Failpoints;
 use walcast_core::outbox::OutboxFilter;
 use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
@@ -37,6 +38,10 @@ use walcast_postgres::{ConnectOptions, FileStore, ServerReport, SlotState, Watch
 
 use crate::events::SlotWatch;
 use crate::telemetry::{RelayMetrics, RelayObserver};
+
+/// At most this many broker refusals are remembered for the dead-letter
+/// policy in one process (each costs a restart); beyond, walcast stops.
+const MAX_KNOWN_REJECTIONS: usize = 10_000;
 
 /// How often `/readyz`'s Kafka check asks the cluster for metadata, and how
 /// long it waits for the answer.
@@ -307,6 +312,9 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
     let max = Duration::from_millis(cfg.pipeline.restart_backoff_max_ms);
     let mut backoff = initial;
     let mut connections = 0u64;
+    // Events a broker refused for good (dead-letter policy): the next run
+    // dead-letters them instead of producing them again.
+    let mut known_rejections: Vec<KnownRejection> = Vec::new();
     loop {
         if *stop_rx.borrow() {
             return Ok(());
@@ -319,6 +327,7 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
             &failpoints,
             &topic_limits,
             &mut connections,
+            &known_rejections,
             stop_rx.clone(),
         )
         .await
@@ -334,6 +343,21 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
                 events::source_ended(&shared.metrics, confirmed);
             }
             Err(e) => match e.kind().decision() {
+                // A record the broker refused for good stopped the gapless
+                // producer: under the dead-letter policy, restart with a new
+                // producer that dead-letters it when the slot brings it again.
+                Decision::Exit
+                    if cfg.pipeline.dead_letter_topic.is_some()
+                        && known_rejections.len() < MAX_KNOWN_REJECTIONS
+                        && KnownRejection::of(&e).is_some() =>
+                {
+                    tracing::warn!(
+                        "{e} (under pipeline.on_permanent_error = \"dead-letter\" walcast restarts from the slot with a new producer and sends this event to the dead-letter topic when it reads it again)"
+                    );
+                    known_rejections.extend(KnownRejection::of(&e));
+                    backoff = initial;
+                    events::pipeline_restart(&shared.metrics, &e, backoff);
+                }
                 Decision::Exit => {
                     tracing::error!(kind = %e.kind(), "{e}");
                     return Err(e);
@@ -357,6 +381,7 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
 
 /// One run: connect Kafka and Postgres, run the pipeline beside the
 /// periodic server check, close in order ([`run_pipeline`]).
+#[allow(clippy::too_many_arguments)]
 async fn run_once(
     cfg: &Config,
     opts: &mut Option<ConnectOptions>,
@@ -364,6 +389,7 @@ async fn run_once(
     failpoints: &Option<Arc<Failpoints>>,
     topic_limits: &TopicLimits,
     connections: &mut u64,
+    known_rejections: &[KnownRejection],
     stop: watch::Receiver<bool>,
 ) -> Result<PipelineExit> {
     let progress = &shared.progress;
@@ -379,8 +405,14 @@ async fn run_once(
         Duration::from_secs(10),
     )
     .await
-    .map_err(|e| e.or_origin(Origin::Kafka))?;
+    .map_err(|e| e.or_origin(Origin::Kafka))?
+    .with_dead_letter_topic(cfg.pipeline.dead_letter_topic.as_deref().map(Arc::from));
     if opts.is_none() {
+        if let Some(topic) = &cfg.pipeline.dead_letter_topic {
+            walcast_kafka::dead_letter::ensure_topic(&cfg.kafka, topic)
+                .await
+                .map_err(|e| e.or_origin(Origin::Kafka))?;
+        }
         let state = state_stores(cfg)
             .await
             .map_err(|e| e.or_origin(Origin::Kafka))?;
@@ -425,6 +457,8 @@ async fn run_once(
         progress.clone(),
     )
     .with_failpoints(failpoints.clone())
+    .with_dead_letter(cfg.pipeline.dead_letter_topic.as_deref().map(Arc::from))
+    .with_known_rejections(known_rejections.to_vec())
     .with_observer(Box::new(RelayObserver::new(shared.metrics.clone())));
     // walcast's slot record is written ahead of every reported position by
     // the source itself (walcast_postgres: the write-ahead gate), also the

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{Counter, Gauge, Histogram, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use walcast_core::dead_letter::Reason;
 use walcast_core::pipeline::{PipelineObserver, Progress};
 use walcast_core::{Error, ErrorKind, Lsn, Origin};
 
@@ -22,6 +23,9 @@ use crate::events;
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
+
+/// The `topic` label of `walcast_dead_lettered_total` for an event without a valid topic.
+pub(crate) const NO_TOPIC: &str = "(none)";
 
 /// Microseconds from the Unix epoch to Postgres's (2000-01-01).
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
@@ -189,14 +193,27 @@ impl RelayMetrics {
         let p = self.pipeline.clone();
         let t = topic.to_string();
         metrics::with_local_recorder(self.recorder.as_ref(), || {
-            // Registered with the topic so the series exists (at 0) until the
-            // dead-letter policy exists.
-            let _ = metrics::counter!("walcast_dead_lettered_total", "pipeline" => p.clone(), "topic" => t.clone());
+            // Registered (at 0) for every reason with the topic, so an alert
+            // on its increase sees the first dead letter.
+            for reason in Reason::ALL {
+                let _ = metrics::counter!("walcast_dead_lettered_total", "pipeline" => p.clone(), "topic" => t.clone(), "reason" => reason.as_str());
+            }
             TopicHandles {
                 produced: metrics::counter!("walcast_events_produced_total", "pipeline" => p.clone(), "topic" => t.clone()),
                 bytes: metrics::counter!("walcast_bytes_produced_total", "pipeline" => p, "topic" => t),
             }
         })
+    }
+
+    /// Counts one dead-lettered event of `topic` (`None`: it had no valid
+    /// topic, counted as `(none)`).
+    pub(crate) fn dead_lettered(&self, topic: Option<&str>, reason: Reason) {
+        let p = self.pipeline.clone();
+        let t = topic.unwrap_or(NO_TOPIC).to_string();
+        metrics::with_local_recorder(self.recorder.as_ref(), || {
+            metrics::counter!("walcast_dead_lettered_total", "pipeline" => p, "topic" => t, "reason" => reason.as_str())
+                .increment(1)
+        });
     }
 
     /// Sets `walcast_slot_safe_wal_size_bytes` (registered on first use, so
@@ -328,6 +345,11 @@ impl PipelineObserver for RelayObserver {
         self.metrics.producer_errors[i].increment(1);
     }
 
+    fn dead_lettered(&mut self, reason: Reason, original_topic: Option<&Arc<str>>) {
+        self.metrics
+            .dead_lettered(original_topic.map(|t| &**t), reason);
+    }
+
     fn kafka_blocked(&mut self, blocked_for: Duration, in_flight_events: u64, confirmed: Lsn) {
         events::kafka_blocked(&self.metrics, blocked_for, in_flight_events, confirmed);
     }
@@ -354,6 +376,8 @@ mod tests {
             - PG_EPOCH_UNIX_MICROS;
         o.delivered(&topic, 103, now_pg);
         o.delivered(&topic, 103, now_pg);
+        o.dead_lettered(Reason::NullKey, None);
+        o.dead_lettered(Reason::TooLarge, Some(&topic));
         let progress = Progress::default();
         m.refresh(&progress);
         let text = m.render().unwrap();
@@ -366,7 +390,9 @@ mod tests {
             "walcast_events_skipped_total{pipeline=\"slot_a\",reason=\"update\"} 0",
             "walcast_pipeline_restarts_total{pipeline=\"slot_a\",cause=\"kafka\"} 0",
             "walcast_slot_wal_status{pipeline=\"slot_a\",status=\"reserved\"} 0",
-            "walcast_dead_lettered_total{pipeline=\"slot_a\",topic=\"t.A\"} 0",
+            "walcast_dead_lettered_total{pipeline=\"slot_a\",topic=\"t.A\",reason=\"null_key\"} 0",
+            "walcast_dead_lettered_total{pipeline=\"slot_a\",topic=\"t.A\",reason=\"too_large\"} 1",
+            "walcast_dead_lettered_total{pipeline=\"slot_a\",topic=\"(none)\",reason=\"null_key\"} 1",
             "walcast_warnings_total{pipeline=\"slot_a\",event=\"kafka_blocked\"} 0",
         ] {
             assert!(text.contains(needle), "{needle} missing in:\n{text}");
