@@ -836,6 +836,14 @@ impl Router {
                 value: id.clone(),
             });
         }
+        // The event type right after the id (the order of the headers), and
+        // before any check, so a dead-letter record of a refused row keeps it.
+        if let (Some(name), Some(t)) = (&self.headers.event_type, row.take(slot::TYPE)) {
+            headers.push(Header {
+                name: name.clone(),
+                value: t.bytes,
+            });
+        }
         let payload_bytes = payload.as_ref().map(|c| c.bytes.clone());
         let unroutable = |reason: Reason, what: &str, headers: &[Header]| {
             Error::permanent(format!(
@@ -918,13 +926,7 @@ impl Router {
                 }
             }
         };
-        // Event type, additional headers, envelope fields, partition.
-        if let (Some(name), Some(t)) = (&self.headers.event_type, row.take(slot::TYPE)) {
-            headers.push(Header {
-                name: name.clone(),
-                value: t.bytes,
-            });
-        }
+        // Additional headers, envelope fields, partition.
         let mut envelope: Vec<(&str, Option<Cell>)> = Vec::new();
         let mut partition = None;
         for (i, f) in spec.additional.iter().enumerate() {
