@@ -9,6 +9,7 @@ mod bad_setup;
 mod broker_rejection;
 mod deploy;
 mod edges;
+mod envelope;
 mod faults;
 mod operations;
 mod ops;
