@@ -13,6 +13,7 @@ mod envelope;
 mod faults;
 mod operations;
 mod ops;
+mod parity;
 mod pgoutput_live;
 mod relay;
 mod reliability;
