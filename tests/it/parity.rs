@@ -68,8 +68,12 @@ struct Case {
     walcast: Vec<(&'static str, &'static str, String)>,
     /// EventRouter properties (without the `transforms.outbox.` prefix).
     debezium: Vec<(&'static str, String)>,
-    /// Connector properties that replace the harness's (later keys win).
+    /// Connector properties that replace the harness's (later keys win),
+    /// e.g. `value.converter` for JSON expansion.
     connector: Vec<(&'static str, &'static str)>,
+    /// Raw TOML appended to walcast's config (sections `set` cannot write,
+    /// such as arrays of tables).
+    walcast_toml: &'static str,
 }
 
 fn cases() -> Vec<Case> {
@@ -91,6 +95,7 @@ fn cases() -> Vec<Case> {
             walcast: vec![],
             debezium: vec![],
             connector: vec![],
+            walcast_toml: "",
         },
         // The same with Debezium's default context headers left on.
         Case {
@@ -105,6 +110,7 @@ fn cases() -> Vec<Case> {
                 "type:header:type".into(),
             )],
             connector: vec![("extended.headers.enabled", "true")],
+            walcast_toml: "",
         },
         // A custom routing column and topic template, every column renamed;
         // the type as a header on Debezium's side too.
@@ -136,6 +142,7 @@ fn cases() -> Vec<Case> {
                 ),
             ],
             connector: vec![],
+            walcast_toml: "",
         },
         // Two outbox tables of one shape in one database.
         Case {
@@ -150,6 +157,7 @@ fn cases() -> Vec<Case> {
                 "type:header:type".into(),
             )],
             connector: vec![],
+            walcast_toml: "",
         },
         // A partitioned outbox (published via its root).
         Case {
@@ -164,6 +172,7 @@ fn cases() -> Vec<Case> {
                 "type:header:type".into(),
             )],
             connector: vec![],
+            walcast_toml: "",
         },
     ]
 }
@@ -377,6 +386,10 @@ fn debezium_libs(env: &TestEnv) -> Result<String> {
         .arg("debezium-libs")
         .output()
         .context("running scripts/dev debezium-libs")?;
+    ensure!(
+        out.status.code() != Some(124),
+        "scripts/dev debezium-libs did not finish within {secs} s (WALCAST_PARITY_RESOLVE_TIMEOUT_S)"
+    );
     ensure!(
         out.status.success(),
         "scripts/dev debezium-libs failed: {}",
@@ -665,6 +678,7 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
         for (section, key, value) in &p.case.walcast {
             cfg = cfg.set(section, key, value);
         }
+        cfg.toml.push_str(p.case.walcast_toml);
         let mut w = Walcast::start(&bin(), &state, &cfg)?;
         w.wait_streaming()?;
         procs.push(w);
@@ -697,6 +711,21 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
             })
             .collect()
     };
+    // Per case and partition, the order of the events (each consumer reads
+    // a partition in offset order; cases share topics, and the order of two
+    // databases' events is nobody's contract).
+    let order = |recs: &[Rec]| {
+        let mut o: BTreeMap<(&str, String, i32), Vec<String>> = BTreeMap::new();
+        for r in recs {
+            let id = r.id().unwrap_or_default().to_string();
+            let case = expected.get(&id).map_or("?", |e| e.0);
+            o.entry((case, r.topic.clone(), r.partition))
+                .or_default()
+                .push(id);
+        }
+        o
+    };
+    let (dbz_order, wal_order) = (order(&dbz), order(&wal));
     let (dbz, wal) = (by_id(&dbz)?, by_id(&wal)?);
     // (case, field) -> the smallest (debezium, walcast) example, and how many events
     let mut diffs: BTreeMap<(&str, String), (String, String, usize)> = BTreeMap::new();
@@ -757,6 +786,22 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
         let e = delays.entry(case).or_default();
         e.0.push(d.timestamp.to_millis().unwrap_or(0) - written_ms);
         e.1.push(w.timestamp.to_millis().unwrap_or(0) - written_ms);
+    }
+    for ((case, topic, partition), ids) in &dbz_order {
+        let theirs = wal_order
+            .get(&(*case, topic.clone(), *partition))
+            .cloned()
+            .unwrap_or_default();
+        if *ids != theirs {
+            diffs.insert(
+                (case, "order within a partition".into()),
+                (
+                    format!("{topic}/{partition}: {ids:?}"),
+                    format!("{theirs:?}"),
+                    ids.len(),
+                ),
+            );
+        }
     }
     let mut report = String::new();
     for ((case, field), (dv, wv, n)) in &diffs {
