@@ -62,6 +62,8 @@ struct Case {
     cols: Cols,
     /// Hash-partitioned tables (two partitions, one of them sub-partitioned).
     partitioned: bool,
+    /// Type of the payload column (jsonb, json, text, bytea).
+    payload_type: &'static str,
     /// The topic template of both (`${routedByValue}`).
     topic: &'static str,
     /// walcast settings: (section, key, TOML value), after `tables` and `topic`.
@@ -84,13 +86,14 @@ fn cases() -> Vec<Case> {
         r#type: "kind",
         payload: "body",
     };
-    vec![
+    let mut v = vec![
         // Both systems' defaults (walcast's `outbox.topic` default written out).
         Case {
             name: "default",
             tables: vec!["public.outbox"],
             cols: DEFAULT_COLS,
             partitioned: false,
+            payload_type: "jsonb",
             topic: "outbox.event.${routedByValue}",
             walcast: vec![],
             debezium: vec![],
@@ -103,6 +106,7 @@ fn cases() -> Vec<Case> {
             tables: vec!["public.outbox"],
             cols: DEFAULT_COLS,
             partitioned: false,
+            payload_type: "jsonb",
             topic: "outbox.event.${routedByValue}",
             walcast: vec![],
             debezium: vec![(
@@ -119,6 +123,7 @@ fn cases() -> Vec<Case> {
             tables: vec!["public.events"],
             cols: custom,
             partitioned: false,
+            payload_type: "jsonb",
             topic: "events.${routedByValue}.v1",
             walcast: vec![
                 ("outbox.columns", "id", "\"event_id\"".into()),
@@ -150,6 +155,7 @@ fn cases() -> Vec<Case> {
             tables: vec!["public.outbox", "sales.outbox"],
             cols: DEFAULT_COLS,
             partitioned: false,
+            payload_type: "jsonb",
             topic: "outbox.event.${routedByValue}",
             walcast: vec![],
             debezium: vec![(
@@ -165,6 +171,7 @@ fn cases() -> Vec<Case> {
             tables: vec!["public.outbox"],
             cols: DEFAULT_COLS,
             partitioned: true,
+            payload_type: "jsonb",
             topic: "outbox.event.${routedByValue}",
             walcast: vec![],
             debezium: vec![(
@@ -174,7 +181,28 @@ fn cases() -> Vec<Case> {
             connector: vec![],
             walcast_toml: "",
         },
-    ]
+    ];
+    // The payload column's other types, with the type as a header as above.
+    for (name, ty) in [
+        ("payload_json", "json"),
+        ("payload_text", "text"),
+        ("payload_bytea", "bytea"),
+    ] {
+        let mut c = v[2].clone();
+        assert_eq!(c.name, "custom_columns");
+        c.name = name;
+        c.payload_type = ty;
+        if ty == "bytea" {
+            // StringConverter writes a ByteBuffer's toString(); a Debezium
+            // user with a bytea payload uses the ByteArrayConverter.
+            c.connector = vec![(
+                "value.converter",
+                "org.apache.kafka.connect.converters.ByteArrayConverter",
+            )];
+        }
+        v.push(c);
+    }
+    v
 }
 
 /// Differences found, by (case, field), with the reason. Each one is in the
@@ -256,6 +284,36 @@ const KNOWN_DIFFERENCES: &[(&str, &str, &str)] = &[
         "header __debezium.context.taskId",
         "Debezium's context headers",
     ),
+    (
+        "payload_json",
+        "header names",
+        "NULL type: Debezium writes a null header, walcast none",
+    ),
+    (
+        "payload_json",
+        "header type",
+        "NULL type: Debezium writes a null header, walcast none",
+    ),
+    (
+        "payload_text",
+        "header names",
+        "NULL type: Debezium writes a null header, walcast none",
+    ),
+    (
+        "payload_text",
+        "header type",
+        "NULL type: Debezium writes a null header, walcast none",
+    ),
+    (
+        "payload_bytea",
+        "header names",
+        "NULL type: Debezium writes a null header, walcast none",
+    ),
+    (
+        "payload_bytea",
+        "header type",
+        "NULL type: Debezium writes a null header, walcast none",
+    ),
 ];
 
 const PARTITIONS: i32 = 3;
@@ -264,12 +322,13 @@ const ROWS_PER_CASE: usize = 24;
 fn ddl(case: &Case, table: &str) -> String {
     let c = case.cols;
     let cols = format!(
-        "{id} uuid NOT NULL, {agg} varchar(255) NOT NULL, {key} varchar(255) NOT NULL, {ty} varchar(255), {payload} jsonb, PRIMARY KEY ({id})",
+        "{id} uuid NOT NULL, {agg} varchar(255) NOT NULL, {key} varchar(255) NOT NULL, {ty} varchar(255), {payload} {payload_type}, PRIMARY KEY ({id})",
         id = c.id,
         agg = c.aggregatetype,
         key = c.aggregateid,
         ty = c.r#type,
-        payload = c.payload
+        payload = c.payload,
+        payload_type = case.payload_type,
     );
     let schema = table.split('.').next().unwrap_or("public");
     let mut s = format!("CREATE SCHEMA IF NOT EXISTS {schema}; ");
@@ -495,12 +554,48 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
         Err(e) => return Err(e),
     };
     let _g = env.shared().await;
+    let mut prepared = Vec::new();
+    let result = run(env, &libs, &mut prepared).await;
+    // Also after a failure: the slots (walcast's and Debezium's) and databases.
+    for p in prepared {
+        cleanup(env, p).await;
+    }
+    result
+}
+
+async fn cleanup(env: &TestEnv, p: Prepared) {
+    if let Ok(c) = p.db.admin(env).await {
+        for _ in 0..100 {
+            let r = c
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                    &[&p.dbz_slot],
+                )
+                .await;
+            let left = c
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&p.dbz_slot],
+                )
+                .await;
+            if r.is_ok() && matches!(left, Ok(None)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let name = p.case.name;
+    if let Err(e) = p.db.drop(env).await {
+        eprintln!("parity: cleaning up case {name}: {e:#}");
+    }
+}
+
+async fn run(env: &TestEnv, libs: &str, prepared: &mut Vec<Prepared>) -> Result<()> {
     let started = Instant::now();
     let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let dir = tempfile::tempdir()?;
 
     // Databases, tables, publications, walcast's slots, topics.
-    let mut prepared = Vec::new();
     for case in cases() {
         let db = TestDb::create_on(env, env.pg_port, &format!("par_{}", case.name), false).await?;
         let c = db.admin(env).await?;
@@ -553,7 +648,7 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
         .arg(format!("{libs}/*"))
         .arg("org.apache.kafka.connect.cli.ConnectStandalone")
         .arg(&worker);
-    for p in &prepared {
+    for p in prepared.iter() {
         let f = dir.path().join(format!("{}.properties", p.case.name));
         std::fs::write(&f, connector_properties(env, p))?;
         cmd.arg(f);
@@ -567,11 +662,22 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
     let log_tail = || {
         let t = std::fs::read_to_string(&connect_log).unwrap_or_default();
         let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
+        let mut problems: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN") || l.contains("Exception"))
+            .collect();
+        problems.dedup();
+        problems.truncate(40);
+        format!(
+            "warnings and errors:\n{}\nlast lines:\n{}",
+            problems.join("\n"),
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        )
     };
     // Streaming = its slot is active.
     let deadline = Instant::now() + Duration::from_secs(180);
-    for p in &prepared {
+    for p in prepared.iter() {
         let c = p.db.admin(env).await?;
         loop {
             let active = c
@@ -602,7 +708,7 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
     // The rows: per case, transactions of 1-5 rows over 5 keys and two
     // routed values; some without a type; JSON payloads of several shapes.
     let mut expected: HashMap<String, (&'static str, i64)> = HashMap::new();
-    for p in &prepared {
+    for p in prepared.iter() {
         let c = p.db.admin(env).await?;
         let cols = p.case.cols;
         let mut i = 0;
@@ -624,6 +730,11 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
                     1 => "'[1, 2, 3]'".to_string(),
                     2 => r#"'"just a string"'"#.to_string(),
                     _ => "'{}'".to_string(),
+                };
+                let payload = if p.case.payload_type == "bytea" {
+                    format!("convert_to({payload}, 'UTF8')")
+                } else {
+                    payload
                 };
                 sql.push_str(&format!(
                     "INSERT INTO {table} ({}, {}, {}, {}, {}) VALUES ('{id}', '{}', 'key-{}', {ty}, {payload});",
@@ -660,7 +771,7 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
 
     // walcast's, one process per case.
     let mut procs = Vec::new();
-    for p in &prepared {
+    for p in prepared.iter() {
         let state = dir.path().join(format!("walcast-{}", p.case.name));
         std::fs::create_dir_all(&state)?;
         let tables = format!(
@@ -835,12 +946,9 @@ async fn debezium_and_walcast_write_the_same_records() -> Result<()> {
         .collect();
     let new: Vec<_> = found.difference(&known).collect();
     let gone: Vec<_> = known.difference(&found).collect();
-    assert!(
+    ensure!(
         new.is_empty() && gone.is_empty(),
         "parity with Debezium changed.\nnew differences: {new:#?}\nlisted differences no longer seen: {gone:#?}"
     );
-    for p in prepared {
-        let _ = p.db.drop(env).await;
-    }
     Ok(())
 }
