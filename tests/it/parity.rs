@@ -641,7 +641,12 @@ async fn run(env: &TestEnv, libs: &str, prepared: &mut Vec<Prepared>) -> Result<
     std::fs::write(&worker, worker_properties(env, dir.path()))?;
     let log4j = dir.path().join("log4j2.properties");
     std::fs::write(&log4j, LOG4J)?;
-    let mut cmd = Command::new("java");
+    // The java scripts/dev uses (java_bin in scripts/env/lib/common.sh).
+    let java = std::env::var_os("JAVA_HOME")
+        .map(|h| Path::new(&h).join("bin/java"))
+        .filter(|j| j.exists())
+        .unwrap_or_else(|| "java".into());
+    let mut cmd = Command::new(java);
     cmd.args(["-Xms128m", "-Xmx768m"])
         .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
         .arg("-cp")
