@@ -261,7 +261,7 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
     let env = TestEnv::get();
     let _g = env.shared().await;
     // (values of id, aggregatetype, aggregateid, payload, part, ts; expected text)
-    let cases: [(&str, &str); 7] = [
+    let cases: [(&str, &str); 8] = [
         (
             "'b1', 'A', NULL, '{}', 0, now()",
             "key column \"aggregateid\" is NULL",
@@ -290,6 +290,8 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
             "'b1', 'A', 'k', '{}', 0, 'infinity'",
             "not a usable record timestamp",
         ),
+        // A partition the topic (1 partition) does not have: Kafka refuses it.
+        ("'b1', 'A', 'k', '{}', 5, now()", "Unknown partition"),
     ];
     for (values, needle) in cases {
         let (db, admin) = db_with(env, "unroutable", BAD_DDL, &["public.bad_outbox"]).await?;
@@ -338,11 +340,21 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
             .iter()
             .filter_map(|r| r.header("id"))
             .collect();
-        assert_eq!(
-            ids,
-            ["g1"],
-            "case {values}: the row before is delivered, nothing after"
-        );
+        if needle == "Unknown partition" {
+            // Found by Kafka, not before producing: the delivery-failure
+            // path (rule 7) drops what was in flight with it unconfirmed,
+            // to be sent again by the next run; nothing after it appears.
+            assert!(
+                ids.iter().all(|i| i == "g1"),
+                "case {values}: nothing after the bad row: {ids:?}"
+            );
+        } else {
+            assert_eq!(
+                ids,
+                ["g1"],
+                "case {values}: the row before is delivered, nothing after"
+            );
+        }
         let confirmed = db.confirmed_flush_lsn(env).await?.unwrap_or(0);
         assert!(
             confirmed <= before_bad,
@@ -611,4 +623,150 @@ fn config_from_debezium_converts_or_names_what_it_cannot() -> Result<()> {
         "{err}"
     );
     Ok(())
+}
+
+/// The table-less outbox: transactional `pg_logical_emit_message(true,
+/// prefix, envelope)` messages of a configured prefix are events, in their
+/// place in the transaction's order among its outbox rows; the value is the
+/// envelope's payload or the whole envelope with its source position; a
+/// rolled-back message never appears; other prefixes are only counted; a
+/// message that is not an envelope stops walcast at it (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_less_outbox_messages_are_events_in_transaction_order() -> Result<()> {
+    use prost_free::decode_envelope;
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create(env, "messages").await?;
+    let admin = db.admin(env).await?;
+    let p = db.topic_prefix.clone();
+    let topic = format!("{p}.Order");
+    let env_topic = format!("{p}.env");
+    create_topics(&env.kafka_bootstrap, &[topic.as_str()], 3).await?;
+    create_topics(&env.kafka_bootstrap, &[env_topic.as_str()], 1).await?;
+    let mut reader = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str(), env_topic.as_str()])?;
+    let state = tempfile::tempdir()?;
+    let cfg = with_routes(
+        &WalcastConfig::for_db(env, &db, state.path()),
+        &format!(
+            r#"
+[[outbox.message_route]]
+prefix = "walcast"
+route_topic_replacement = "{p}.${{routedByValue}}"
+
+[[outbox.message_route]]
+prefix = "walcast.env"
+route_topic_replacement = "{env_topic}"
+value = "envelope"
+"#
+        ),
+    );
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+    let msg = |id: &str, extra: &str| {
+        format!(
+            "SELECT pg_logical_emit_message(true, 'walcast', json_build_object('event_id', '{id}', 'aggregate_type', 'Order', \
+             'aggregate_id', 'agg-1', 'event_type', 'Shipped', 'payload', json_build_object('n', '{id}'){extra})::text)"
+        )
+    };
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    admin
+        .batch_execute(&format!(
+            "BEGIN; \
+             INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ('00000000-0000-0000-0000-000000000001', 'Order', 'agg-1', 'Created', '{{}}'); \
+             {}; \
+             INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ('00000000-0000-0000-0000-000000000002', 'Order', 'agg-1', 'Paid', '{{}}'); \
+             SELECT pg_logical_emit_message(true, 'someone.else', 'not ours'); \
+             SELECT pg_logical_emit_message(true, 'walcast.env', '{{\"event_id\": \"e-env\", \"aggregate_id\": \"agg-9\", \"payload\": {{\"x\": 1}}}}'); \
+             COMMIT; \
+             BEGIN; {}; ROLLBACK;",
+            msg(
+                "m-1",
+                &format!(", 'timestamp_unix_micros', '1714979289123456', 'correlation_id', 'req-7', 'traceparent', '{tp}', \
+                 'headers', json_build_array(json_build_object('key', 'tenant', 'value', 'acme'))")
+            ),
+            msg("m-rolled-back", ""),
+        ))
+        .await?;
+    assert!(
+        reader.read_at_least(4, Duration::from_secs(60))?,
+        "not every event arrived:\n{}",
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(3))?;
+    let order: Vec<String> = reader
+        .records
+        .iter()
+        .filter(|r| r.topic == topic)
+        .filter_map(|r| r.header("id"))
+        .collect();
+    assert_eq!(
+        order,
+        ["00000000-0000-0000-0000-000000000001", "m-1", "00000000-0000-0000-0000-000000000002"],
+        "the message keeps its place between the transaction's rows; the rolled-back one never appears"
+    );
+    let m1 = reader
+        .records
+        .iter()
+        .find(|r| r.header("id").as_deref() == Some("m-1"))
+        .unwrap();
+    assert_eq!(m1.key_str(), "agg-1");
+    assert_eq!(
+        value_str(m1),
+        r#"{"n" : "m-1"}"#,
+        "the payload byte for byte as written"
+    );
+    assert_eq!(m1.header("type").as_deref(), Some("Shipped"));
+    assert_eq!(m1.header("tenant").as_deref(), Some("acme"));
+    assert_eq!(m1.header("correlation_id").as_deref(), Some("req-7"));
+    assert_eq!(m1.header("traceparent").as_deref(), Some(tp));
+    assert_eq!(m1.create_ms, Some(1_714_979_289_123));
+    assert!(m1.header("walcast.source.lsn").is_some());
+    let e = reader
+        .records
+        .iter()
+        .find(|r| r.topic == env_topic)
+        .expect("the envelope record");
+    let decoded = decode_envelope(e.value.as_deref().unwrap_or_default())?;
+    assert_eq!(decoded.event_id, "e-env");
+    assert_eq!(decoded.payload, br#"{"x": 1}"#.to_vec());
+    let src = decoded
+        .source
+        .expect("walcast fills in the source position");
+    assert!(
+        src.lsn > 0 && src.commit_lsn >= src.lsn && src.xid > 0,
+        "{src:?}"
+    );
+    assert!(src.commit_time_unix_micros > 0);
+
+    // Content that is not an envelope: exit 3 naming the prefix; nothing after it.
+    admin
+        .batch_execute(
+            "SELECT pg_logical_emit_message(true, 'walcast', 'not an envelope'); \
+             INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ('00000000-0000-0000-0000-000000000003', 'Order', 'agg-1', 'Late', '{}');",
+        )
+        .await?;
+    let status = w.wait_exit(Duration::from_secs(60))?;
+    let log = w.log_text();
+    assert_eq!(status.code(), Some(EXIT_PERMANENT), "{log}");
+    assert!(
+        log.contains("transactional message with prefix \"walcast\""),
+        "{log}"
+    );
+    reader.read_to_end(Duration::from_secs(3))?;
+    assert!(
+        reader
+            .records
+            .iter()
+            .all(|r| r.header("id").as_deref() != Some("00000000-0000-0000-0000-000000000003")),
+        "nothing after the bad message is published"
+    );
+    db.drop(env).await?;
+    Ok(())
+}
+
+mod prost_free {
+    /// Decodes a protobuf envelope with walcast's envelope crate.
+    pub fn decode_envelope(bytes: &[u8]) -> anyhow::Result<walcast_envelope::Envelope> {
+        Ok(walcast_envelope::decode(bytes)?)
+    }
 }

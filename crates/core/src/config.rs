@@ -182,6 +182,38 @@ pub struct OutboxConfig {
     /// Per-table routes (Debezium EventRouter options in snake case).
     #[serde(default, rename = "route", skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
+    /// Table-less outbox routes: transactional logical decoding messages
+    /// by prefix.
+    #[serde(
+        default,
+        rename = "message_route",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub message_routes: Vec<MessageRouteConfig>,
+}
+
+/// `[[outbox.message_route]]`: transactional
+/// `pg_logical_emit_message(true, prefix, content)` messages with this prefix
+/// are events; the content is a `walcast.v1.Envelope` (protobuf or JSON, see
+/// docs/envelope.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageRouteConfig {
+    /// The prefix (exact match).
+    pub prefix: String,
+    /// Regex over the envelope's `aggregate_type` (the whole value must match).
+    #[serde(default = "default_topic_regex")]
+    pub route_topic_regex: String,
+    /// The topic; group references such as `${routedByValue}` are replaced.
+    #[serde(default = "default_topic")]
+    pub route_topic_replacement: String,
+    /// An empty or blank payload → tombstone.
+    #[serde(default)]
+    pub route_tombstone_on_empty_payload: bool,
+    /// The record value: `payload` (the envelope's payload) or `envelope`
+    /// (the whole envelope, protobuf, with its source position filled in).
+    #[serde(default)]
+    pub value: crate::route::MessageValue,
 }
 
 /// `[outbox.headers]`: the names of the headers walcast puts on every
@@ -547,6 +579,7 @@ impl Default for OutboxConfig {
             table_op_delete_behavior: default_delete_behavior(),
             headers: HeadersConfig::default(),
             routes: Vec::new(),
+            message_routes: Vec::new(),
         }
     }
 }
@@ -868,9 +901,33 @@ impl Config {
             tables.push((table, specs.len()));
             specs.push(spec);
         }
+        let mut messages: Vec<crate::route::MessageRoute> = Vec::new();
+        for m in &o.message_routes {
+            let option = format!("outbox.message_route[{:?}]", m.prefix);
+            if m.prefix.is_empty() {
+                return Err(Error::operator("outbox.message_route: prefix is empty")
+                    .with_hint("give the prefix the application passes to pg_logical_emit_message(true, prefix, content)"));
+            }
+            if m.prefix.starts_with("walcast.heartbeat") {
+                return Err(Error::operator(format!(
+                    "{option}: the prefix walcast.heartbeat is walcast's own"
+                )));
+            }
+            if messages.iter().any(|x| x.prefix == m.prefix) {
+                return Err(Error::operator(format!("{option} is configured twice")));
+            }
+            messages.push(crate::route::MessageRoute {
+                topic: TopicRule::new(&option, &m.route_topic_regex, &m.route_topic_replacement)?,
+                prefix: m.prefix.clone(),
+                tombstone_on_empty: m.route_tombstone_on_empty_payload,
+                value: m.value,
+                option,
+            });
+        }
         Ok(crate::route::Routes {
             specs: std::sync::Arc::from(specs),
             tables,
+            messages: std::sync::Arc::from(messages),
         })
     }
 

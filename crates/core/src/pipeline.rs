@@ -393,6 +393,8 @@ impl Pipeline {
         let mut deliveries = FuturesUnordered::new();
         // The open transaction: its ticket, commit LSN and commit time.
         let mut open: Option<(TxnTicket, Lsn, i64)> = None;
+        // The open transaction's id (for table-less outbox envelopes).
+        let mut open_xid: u32 = 0;
         let mut bytes_in_flight: u64 = 0;
         // An event read but not yet handed to the sink because the byte bound
         // was full; nothing more is read until it went out.
@@ -487,42 +489,24 @@ impl Pipeline {
                         let Some(event) = event.map_err(|e| e.or_origin(Origin::Postgres))? else {
                             break Some(PipelineExit::SourceEnded { confirmed });
                         };
+                        // An event read from the stream (an outbox INSERT or a
+                        // routed transactional message), handed on below in
+                        // stream order.
+                        let mut routed: Option<Result<OutboxEvent>> = None;
                         match event {
-                            SourceEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                            SourceEvent::Begin { final_lsn, commit_time_micros, xid } => {
                                 let ticket = tracker.begin().map_err(protocol_error)?;
                                 open = Some((ticket, final_lsn, commit_time_micros));
+                                open_xid = xid;
                             }
                             SourceEvent::Data { data, wal_start } => {
                                 self.progress.received(wal_start);
                                 match self.filter.decode(&data)? {
                                     Row::OutboxInsert { table, row } => {
-                                        let (ticket, commit_lsn, commit_time) = open.ok_or_else(|| {
+                                        let (_, commit_lsn, commit_time) = open.ok_or_else(|| {
                                             protocol_error("an INSERT arrived outside a transaction")
                                         })?;
-                                        let outgoing = match self.router.route(&table, commit_lsn, commit_time, row) {
-                                            Ok(event) => match self.known_rejections.iter().find(|k| k.matches(&event)) {
-                                                Some(known) => DeadLetter::replace(dead_letter_topic.as_ref(), known.error_for(&event))?,
-                                                None => Outgoing { event, dead_letter: None },
-                                            },
-                                            Err(e) => DeadLetter::replace(dead_letter_topic.as_ref(), e)?,
-                                        };
-                                        let size = outgoing.event.size_bytes();
-                                        sink.prepare(&outgoing.event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
-                                        if !deliveries.is_empty()
-                                            && !fits(bytes_in_flight, size, self.settings.max_in_flight_bytes)
-                                        {
-                                            waiting = Some((ticket, commit_time, outgoing));
-                                        } else {
-                                            let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
-                                                .inspect_err(|e| self.observer.delivery_failed(e))?;
-                                            bytes_in_flight += size;
-                                            dead_letters_in_flight += u64::from(dead);
-                                            if deliveries.is_empty() {
-                                                last_delivery = Instant::now();
-                                            }
-                                            deliveries.push(delivery);
-                                            self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
-                                        }
+                                        routed = Some(self.router.route(&table, commit_lsn, commit_time, row));
                                     }
                                     Row::Skipped { reason, table, behavior } => {
                                         if behavior == OpBehavior::Stop {
@@ -565,17 +549,28 @@ impl Pipeline {
                                 self.progress.published(end_lsn);
                                 self.progress.transactions.fetch_add(1, Ordering::Relaxed);
                             }
-                            SourceEvent::Message { transactional: true, prefix, lsn, .. } => {
-                                // Not events (yet): they still count towards
-                                // acknowledgement through their transaction.
+                            SourceEvent::Message { transactional: true, prefix, lsn, content } => {
                                 self.progress.received(lsn);
-                                self.progress.messages_ignored.fetch_add(1, Ordering::Relaxed);
-                                if warned_prefixes.len() < 64 && warned_prefixes.insert(prefix.clone()) {
-                                    tracing::warn!(
-                                        prefix = %prefix,
-                                        %lsn,
-                                        "a transactional logical decoding message (pg_logical_emit_message(true, {prefix:?}, ...)) was read and NOT relayed: walcast relays only INSERTs on outbox tables for now. Messages with this prefix are counted, not logged again"
-                                    );
+                                if let Some(route) = self.router.message_route(&prefix) {
+                                    // The table-less outbox: an event in its
+                                    // place in the transaction's order.
+                                    let (_, commit_lsn, commit_time) = open.ok_or_else(|| {
+                                        protocol_error("a transactional message arrived outside a transaction")
+                                    })?;
+                                    routed = Some(self.router.route_message(
+                                        route, lsn, commit_lsn, open_xid, commit_time, &content,
+                                    ));
+                                } else {
+                                    // Not events: they still count towards
+                                    // acknowledgement through their transaction.
+                                    self.progress.messages_ignored.fetch_add(1, Ordering::Relaxed);
+                                    if warned_prefixes.len() < 64 && warned_prefixes.insert(prefix.clone()) {
+                                        tracing::warn!(
+                                            prefix = %prefix,
+                                            %lsn,
+                                            "a transactional logical decoding message (pg_logical_emit_message(true, {prefix:?}, ...)) was read and NOT relayed: no [[outbox.message_route]] has this prefix. Messages with this prefix are counted, not logged again"
+                                        );
+                                    }
                                 }
                             }
                             SourceEvent::Message { lsn, .. } => {
@@ -588,6 +583,38 @@ impl Pipeline {
                                     .server_wal_end
                                     .fetch_max(u64::from(wal_end), Ordering::AcqRel);
                                 tracker.server_position(wal_end);
+                            }
+                        }
+                        if let Some(routed) = routed {
+                            let (ticket, _, commit_time) = open.ok_or_else(|| {
+                                protocol_error("an event arrived outside a transaction")
+                            })?;
+                            // A refused event (by the router now, or by Kafka
+                            // in an earlier run) becomes its dead-letter record
+                            // under the dead-letter policy, or stops walcast.
+                            let outgoing = match routed {
+                                Ok(event) => match self.known_rejections.iter().find(|k| k.matches(&event)) {
+                                    Some(known) => DeadLetter::replace(dead_letter_topic.as_ref(), known.error_for(&event))?,
+                                    None => Outgoing { event, dead_letter: None },
+                                },
+                                Err(e) => DeadLetter::replace(dead_letter_topic.as_ref(), e)?,
+                            };
+                            let size = outgoing.event.size_bytes();
+                            sink.prepare(&outgoing.event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
+                            if !deliveries.is_empty()
+                                && !fits(bytes_in_flight, size, self.settings.max_in_flight_bytes)
+                            {
+                                waiting = Some((ticket, commit_time, outgoing));
+                            } else {
+                                let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
+                                    .inspect_err(|e| self.observer.delivery_failed(e))?;
+                                bytes_in_flight += size;
+                                dead_letters_in_flight += u64::from(dead);
+                                if deliveries.is_empty() {
+                                    last_delivery = Instant::now();
+                                }
+                                deliveries.push(delivery);
+                                self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                             }
                         }
                     }

@@ -277,7 +277,7 @@ impl TopicMatcher for TopicTemplate {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OpBehavior {
-    /// Skip it, counted in `walcast_changes_skipped_total{reason}`.
+    /// Skip it, counted in `walcast_events_skipped_total{reason}`.
     Ignore,
     /// Skip it, counted, with a warning naming the table and LSN.
     #[default]
@@ -617,6 +617,34 @@ impl RouteSpec {
     }
 }
 
+/// What a table-less outbox message's record value is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MessageValue {
+    /// The envelope's `payload` (as an outbox row's payload column).
+    #[default]
+    Payload,
+    /// The whole `walcast.v1.Envelope` in protobuf form, with `source` filled in.
+    Envelope,
+}
+
+/// How transactional logical decoding messages with one prefix become
+/// records (the table-less outbox; content: `walcast.v1.Envelope`, protobuf
+/// or JSON, see docs/envelope.md).
+#[derive(Debug, Clone)]
+pub struct MessageRoute {
+    /// How the route is named in messages (`outbox.message_route[prefix]`).
+    pub option: String,
+    /// The message prefix (exact match).
+    pub prefix: String,
+    /// Topic rule over the envelope's `aggregate_type`.
+    pub topic: TopicRule,
+    /// Empty payload → tombstone.
+    pub tombstone_on_empty: bool,
+    /// What the record value is.
+    pub value: MessageValue,
+}
+
 /// Every route, and which table uses which.
 #[derive(Debug, Clone)]
 pub struct Routes {
@@ -624,6 +652,8 @@ pub struct Routes {
     pub specs: Arc<[RouteSpec]>,
     /// Each outbox table with its route's index.
     pub tables: Vec<(TableName, usize)>,
+    /// Table-less outbox routes, by prefix.
+    pub messages: Arc<[MessageRoute]>,
 }
 
 impl Routes {
@@ -632,6 +662,7 @@ impl Routes {
         Routes {
             specs: Arc::from(vec![spec]),
             tables: tables.into_iter().map(|t| (t, 0)).collect(),
+            messages: Arc::from(Vec::new()),
         }
     }
 
@@ -650,6 +681,7 @@ impl TopicMatcher for Routes {
         self.tables
             .iter()
             .any(|(_, i)| self.specs[*i].topic.matches(topic))
+            || self.messages.iter().any(|m| m.topic.matches(topic))
     }
 }
 
@@ -765,6 +797,8 @@ impl OutboxEvent {
 #[derive(Debug)]
 pub struct Router {
     specs: Arc<[RouteSpec]>,
+    messages: Arc<[MessageRoute]>,
+    message_topics: Vec<HashMap<Bytes, Arc<str>>>,
     headers: HeaderNames,
     topics: Vec<HashMap<Bytes, Arc<str>>>,
     tracing_warned: bool,
@@ -789,6 +823,8 @@ impl Router {
     pub fn with_routes(routes: &Routes, headers: HeaderNames) -> Self {
         Router {
             specs: routes.specs.clone(),
+            messages: routes.messages.clone(),
+            message_topics: vec![HashMap::new(); routes.messages.len()],
             topics: vec![HashMap::new(); routes.specs.len()],
             headers,
             tracing_warned: false,
@@ -1094,6 +1130,185 @@ impl Router {
             partition,
             source_lsn,
             table: table.clone(),
+            traceparent,
+            tracestate,
+            correlation_id,
+        })
+    }
+}
+
+impl Router {
+    /// The table-less outbox route for a message prefix, if any.
+    pub fn message_route(&self, prefix: &str) -> Option<usize> {
+        self.messages.iter().position(|m| m.prefix == prefix)
+    }
+
+    /// Routes a transactional logical decoding message (the table-less
+    /// outbox) read at `lsn` in transaction `xid`, committed at `commit_lsn`
+    /// and `commit_time_micros` (since 2000-01-01).
+    ///
+    /// # Errors
+    /// A permanent error naming the prefix and LSN when the content is not a
+    /// `walcast.v1.Envelope` with an event id, has no `aggregate_id` (the
+    /// key), or routes to an invalid topic; a [`Rejected`] is attached.
+    pub fn route_message(
+        &mut self,
+        route: usize,
+        lsn: Lsn,
+        commit_lsn: Lsn,
+        xid: u32,
+        commit_time_micros: i64,
+        content: &Bytes,
+    ) -> Result<OutboxEvent> {
+        let m = self.messages[route].clone();
+        let origin: Arc<str> = Arc::from(format!("pg_logical_emit_message prefix {:?}", m.prefix));
+        let id_name = self.headers.id.clone();
+        let fail = |reason: Reason, what: String, env: Option<&walcast_envelope::Envelope>| {
+            let headers = env
+                .map(|e| {
+                    vec![Header {
+                        name: id_name.clone(),
+                        value: Bytes::from(e.event_id.clone()),
+                    }]
+                })
+                .unwrap_or_default();
+            Error::permanent(format!(
+                "transactional message with prefix {:?} at LSN {lsn} (transaction {xid}, commit LSN {commit_lsn}) cannot be published: {what}",
+                m.prefix
+            ))
+            .with_hint("walcast stops here without moving the slot past this transaction: fix the writer (the content is a walcast.v1.Envelope, see docs/envelope.md), then accept the gap or repair and restart")
+            .with_rejected(Rejected {
+                reason,
+                topic: None,
+                key: env.map(|e| Bytes::from(e.aggregate_id.clone())),
+                value: Some(content.clone()),
+                headers,
+                table: origin.clone(),
+                source_lsn: commit_lsn,
+            })
+        };
+        let env = walcast_envelope::decode_message_content(content)
+            .map_err(|e| fail(Reason::InvalidRecord, e.to_string(), None))?;
+        if env.aggregate_id.is_empty() {
+            return Err(fail(
+                Reason::NullKey,
+                "its aggregate_id (the record key, which keeps one aggregate's events in order) is empty".into(),
+                Some(&env),
+            ));
+        }
+        let topic = if m.topic.uses_routed_value() {
+            if env.aggregate_type.is_empty() {
+                return Err(fail(
+                    Reason::Unroutable,
+                    "its aggregate_type (it selects the topic) is empty".into(),
+                    Some(&env),
+                ));
+            }
+            let k = Bytes::from(env.aggregate_type.clone());
+            match self.message_topics[route].get(&k) {
+                Some(t) => t.clone(),
+                None => {
+                    let t: Arc<str> =
+                        Arc::from(m.topic.render(&env.aggregate_type).map_err(|e| {
+                            fail(Reason::InvalidTopic, e.message().to_string(), Some(&env))
+                        })?);
+                    if self.message_topics[route].len() > 10_000 {
+                        self.message_topics[route].clear();
+                    }
+                    self.message_topics[route].insert(k, t.clone());
+                    t
+                }
+            }
+        } else {
+            Arc::from(
+                m.topic
+                    .render("")
+                    .map_err(|e| fail(Reason::InvalidTopic, e.message().to_string(), Some(&env)))?,
+            )
+        };
+        let h = &self.headers;
+        let mut headers = vec![Header {
+            name: h.id.clone(),
+            value: Bytes::from(env.event_id.clone()),
+        }];
+        let mut push = |name: &Option<Arc<str>>, v: &str| {
+            if let Some(name) = name {
+                if !v.is_empty() {
+                    headers.push(Header {
+                        name: name.clone(),
+                        value: Bytes::copy_from_slice(v.as_bytes()),
+                    });
+                }
+            }
+        };
+        push(&h.event_type, &env.event_type);
+        for eh in &env.headers {
+            headers.push(Header {
+                name: Arc::from(eh.key.as_str()),
+                value: Bytes::from(eh.value.clone()),
+            });
+        }
+        let mut push = |name: &Option<Arc<str>>, v: &str| {
+            if let Some(name) = name {
+                if !v.is_empty() {
+                    headers.push(Header {
+                        name: name.clone(),
+                        value: Bytes::copy_from_slice(v.as_bytes()),
+                    });
+                }
+            }
+        };
+        push(&h.schema_version, &env.schema_version);
+        push(&h.source_lsn, &commit_lsn.to_string());
+        push(&h.commit_time, &rfc3339(commit_time_micros));
+        push(&h.traceparent, &env.traceparent);
+        push(&h.tracestate, &env.tracestate);
+        push(&h.correlation_id, &env.correlation_id);
+        let commit_unix_micros = PgTimestamp::from_pg_micros(commit_time_micros)
+            .to_unix_micros()
+            .unwrap_or(0);
+        let timestamp_ms = if env.timestamp_unix_micros > 0 {
+            env.timestamp_unix_micros / 1000
+        } else {
+            commit_unix_micros.div_euclid(1000)
+        };
+        let opt = |s: &str| Some(Bytes::copy_from_slice(s.as_bytes())).filter(|b| !b.is_empty());
+        let (traceparent, tracestate, correlation_id) = (
+            opt(&env.traceparent),
+            opt(&env.tracestate),
+            opt(&env.correlation_id),
+        );
+        let key = Bytes::from(env.aggregate_id.clone());
+        let (payload, tombstone) = match m.value {
+            MessageValue::Payload => {
+                let blank = env.payload.iter().all(u8::is_ascii_whitespace);
+                if blank && m.tombstone_on_empty {
+                    (Bytes::new(), true)
+                } else {
+                    (Bytes::from(env.payload), false)
+                }
+            }
+            MessageValue::Envelope => {
+                let mut env = env;
+                env.source = Some(walcast_envelope::SourcePosition {
+                    lsn: u64::from(lsn),
+                    xid,
+                    commit_time_unix_micros: commit_unix_micros,
+                    commit_lsn: u64::from(commit_lsn),
+                });
+                (Bytes::from(walcast_envelope::encode(&env)), false)
+            }
+        };
+        Ok(OutboxEvent {
+            topic,
+            key,
+            payload,
+            tombstone,
+            headers,
+            timestamp_ms: Some(timestamp_ms),
+            partition: None,
+            source_lsn: commit_lsn,
+            table: origin,
             traceparent,
             tracestate,
             correlation_id,

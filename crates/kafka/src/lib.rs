@@ -396,7 +396,10 @@ fn classify_code(code: Option<RDKafkaErrorCode>) -> ErrorKind {
             | RDKafkaErrorCode::InvalidMessageSize
             | RDKafkaErrorCode::InvalidTopic
             | RDKafkaErrorCode::InvalidRecord
-            | RDKafkaErrorCode::InvalidMessage,
+            | RDKafkaErrorCode::InvalidMessage
+            // A partition number the row chose (a `column:partition`
+            // placement) that the topic does not have.
+            | RDKafkaErrorCode::UnknownPartition,
         ) => ErrorKind::Permanent,
         Some(
             RDKafkaErrorCode::TopicAuthorizationFailed
