@@ -4,6 +4,7 @@
 //! restart a service take the environment's exclusive lock.
 
 mod common;
+mod consumer;
 
 mod bad_setup;
 mod broker_rejection;
