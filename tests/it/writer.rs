@@ -198,3 +198,219 @@ async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<(
     }
     Ok(())
 }
+
+fn admin_url(env: &TestEnv, db: &TestDb) -> String {
+    format!(
+        "host={} port={} dbname={} user={} password={}",
+        env.pg_host, db.port, db.name, env.admin_user, env.admin_password
+    )
+}
+
+async fn ids_in_table(c: &tokio_postgres::Client) -> Result<HashSet<String>> {
+    Ok(c.query("SELECT id::text FROM outbox", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// `walcast outbox prune` never deletes a row whose event the slot has not
+/// confirmed: with walcast stopped it deletes nothing (exit 1, the slot is
+/// behind); a row of a transaction still open is never deleted, whatever its
+/// `created_at`; young rows stay. Then under load (a writer committing
+/// while prune runs in a loop), every row a prune deleted was already
+/// appended to Kafka when that prune returned (topics stamped with
+/// `LogAppendTime`), and in the end every event is in Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_prune_never_deletes_unconfirmed_rows() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = library_db(env, "prune", migrations::Layout::Plain).await?;
+    let t = topics(&db);
+    let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+    walcast_tests::kafka::create_topics_with(
+        &env.kafka_bootstrap,
+        &refs,
+        3,
+        1,
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .await?;
+    let mut reader = walcast_tests::kafka::TopicReader::new(&env.kafka_bootstrap, &refs)?;
+    let state = tempfile::tempdir()?;
+    let cfg = WalcastConfig::for_db(env, &db, state.path());
+    let cfg_file = state.path().join("prune.toml");
+    std::fs::write(&cfg_file, &cfg.toml)?;
+    let prune_cmd = |older: &str, wait: &str| -> Result<(i32, String)> {
+        let (status, out) = Walcast::run_to_exit(
+            &bin(),
+            &[
+                "outbox",
+                "prune",
+                "--config",
+                cfg_file.to_str().unwrap(),
+                "--database-url",
+                &admin_url(env, &db),
+                "--older-than",
+                older,
+                "--wait-timeout",
+                wait,
+            ],
+            Duration::from_secs(120),
+        )?;
+        Ok((status.code().unwrap_or(-1), out))
+    };
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+    let mut client = db.admin(env).await?;
+    let outbox = Outbox::default();
+    let mut all: HashSet<String> = HashSet::new();
+    let batch: Vec<Event> = (0..50)
+        .map(|i| Event::new("Order", format!("o-{i}"), "Placed", json!({"i": i})))
+        .collect();
+    outbox.enqueue_batch(&client, &batch).await?;
+    all.extend(batch.iter().map(|e| e.id.to_string()));
+    assert!(wait_ids(&mut reader, &all, Duration::from_secs(60))?);
+    w.kill9()?;
+
+    // walcast stopped: 20 more events, then everything made old.
+    let batch: Vec<Event> = (0..20)
+        .map(|i| Event::new("Order", format!("o-{i}"), "Shipped", json!({"i": i})))
+        .collect();
+    outbox.enqueue_batch(&client, &batch).await?;
+    all.extend(batch.iter().map(|e| e.id.to_string()));
+    client
+        .batch_execute("UPDATE outbox SET created_at = now() - interval '2 days'")
+        .await?;
+    let (code, out) = prune_cmd("24h", "2s")?;
+    assert_eq!(
+        code, 1,
+        "prune must refuse while the slot is behind:\n{out}"
+    );
+    assert!(out.contains("confirmed"), "{out}");
+    assert_eq!(
+        ids_in_table(&client).await?.len(),
+        70,
+        "nothing may be deleted"
+    );
+
+    // An open transaction with an old row, and a young row.
+    let mut other = db.admin(env).await?;
+    let open = other.transaction().await?;
+    let pending = Event::new("Order", "o-pending", "Placed", json!({}));
+    open.execute(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, created_at) \
+         VALUES ($1, 'Order', 'o-pending', 'Placed', '{}', now() - interval '3 days')",
+        &[&pending.id],
+    )
+    .await?;
+    let young = Event::new("Order", "o-young", "Placed", json!({}));
+    outbox.enqueue(&client, &young).await?;
+    all.insert(young.id.to_string());
+
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+    let (code, out) = prune_cmd("24h", "60s")?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted 70 rows"), "{out}");
+    assert_eq!(
+        ids_in_table(&client).await?,
+        HashSet::from([young.id.to_string()]),
+        "the young row stays; the open transaction's row is not visible yet"
+    );
+    open.commit().await?;
+    all.insert(pending.id.to_string());
+    assert!(ids_in_table(&client)
+        .await?
+        .contains(&pending.id.to_string()));
+    let (code, out) = prune_cmd("24h", "60s")?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted 1 rows"), "{out}");
+    drop(other);
+
+    // Under load.
+    let writer_db = db.admin(env).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut c = writer_db;
+        let outbox = Outbox::default();
+        let mut ids = Vec::new();
+        let mut n = 0usize;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let events: Vec<Event> = (0..1 + n % 20)
+                .map(|i| {
+                    Event::new(
+                        "Payment",
+                        format!("p-{}", (n + i) % 50),
+                        "Paid",
+                        json!({"n": n}),
+                    )
+                })
+                .collect();
+            let tx = c.transaction().await?;
+            outbox.enqueue_batch(&tx, &events).await?;
+            tx.commit().await?;
+            ids.extend(events.iter().map(|e| e.id.to_string()));
+            n += 1;
+        }
+        anyhow::Ok(ids)
+    });
+    let mut checks = Vec::new();
+    let mut deleted_total = 0;
+    let prune_opts = walcast_outbox::PruneOptions {
+        table: "outbox".into(),
+        slot: db.slot.clone(),
+        older_than: Duration::ZERO,
+        wait_timeout: Duration::from_secs(30),
+    };
+    for _ in 0..15 {
+        let before = ids_in_table(&client).await?;
+        let report = walcast_outbox::prune(&mut client, &prune_opts).await?;
+        let returned_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        let after = ids_in_table(&client).await?;
+        let deleted: Vec<String> = before.difference(&after).cloned().collect();
+        deleted_total += report.deleted;
+        checks.push((deleted, returned_ms));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.await??;
+    all.extend(written.iter().cloned());
+    eprintln!(
+        "prune under load: {} events written, {deleted_total} rows pruned in 15 runs",
+        written.len()
+    );
+    assert!(deleted_total > 0, "the load test pruned nothing");
+    assert!(
+        wait_ids(&mut reader, &all, Duration::from_secs(120))?,
+        "not every event reached Kafka:\n{}",
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(30))?;
+    let appended: HashMap<String, i64> = reader
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.header("id").unwrap(),
+                r.appended_ms.expect("LogAppendTime"),
+            )
+        })
+        .collect();
+    for (deleted, returned_ms) in &checks {
+        for id in deleted {
+            let at = appended.get(id).copied();
+            assert!(
+                at.is_some_and(|at| at <= *returned_ms),
+                "row {id} was pruned (prune returned at {returned_ms}) before its event was appended to Kafka ({at:?})"
+            );
+        }
+    }
+    w.kill9()?;
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
+}
