@@ -398,8 +398,15 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
             },
         )?;
     }
-    let mut rates: Vec<_> = r.steady.iter().map(|s| s.rate).collect();
-    rates.dedup();
+    // One set of plots per offered rate, in first-seen order. (Runs are
+    // grouped by system, not by rate, so `dedup` of neighbours listed every
+    // rate once per system.)
+    let mut rates = Vec::new();
+    for s in &r.steady {
+        if !rates.contains(&s.rate) {
+            rates.push(s.rate);
+        }
+    }
     for rate in rates {
         let runs: Vec<&SteadyRun> = r.steady.iter().filter(|s| s.rate == rate).collect();
         let tag = rate.label().replace("/s", "ps");
@@ -645,6 +652,29 @@ mod tests {
         assert!(t.contains("1/10.0"), "{t}");
         assert!(t.contains("20.00× lower"), "{t}");
         assert!(!t.contains("not met"), "{t}");
+    }
+
+    #[test]
+    fn each_plot_is_listed_once_whatever_the_run_order() {
+        let mut r = sample();
+        // Runs come grouped by system: rate A, rate B, then rate A again.
+        let mut other = r.steady[0].clone();
+        other.rate = RateSpec {
+            rate: Some(10_000),
+            txn: 1,
+        };
+        let mut again = r.steady[1].clone();
+        again.system = System::Debezium;
+        r.steady = vec![r.steady[0].clone(), other, again];
+        let dir = std::env::temp_dir().join(format!("walcast-bench-plots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = plots(&r, &dir).unwrap();
+        let mut names: Vec<&str> = files.iter().map(|(f, _)| f.as_str()).collect();
+        let all = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all, "a plot is listed twice: {files:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
