@@ -414,3 +414,98 @@ async fn outbox_prune_never_deletes_unconfirmed_rows() -> Result<()> {
     db.drop(env).await?;
     Ok(())
 }
+
+/// The table-less mode: each event of a committed transaction is a
+/// transactional logical decoding message (prefix `walcast`) whose content
+/// decodes as the `walcast.v1.Envelope` of the event, in enqueue order; a
+/// rolled-back transaction's messages never reach the WAL stream. Read from
+/// the WAL with a pgoutput slot (`messages = true`): walcast does not relay
+/// messages yet (docs/delivery-rules.md, rule 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_table_less_mode_writes_envelopes_into_the_wal() -> Result<()> {
+    use bytes::Bytes;
+    use walcast_pgoutput::{Decoder, Message};
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = library_db(env, "tableless", migrations::Layout::Plain).await?;
+    let mut client = db.admin(env).await?;
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&db.slot],
+        )
+        .await?;
+    let outbox = Outbox::default().mode(Mode::Message);
+    let mk = |i: usize| {
+        Event::new(
+            "Payment",
+            format!("w-{}", i % 3),
+            "WithdrawalRequested",
+            json!({"n": i}),
+        )
+        .correlation_id(format!("corr-{i}"))
+        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .header("tenant", "acme")
+    };
+    let committed: Vec<Event> = (0..10).map(mk).collect();
+    let rolled_back: Vec<Event> = (10..13).map(mk).collect();
+    let tx = client.transaction().await?;
+    tx.execute("INSERT INTO withdrawal VALUES ('w-0', 5)", &[])
+        .await?;
+    outbox.enqueue(&tx, &committed[0]).await?;
+    assert_eq!(outbox.enqueue_batch(&tx, &committed[1..]).await?, 9);
+    tx.commit().await?;
+    let tx = client.transaction().await?;
+    outbox.enqueue_batch(&tx, &rolled_back).await?;
+    tx.rollback().await?;
+    let in_table: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await?
+        .get(0);
+    assert_eq!(in_table, 0, "the table-less mode writes no row");
+
+    let rows = client
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, \
+             'proto_version', '1', 'publication_names', $2, 'messages', 'true')",
+            &[&db.slot, &db.publication],
+        )
+        .await?;
+    let mut decoder = Decoder::new(1);
+    let mut got = Vec::new();
+    for row in rows {
+        let data: Vec<u8> = row.get(0);
+        if let Message::Message(m) = decoder.decode(&Bytes::from(data))? {
+            assert_eq!(m.prefix, "walcast");
+            assert!(m.is_transactional());
+            got.push(walcast_envelope::decode_message_content(&m.content)?);
+        }
+    }
+    assert_eq!(got.len(), committed.len(), "exactly the committed events");
+    for (e, env) in committed.iter().zip(&got) {
+        assert_eq!(env.event_id, e.id.to_string());
+        assert_eq!(env.aggregate_type, "Payment");
+        assert_eq!(env.aggregate_id, e.aggregate_id);
+        assert_eq!(env.event_type, "WithdrawalRequested");
+        assert_eq!(env.content_type, "application/json");
+        let walcast_outbox::Payload::Json(v) = &e.payload else {
+            unreachable!()
+        };
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&env.payload)?,
+            *v
+        );
+        assert_eq!(env.correlation_id, e.headers["correlation_id"]);
+        assert_eq!(env.traceparent, e.headers["traceparent"]);
+        assert_eq!(env.headers.len(), 1);
+        assert_eq!(env.headers[0].key, "tenant");
+        assert_eq!(env.headers[0].value, b"acme");
+        assert!(env.timestamp_unix_micros > 1_600_000_000_000_000);
+    }
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
+        .await?;
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
+}

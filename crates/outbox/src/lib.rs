@@ -13,7 +13,8 @@
 //!   is one statement (`UNNEST`), so one round trip.
 //! - [`Mode`]: insert, or insert-then-delete in the same transaction (the
 //!   table stays empty; the WAL still carries the insert, which is all walcast
-//!   reads).
+//!   reads), or table-less: a transactional logical decoding message carrying
+//!   the protobuf `walcast.v1.Envelope`.
 //! - [`prune`]: delete old rows of the insert mode without ever deleting a row
 //!   whose event walcast has not confirmed.
 //!
@@ -219,6 +220,13 @@ pub enum Mode {
     /// inserts. Call it inside a transaction; on a plain client the two
     /// statements commit separately (the events are still published).
     InsertDelete,
+    /// No table: each event is a transactional logical decoding message,
+    /// `pg_logical_emit_message(true, prefix, content)`, whose content is the
+    /// protobuf `walcast.v1.Envelope` (`walcast-envelope`, docs/envelope.md).
+    /// Published only if the transaction commits; nothing to clean up. Needs
+    /// a walcast that relays messages of the prefix ([`Outbox::message_prefix`],
+    /// default `walcast`).
+    Message,
 }
 
 /// The type of the outbox's `payload` column.
@@ -237,6 +245,7 @@ pub struct Outbox {
     table: String,
     mode: Mode,
     payload: PayloadColumn,
+    prefix: String,
     insert_sql: String,
     delete_sql: String,
 }
@@ -269,6 +278,7 @@ impl Outbox {
             table: table.to_string(),
             mode: Mode::Insert,
             payload: PayloadColumn::Jsonb,
+            prefix: "walcast".to_string(),
             insert_sql: String::new(),
             delete_sql: String::new(),
         };
@@ -286,6 +296,12 @@ impl Outbox {
     pub fn payload_column(mut self, payload: PayloadColumn) -> Outbox {
         self.payload = payload;
         self.build_sql();
+        self
+    }
+
+    /// The logical decoding message prefix of [`Mode::Message`] (default `walcast`).
+    pub fn message_prefix(mut self, prefix: impl Into<String>) -> Outbox {
+        self.prefix = prefix.into();
         self
     }
 
@@ -334,6 +350,9 @@ impl Outbox {
         if events.is_empty() {
             return Ok(0);
         }
+        if self.mode == Mode::Message {
+            return self.emit_messages(client, events).await;
+        }
         let mut ids = Vec::with_capacity(events.len());
         let mut types = Vec::with_capacity(events.len());
         let mut keys = Vec::with_capacity(events.len());
@@ -378,7 +397,7 @@ impl Outbox {
         let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &keys];
         let insert = client.execute(self.insert_sql.as_str(), &insert_params);
         match self.mode {
-            Mode::Insert => insert
+            Mode::Insert | Mode::Message => insert
                 .await
                 .map_err(db(format!("INSERT INTO {}", self.table))),
             Mode::InsertDelete => {
@@ -396,6 +415,76 @@ impl Outbox {
                 Ok(n)
             }
         }
+    }
+}
+
+impl Outbox {
+    async fn emit_messages<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        events: &[Event],
+    ) -> Result<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let contents: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| walcast_envelope::encode(&envelope(e, now)))
+            .collect();
+        // unnest yields the array in order, so the messages are written in
+        // slice order.
+        let n = client
+            .execute(
+                "SELECT pg_catalog.pg_logical_emit_message(true, $1::text, c) \
+                 FROM unnest($2::bytea[]) WITH ORDINALITY AS u(c, n) ORDER BY n",
+                &[&self.prefix, &contents],
+            )
+            .await
+            .map_err(db("pg_logical_emit_message"))?;
+        Ok(n)
+    }
+}
+
+/// The `walcast.v1.Envelope` of an event ([`Mode::Message`]'s content):
+/// correlation id and traceparent in their own fields, the other headers in
+/// `headers`; a JSON payload as its text with `content_type`
+/// `application/json`.
+pub fn envelope(e: &Event, timestamp_unix_micros: i64) -> walcast_envelope::Envelope {
+    let (payload, content_type) = match &e.payload {
+        Payload::Json(v) => (v.to_string().into_bytes(), "application/json"),
+        Payload::Bytes(b) => (b.clone(), ""),
+    };
+    walcast_envelope::Envelope {
+        event_id: e.id.to_string(),
+        aggregate_type: e.aggregate_type.clone(),
+        aggregate_id: e.aggregate_id.clone(),
+        event_type: e.event_type.clone(),
+        timestamp_unix_micros,
+        headers: e
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                k.as_str() != CORRELATION_ID_HEADER && k.as_str() != TRACEPARENT_HEADER
+            })
+            .map(|(k, v)| walcast_envelope::Header {
+                key: k.clone(),
+                value: v.clone().into_bytes(),
+            })
+            .collect(),
+        payload,
+        content_type: content_type.to_string(),
+        correlation_id: e
+            .headers
+            .get(CORRELATION_ID_HEADER)
+            .cloned()
+            .unwrap_or_default(),
+        traceparent: e
+            .headers
+            .get(TRACEPARENT_HEADER)
+            .cloned()
+            .unwrap_or_default(),
+        ..Default::default()
     }
 }
 
