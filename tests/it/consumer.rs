@@ -488,3 +488,132 @@ async fn consumer_per_key_order_holds_across_a_rebalance() -> Result<()> {
     db.drop(env).await?;
     Ok(())
 }
+
+/// Fails every record whose `fail` header is `until-fixed` while `broken` is set.
+#[derive(Debug)]
+struct Fixable {
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl Handler for Fixable {
+    async fn handle(&self, tx: &Transaction<'_>, e: &Delivery) -> Result<(), HandlerError> {
+        if e.header("fail") == Some("until-fixed") && self.broken.load(Ordering::SeqCst) {
+            return Err(HandlerError::permanent("handler bug"));
+        }
+        Effects::default().handle(tx, e).await
+    }
+}
+
+/// Runs a consumer of `cfg` until it has seen `n` records, then stops it.
+async fn consume_n(cfg: ConsumerConfig, broken: bool, n: u64) -> Result<Arc<Stats>> {
+    let (stats, stop, j) = spawn(
+        cfg,
+        Fixable {
+            broken: broken.into(),
+        },
+    )?;
+    let s = stats.clone();
+    let seen = move || {
+        s.processed.load(Ordering::SeqCst)
+            + s.duplicates.load(Ordering::SeqCst)
+            + s.dead_lettered.load(Ordering::SeqCst)
+            >= n
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), seen).await,
+        "fewer than {n} records seen"
+    );
+    // Anything beyond n would show up now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = stop.send(());
+    j.await??;
+    Ok(stats)
+}
+
+fn counts(s: &Stats) -> (u64, u64, u64) {
+    (
+        s.processed.load(Ordering::SeqCst),
+        s.duplicates.load(Ordering::SeqCst),
+        s.dead_lettered.load(Ordering::SeqCst),
+    )
+}
+
+async fn rewind_retrying(
+    env: &TestEnv,
+    group: &str,
+    topic: &str,
+    to: walcast_consumer::RewindTo,
+) -> Result<Vec<(i32, i64)>> {
+    let mut last = None;
+    for _ in 0..40 {
+        match walcast_consumer::rewind(&env.kafka_bootstrap, group, topic, to) {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+        // The stopped instance may still count as a member for a moment.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(anyhow::anyhow!("rewind kept failing: {last:?}"))
+}
+
+/// Replay: a record dead-lettered by a handler bug is re-driven to its
+/// topic and processed once the handler is fixed; rewinding the group to
+/// offset 0 re-consumes everything as duplicates (no second side effect);
+/// rewinding to a time re-consumes from the first record at or after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_redrive_and_rewind_replay_without_second_side_effects() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = consumer_db(env, "creplay").await?;
+    let (topic, dlq, group) = names(&db);
+    create_topics(&env.kafka_bootstrap, &[topic.as_str()], 1).await?;
+    create_topics(&env.kafka_bootstrap, &[dlq.as_str()], 3).await?;
+    let p = producer(env)?;
+    for i in 0..5 {
+        let fail = if i == 3 { "until-fixed" } else { "no" };
+        produce(&p, &topic, "w-1", &format!("r-{i}"), &[("fail", fail)]).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mid = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 5..10 {
+        produce(&p, &topic, "w-1", &format!("r-{i}"), &[]).await?;
+    }
+
+    // 1. The handler bug dead-letters r-3.
+    let s = consume_n(config(env, &db), true, 10).await?;
+    assert_eq!(counts(&s), (9, 0, 1));
+    // 2. Re-drive it; the fixed handler processes it.
+    let n = walcast_consumer::redrive(&env.kafka_bootstrap, &dlq).await?;
+    assert_eq!(n, 1);
+    let s = consume_n(config(env, &db), false, 1).await?;
+    assert_eq!(counts(&s), (1, 0, 0));
+    let c = db.admin(env).await?;
+    let effects = effects_of(&c).await?;
+    assert_eq!(effects.len(), 10);
+    assert!(effects.values().all(|n| *n == 1), "{effects:?}");
+    // 3. Rewind to 0: all 11 records again, all duplicates.
+    let at = rewind_retrying(env, &group, &topic, walcast_consumer::RewindTo::Offset(0)).await?;
+    assert_eq!(at, vec![(0, 0)]);
+    let s = consume_n(config(env, &db), false, 11).await?;
+    assert_eq!(counts(&s), (0, 11, 0));
+    // 4. Rewind to the time between r-4 and r-5: r-5..r-9 and the re-driven r-3.
+    let at = rewind_retrying(
+        env,
+        &group,
+        &topic,
+        walcast_consumer::RewindTo::TimestampMs(mid),
+    )
+    .await?;
+    assert_eq!(at, vec![(0, 5)]);
+    let s = consume_n(config(env, &db), false, 6).await?;
+    assert_eq!(counts(&s), (0, 6, 0));
+    let effects = effects_of(&c).await?;
+    assert_eq!(effects.len(), 10);
+    assert!(effects.values().all(|n| *n == 1), "{effects:?}");
+    drop(c);
+    db.drop(env).await?;
+    Ok(())
+}

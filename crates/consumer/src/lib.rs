@@ -32,6 +32,9 @@
 //!   `walcast_consumer_lag` (labels `group`, `topic`, `partition`). Each
 //!   record is handled in a `walcast.consume` span with the event id and
 //!   correlation id.
+//! - Replay: [`rewind`] a stopped group to an offset or a time and run it
+//!   again (duplicates are skipped); [`redrive`] dead-lettered records back to
+//!   their original topic. The `walcast-consumer` command does both.
 #![warn(missing_docs)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +54,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls, Transaction};
 use tracing::{debug, error, info, warn, Instrument as _};
+
+mod replay;
+
+pub use replay::{redrive, rewind, RewindTo, DEAD_LETTER_HEADERS};
 
 /// Errors that end [`Consumer::run`] or refuse a configuration.
 #[derive(Debug, thiserror::Error)]
