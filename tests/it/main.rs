@@ -10,6 +10,7 @@ mod bad_setup;
 mod broker_rejection;
 mod deploy;
 mod edges;
+mod example;
 mod faults;
 mod operations;
 mod ops;
