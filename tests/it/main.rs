@@ -4,6 +4,7 @@
 //! restart a service take the environment's exclusive lock.
 
 mod common;
+mod consumer;
 
 mod bad_setup;
 mod broker_rejection;
@@ -11,6 +12,7 @@ mod dead_letter;
 mod deploy;
 mod edges;
 mod envelope;
+mod example;
 mod faults;
 mod operations;
 mod ops;
@@ -21,3 +23,4 @@ mod reliability;
 mod routing;
 mod slot_record;
 mod tls;
+mod writer;

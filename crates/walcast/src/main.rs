@@ -13,6 +13,7 @@ use walcast_runtime::Relay;
 
 mod debezium;
 mod ops;
+mod outbox_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +72,11 @@ enum Command {
     },
     #[command(flatten)]
     Ops(ops::OpsCommand),
+    /// Outbox table maintenance (`walcast outbox prune`).
+    Outbox {
+        #[command(subcommand)]
+        command: outbox_cmd::OutboxCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,6 +245,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             command: SlotCommand::Manage(cmd),
         } => ops::slot::run(cmd),
         Command::Ops(cmd) => ops::run(cmd),
+        Command::Outbox { command } => outbox_cmd::run(command),
     }
 }
 

@@ -1,0 +1,532 @@
+//! walcast's outbox writer: write events in the caller's own database
+//! transaction, so an event and the business rows it describes commit or roll
+//! back together; walcast relays the committed INSERTs to Kafka.
+//!
+//! - [`migrations`]: the canonical outbox table (plain or hash-partitioned by
+//!   aggregate id) and the consumer's `processed_events` table, as plain SQL
+//!   files (`crates/outbox/migrations/`) and applied from Rust.
+//! - [`Event`]: id (UUID v7 by default), aggregate type and id, event type,
+//!   payload (JSON or raw bytes), headers, correlation id, `traceparent`.
+//! - [`Outbox::enqueue`] / [`Outbox::enqueue_batch`]: one generic entry point
+//!   over tokio-postgres [`Client`](tokio_postgres::Client) and
+//!   [`Transaction`](tokio_postgres::Transaction) ([`GenericClient`]); a batch
+//!   is one statement (`UNNEST`), so one round trip.
+//! - [`Mode`]: insert, or insert-then-delete in the same transaction (the
+//!   table stays empty; the WAL still carries the insert, which is all walcast
+//!   reads), or table-less: a transactional logical decoding message carrying
+//!   the protobuf `walcast.v1.Envelope`.
+//! - [`prune`]: delete old rows of the insert mode without ever deleting a row
+//!   whose event walcast has not confirmed.
+//!
+//! **Durability contract.** `enqueue` only executes statements on the client
+//! it is given; it never commits. Pass a [`Transaction`](tokio_postgres::Transaction)
+//! and the event is published if and only if that transaction commits (at
+//! least once: consumers deduplicate on the `id` header). On a plain `Client`
+//! every statement is its own transaction (autocommit). Per aggregate id,
+//! events reach Kafka in commit order, and within one transaction in the order
+//! they were enqueued.
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+pub mod migrations;
+mod prune;
+
+pub use prune::{prune, PruneOptions, PruneReport};
+
+/// Errors of the outbox writer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The database refused a statement (the caller's transaction is then
+    /// aborted, like for any failed statement).
+    #[error("outbox: {context}: {source}")]
+    Db {
+        /// What was being done.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// An event that cannot be written as configured.
+    #[error("outbox: invalid event {id}: {reason}")]
+    InvalidEvent {
+        /// The event's id.
+        id: Uuid,
+        /// Why.
+        reason: String,
+    },
+    /// A table name that is not `name` or `schema.name` of `[A-Za-z0-9_]`.
+    #[error("outbox: invalid table name {0:?}: use name or schema.name of letters, digits and _")]
+    InvalidTable(String),
+    /// Pruning found no replication slot of that name.
+    #[error("outbox prune: replication slot {0:?} does not exist; pruning needs the slot walcast confirms on (postgres.slot)")]
+    SlotMissing(String),
+    /// Pruning waited too long for walcast to confirm the current position.
+    #[error("outbox prune: slot {slot:?} confirmed {confirmed} but rows are only safe to delete once it reaches {needed}; waited {waited_ms} ms. Is walcast running and keeping up? Retry later or raise --wait-timeout")]
+    SlotBehind {
+        /// The slot.
+        slot: String,
+        /// Its confirmed_flush_lsn (or "none").
+        confirmed: String,
+        /// The position it must reach.
+        needed: String,
+        /// How long prune waited.
+        waited_ms: u128,
+    },
+}
+
+pub(crate) fn db(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Db { context, source }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An event's payload.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// A JSON value (the outbox's `payload` column is `jsonb`).
+    Json(serde_json::Value),
+    /// Raw bytes: for a `bytea` payload column they are stored as they are;
+    /// for a `jsonb` column they must be UTF-8 JSON text.
+    Bytes(Vec<u8>),
+}
+
+/// Header key the correlation id is stored under.
+pub const CORRELATION_ID_HEADER: &str = "correlation_id";
+/// Header key the W3C trace context is stored under.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// A function that returns the W3C `traceparent` of the current span, if any.
+pub type TraceparentSource = fn() -> Option<String>;
+
+static TRACEPARENT_SOURCE: RwLock<Option<TraceparentSource>> = RwLock::new(None);
+
+/// Installs the function [`Event::new`] asks for the current span's
+/// `traceparent` (for example one built on `tracing-opentelemetry` that
+/// formats the current span's OpenTelemetry context). Without one, events
+/// carry a `traceparent` only when set with [`Event::traceparent`].
+pub fn set_traceparent_source(source: TraceparentSource) {
+    *TRACEPARENT_SOURCE
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = Some(source);
+}
+
+fn current_traceparent() -> Option<String> {
+    let source = *TRACEPARENT_SOURCE.read().unwrap_or_else(|e| e.into_inner());
+    source.and_then(|f| f())
+}
+
+/// One outbox event. Build it with [`Event::new`] and the `with` methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The event id (the Kafka `id` header consumers deduplicate on).
+    pub id: Uuid,
+    /// Aggregate type: routes to the topic (`outbox.event.<aggregatetype>` by default).
+    pub aggregate_type: String,
+    /// Aggregate id: the Kafka record key (one aggregate's events keep their order).
+    pub aggregate_id: String,
+    /// Event type (the `type` header).
+    pub event_type: String,
+    /// The record value.
+    pub payload: Payload,
+    /// Headers stored in the `headers` column (including the correlation id
+    /// and traceparent).
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Event {
+    /// A new event with a fresh UUID v7 id (time-ordered, so the primary key
+    /// index stays append-mostly) and a JSON payload. Takes the current
+    /// span's `traceparent` from the installed [`TraceparentSource`] if there is one.
+    pub fn new(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Event {
+        let mut headers = BTreeMap::new();
+        if let Some(tp) = current_traceparent() {
+            headers.insert(TRACEPARENT_HEADER.to_string(), tp);
+        }
+        Event {
+            id: Uuid::now_v7(),
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            payload: Payload::Json(payload),
+            headers,
+        }
+    }
+
+    /// A JSON payload from any serializable value.
+    pub fn json<T: serde::Serialize>(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        payload: &T,
+    ) -> Result<Event, serde_json::Error> {
+        Ok(Event::new(
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            serde_json::to_value(payload)?,
+        ))
+    }
+
+    /// Replaces the id (for example a v4 id, or an id derived from a request
+    /// for idempotent producers).
+    pub fn with_id(mut self, id: Uuid) -> Event {
+        self.id = id;
+        self
+    }
+
+    /// Replaces the payload with raw bytes.
+    pub fn with_bytes(mut self, bytes: impl Into<Vec<u8>>) -> Event {
+        self.payload = Payload::Bytes(bytes.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Event {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the correlation id (header `correlation_id`).
+    pub fn correlation_id(self, id: impl Into<String>) -> Event {
+        self.header(CORRELATION_ID_HEADER, id)
+    }
+
+    /// Sets the W3C trace context (header `traceparent`).
+    pub fn traceparent(self, tp: impl Into<String>) -> Event {
+        self.header(TRACEPARENT_HEADER, tp)
+    }
+}
+
+/// How events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// INSERT into the outbox table; rows stay until pruned ([`prune`]).
+    #[default]
+    Insert,
+    /// INSERT, then DELETE the same rows in the same transaction: the table
+    /// stays empty while the WAL (what walcast reads) still carries the
+    /// inserts. Call it inside a transaction; on a plain client the two
+    /// statements commit separately (the events are still published).
+    InsertDelete,
+    /// No table: each event is a transactional logical decoding message,
+    /// `pg_logical_emit_message(true, prefix, content)`, whose content is the
+    /// protobuf `walcast.v1.Envelope` (`walcast-envelope`, docs/envelope.md).
+    /// Published only if the transaction commits; nothing to clean up. Needs
+    /// a walcast that relays messages of the prefix ([`Outbox::message_prefix`],
+    /// default `walcast`).
+    Message,
+}
+
+/// The type of the outbox's `payload` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PayloadColumn {
+    /// `jsonb` (the canonical table).
+    #[default]
+    Jsonb,
+    /// `bytea`: walcast sends the bytes as they are.
+    Bytea,
+}
+
+/// A configured outbox: table, mode and payload column type.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    table: String,
+    mode: Mode,
+    payload: PayloadColumn,
+    prefix: String,
+    insert_sql: String,
+    delete_sql: String,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox::new("outbox").expect("valid default table")
+    }
+}
+
+fn valid_table(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('.').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 63
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !p.starts_with(|c: char| c.is_ascii_digit())
+        })
+}
+
+impl Outbox {
+    /// The outbox `table` (`name` or `schema.name`) in [`Mode::Insert`] with
+    /// a `jsonb` payload and the canonical columns.
+    pub fn new(table: &str) -> Result<Outbox> {
+        if !valid_table(table) {
+            return Err(Error::InvalidTable(table.to_string()));
+        }
+        let mut o = Outbox {
+            table: table.to_string(),
+            mode: Mode::Insert,
+            payload: PayloadColumn::Jsonb,
+            prefix: "walcast".to_string(),
+            insert_sql: String::new(),
+            delete_sql: String::new(),
+        };
+        o.build_sql();
+        Ok(o)
+    }
+
+    /// Sets the mode.
+    pub fn mode(mut self, mode: Mode) -> Outbox {
+        self.mode = mode;
+        self
+    }
+
+    /// Sets the payload column's type.
+    pub fn payload_column(mut self, payload: PayloadColumn) -> Outbox {
+        self.payload = payload;
+        self.build_sql();
+        self
+    }
+
+    /// The logical decoding message prefix of [`Mode::Message`] (default `walcast`).
+    pub fn message_prefix(mut self, prefix: impl Into<String>) -> Outbox {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn build_sql(&mut self) {
+        let (ptype, pexpr) = match self.payload {
+            PayloadColumn::Jsonb => ("text[]", "p::jsonb"),
+            PayloadColumn::Bytea => ("bytea[]", "p"),
+        };
+        // WITH ORDINALITY keeps the enqueue order as the insert order, which
+        // is the order walcast publishes a transaction's events in.
+        self.insert_sql = format!(
+            "INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers) \
+             SELECT i, a, k, y, {pexpr}, h::jsonb \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::{ptype}, $6::text[]) \
+             WITH ORDINALITY AS u(i, a, k, y, p, h, n) ORDER BY n",
+            t = self.table
+        );
+        self.delete_sql = format!(
+            "DELETE FROM {t} o USING unnest($1::uuid[], $2::text[]) AS u(i, k) \
+             WHERE o.id = u.i AND o.aggregateid = u.k",
+            t = self.table
+        );
+    }
+
+    /// Writes one event on `client` (a `Client` or, for atomicity with your
+    /// business rows, a `Transaction`). Never commits.
+    pub async fn enqueue<C: GenericClient + Sync>(&self, client: &C, event: &Event) -> Result<()> {
+        self.enqueue_batch(client, std::slice::from_ref(event))
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes `events` in one statement (an INSERT from `UNNEST`; then one
+    /// DELETE in [`Mode::InsertDelete`]), in slice order. Returns the
+    /// number of rows inserted. Never commits.
+    pub async fn enqueue_batch<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        events: &[Event],
+    ) -> Result<u64> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        if self.mode == Mode::Message {
+            return self.emit_messages(client, events).await;
+        }
+        let mut ids = Vec::with_capacity(events.len());
+        let mut types = Vec::with_capacity(events.len());
+        let mut keys = Vec::with_capacity(events.len());
+        let mut etypes = Vec::with_capacity(events.len());
+        let mut text_payloads: Vec<String> = Vec::new();
+        let mut byte_payloads: Vec<Vec<u8>> = Vec::new();
+        let mut headers = Vec::with_capacity(events.len());
+        for e in events {
+            ids.push(e.id);
+            types.push(e.aggregate_type.as_str());
+            keys.push(e.aggregate_id.as_str());
+            etypes.push(e.event_type.as_str());
+            headers.push(serde_json::to_string(&e.headers).expect("string map serializes"));
+            match (self.payload, &e.payload) {
+                (PayloadColumn::Jsonb, Payload::Json(v)) => text_payloads.push(v.to_string()),
+                (PayloadColumn::Jsonb, Payload::Bytes(b)) => {
+                    let s = std::str::from_utf8(b).map_err(|_| Error::InvalidEvent {
+                        id: e.id,
+                        reason: "raw bytes for a jsonb payload column must be UTF-8 JSON text (use PayloadColumn::Bytea for binary payloads)".into(),
+                    })?;
+                    if serde_json::from_str::<serde::de::IgnoredAny>(s).is_err() {
+                        return Err(Error::InvalidEvent {
+                            id: e.id,
+                            reason: "raw bytes for a jsonb payload column must be valid JSON"
+                                .into(),
+                        });
+                    }
+                    text_payloads.push(s.to_string())
+                }
+                (PayloadColumn::Bytea, Payload::Json(v)) => {
+                    byte_payloads.push(v.to_string().into_bytes())
+                }
+                (PayloadColumn::Bytea, Payload::Bytes(b)) => byte_payloads.push(b.clone()),
+            }
+        }
+        let payloads: &(dyn tokio_postgres::types::ToSql + Sync) = match self.payload {
+            PayloadColumn::Jsonb => &text_payloads,
+            PayloadColumn::Bytea => &byte_payloads,
+        };
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&ids, &types, &keys, &etypes, payloads, &headers];
+        let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &keys];
+        let insert = client.execute(self.insert_sql.as_str(), &insert_params);
+        match self.mode {
+            Mode::Insert | Mode::Message => insert
+                .await
+                .map_err(db(format!("INSERT INTO {}", self.table))),
+            Mode::InsertDelete => {
+                // Strictly one after the other: pipelining the two (joining
+                // the futures) lets the DELETE run before the INSERT, because
+                // each statement is prepared first and the executes then go
+                // out in whichever order the futures are polled.
+                let n = insert
+                    .await
+                    .map_err(db(format!("INSERT INTO {}", self.table)))?;
+                client
+                    .execute(self.delete_sql.as_str(), &delete_params)
+                    .await
+                    .map_err(db(format!("DELETE FROM {}", self.table)))?;
+                Ok(n)
+            }
+        }
+    }
+}
+
+impl Outbox {
+    async fn emit_messages<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        events: &[Event],
+    ) -> Result<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i64)
+            .unwrap_or(0);
+        let contents: Vec<Vec<u8>> = events
+            .iter()
+            .map(|e| walcast_envelope::encode(&envelope(e, now)))
+            .collect();
+        // unnest yields the array in order, so the messages are written in
+        // slice order.
+        let n = client
+            .execute(
+                "SELECT pg_catalog.pg_logical_emit_message(true, $1::text, c) \
+                 FROM unnest($2::bytea[]) WITH ORDINALITY AS u(c, n) ORDER BY n",
+                &[&self.prefix, &contents],
+            )
+            .await
+            .map_err(db("pg_logical_emit_message"))?;
+        Ok(n)
+    }
+}
+
+/// The `walcast.v1.Envelope` of an event ([`Mode::Message`]'s content):
+/// correlation id and traceparent in their own fields, the other headers in
+/// `headers`; a JSON payload as its text with `content_type`
+/// `application/json`.
+pub fn envelope(e: &Event, timestamp_unix_micros: i64) -> walcast_envelope::Envelope {
+    let (payload, content_type) = match &e.payload {
+        Payload::Json(v) => (v.to_string().into_bytes(), "application/json"),
+        Payload::Bytes(b) => (b.clone(), ""),
+    };
+    walcast_envelope::Envelope {
+        event_id: e.id.to_string(),
+        aggregate_type: e.aggregate_type.clone(),
+        aggregate_id: e.aggregate_id.clone(),
+        event_type: e.event_type.clone(),
+        timestamp_unix_micros,
+        headers: e
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                k.as_str() != CORRELATION_ID_HEADER && k.as_str() != TRACEPARENT_HEADER
+            })
+            .map(|(k, v)| walcast_envelope::Header {
+                key: k.clone(),
+                value: v.clone().into_bytes(),
+            })
+            .collect(),
+        payload,
+        content_type: content_type.to_string(),
+        correlation_id: e
+            .headers
+            .get(CORRELATION_ID_HEADER)
+            .cloned()
+            .unwrap_or_default(),
+        traceparent: e
+            .headers
+            .get(TRACEPARENT_HEADER)
+            .cloned()
+            .unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_v7_and_ordered() {
+        let a = Event::new("Order", "1", "Created", serde_json::json!({}));
+        let b = Event::new("Order", "1", "Created", serde_json::json!({}));
+        assert_eq!(a.id.get_version_num(), 7);
+        assert!(a.id < b.id);
+    }
+
+    #[test]
+    fn builder_sets_headers() {
+        let e = Event::new("Order", "1", "Created", serde_json::json!({"a": 1}))
+            .correlation_id("c-1")
+            .traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+            .header("tenant", "t");
+        assert_eq!(
+            e.headers.get(CORRELATION_ID_HEADER).map(String::as_str),
+            Some("c-1")
+        );
+        assert_eq!(e.headers.len(), 3);
+    }
+
+    #[test]
+    fn traceparent_source_is_used() {
+        fn tp() -> Option<String> {
+            Some("00-11111111111111111111111111111111-2222222222222222-01".into())
+        }
+        set_traceparent_source(tp);
+        let e = Event::new("Order", "1", "Created", serde_json::json!({}));
+        assert_eq!(e.headers.get(TRACEPARENT_HEADER), tp().as_ref());
+    }
+
+    #[test]
+    fn table_names_are_checked() {
+        assert!(Outbox::new("public.outbox").is_ok());
+        assert!(Outbox::new("outbox; DROP TABLE x").is_err());
+        assert!(Outbox::new("a.b.c").is_err());
+    }
+}

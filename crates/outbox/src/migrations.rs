@@ -1,0 +1,48 @@
+//! The canonical tables as SQL (the same text as the files in
+//! `crates/outbox/migrations/`, which can be applied with `psql` or any
+//! migration tool) and [`apply`] to run them from Rust. Every statement is
+//! `IF NOT EXISTS`, so applying twice is harmless.
+
+use tokio_postgres::GenericClient;
+
+use crate::{db, Result};
+
+/// The plain outbox table (`outbox`, walcast's default columns plus
+/// `headers` and `created_at`).
+pub const OUTBOX: &str = include_str!("../migrations/0001_outbox.sql");
+/// The outbox table hash-partitioned by aggregate id (4 partitions).
+pub const OUTBOX_PARTITIONED: &str = include_str!("../migrations/0001_outbox_partitioned.sql");
+/// The consumer's deduplication table `processed_events`.
+pub const PROCESSED_EVENTS: &str = include_str!("../migrations/0002_processed_events.sql");
+
+/// Which outbox layout [`apply`] creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// [`OUTBOX`].
+    Plain,
+    /// [`OUTBOX_PARTITIONED`].
+    HashPartitioned,
+    /// No outbox table (a consumer-only database): only `processed_events`.
+    None,
+}
+
+/// Creates the outbox table of `layout` and `processed_events` in the
+/// client's current schema (`search_path`). Does not create the publication:
+/// walcast does (`postgres.create_publication`), or see the README.
+pub async fn apply<C: GenericClient + Sync>(client: &C, layout: Layout) -> Result<()> {
+    let outbox = match layout {
+        Layout::Plain => Some(OUTBOX),
+        Layout::HashPartitioned => Some(OUTBOX_PARTITIONED),
+        Layout::None => None,
+    };
+    if let Some(sql) = outbox {
+        client
+            .batch_execute(sql)
+            .await
+            .map_err(db("creating the outbox table"))?;
+    }
+    client
+        .batch_execute(PROCESSED_EVENTS)
+        .await
+        .map_err(db("creating processed_events"))
+}

@@ -1,0 +1,511 @@
+//! The outbox writer library (`walcast-outbox`, issue 13) against the real
+//! services: events written with it commit or roll back with the caller's
+//! business rows, and every mode reaches Kafka through the real walcast
+//! binary with the same records.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+use walcast_outbox::{migrations, Event, Mode, Outbox};
+use walcast_tests::kafka::Record;
+use walcast_tests::pg::TestDb;
+use walcast_tests::process::{Walcast, WalcastConfig};
+use walcast_tests::TestEnv;
+
+use crate::common::*;
+
+/// A database with the library's own migrations (plain or hash-partitioned
+/// outbox, processed_events) and the publication walcast would create.
+pub async fn library_db(env: &TestEnv, tag: &str, layout: migrations::Layout) -> Result<TestDb> {
+    let db = TestDb::create_on(env, env.pg_port, tag, false).await?;
+    let c = db.admin(env).await?;
+    migrations::apply(&c, layout).await?;
+    // Applying twice is harmless.
+    migrations::apply(&c, layout).await?;
+    c.batch_execute(&format!(
+        "CREATE PUBLICATION {} FOR TABLE public.outbox \
+         WITH (publish = 'insert', publish_via_partition_root = true);
+         CREATE TABLE withdrawal (id text PRIMARY KEY, amount_cents bigint NOT NULL)",
+        db.publication
+    ))
+    .await?;
+    Ok(db)
+}
+
+fn by_id(records: &[Record]) -> HashMap<String, &Record> {
+    records
+        .iter()
+        .filter_map(|r| r.header("id").map(|id| (id, r)))
+        .collect()
+}
+
+/// Business row and event commit together or not at all: a rolled-back
+/// transaction and one aborted by a failing business statement leave neither
+/// the row nor a record; a committed one leaves both. Insert, insert-delete
+/// and batch enqueue on the plain and the hash-partitioned layout reach Kafka
+/// through walcast with identical records (topic, key, value, `type`
+/// header); insert-delete leaves the table empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    for layout in [
+        migrations::Layout::Plain,
+        migrations::Layout::HashPartitioned,
+    ] {
+        let db = library_db(env, "writer", layout).await?;
+        let mut reader = reader(env, &db).await?;
+        let state = tempfile::tempdir()?;
+        let mut w = Walcast::start(
+            &bin(),
+            state.path(),
+            &WalcastConfig::for_db(env, &db, state.path()),
+        )?;
+        w.wait_streaming()?;
+        let mut client = db.admin(env).await?;
+        let insert = Outbox::default();
+        let insert_delete = Outbox::default().mode(Mode::InsertDelete);
+
+        let event = |n: usize| {
+            Event::new(
+                "Payment",
+                format!("w-{n}"),
+                "WithdrawalRequested",
+                json!({"withdrawal": format!("w-{n}"), "amountCents": 100 + n}),
+            )
+            .correlation_id(format!("corr-{n}"))
+        };
+
+        // 1. Rolled back: neither row nor event.
+        let rolled_back = event(1);
+        {
+            let tx = client.transaction().await?;
+            tx.execute("INSERT INTO withdrawal VALUES ('w-1', 101)", &[])
+                .await?;
+            insert.enqueue(&tx, &rolled_back).await?;
+            tx.rollback().await?;
+        }
+        // 2. Aborted by a failing business statement after the enqueue.
+        let aborted = event(2);
+        {
+            let tx = client.transaction().await?;
+            insert.enqueue(&tx, &aborted).await?;
+            let dup = tx
+                .execute("INSERT INTO withdrawal VALUES ('w-2', 1), ('w-2', 2)", &[])
+                .await;
+            assert!(dup.is_err(), "the duplicate key must fail");
+            // Postgres answers COMMIT of an aborted transaction with ROLLBACK.
+            let _ = tx.commit().await;
+        }
+        // 3. Committed in each mode, with identical content pairs.
+        let mut committed = Vec::new();
+        for (n, outbox) in [(3, &insert), (3, &insert_delete)] {
+            let e = event(n);
+            let tx = client.transaction().await?;
+            tx.execute(
+                "INSERT INTO withdrawal VALUES ($1, 103) ON CONFLICT DO NOTHING",
+                &[&format!("w-{n}")],
+            )
+            .await?;
+            outbox.enqueue(&tx, &e).await?;
+            tx.commit().await?;
+            committed.push(e);
+        }
+        // 4. A batch of 500 in one statement per mode, over 20 aggregates.
+        let mut batches: Vec<Vec<Event>> = Vec::new();
+        for outbox in [&insert, &insert_delete] {
+            let batch: Vec<Event> = (0..500).map(|i| event(1000 + i % 20)).collect();
+            let tx = client.transaction().await?;
+            assert_eq!(outbox.enqueue_batch(&tx, &batch).await?, 500);
+            tx.commit().await?;
+            committed.extend(batch.iter().cloned());
+            batches.push(batch);
+        }
+
+        // The business rows: only w-3.
+        let rows: Vec<String> = client
+            .query("SELECT id FROM withdrawal ORDER BY id", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(rows, vec!["w-3".to_string()]);
+        // The table holds only the insert mode's rows.
+        let in_table: i64 = client
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await?
+            .get(0);
+        assert_eq!(in_table, 501, "insert-delete must leave no row");
+
+        let want: HashSet<String> = committed.iter().map(|e| e.id.to_string()).collect();
+        assert!(
+            wait_ids(&mut reader, &want, Duration::from_secs(60))?,
+            "not every committed event arrived:\n{}",
+            w.log_text()
+        );
+        reader.read_to_end(Duration::from_secs(30))?;
+        let got = by_id(&reader.records);
+        assert_eq!(
+            reader.records.len(),
+            committed.len(),
+            "exactly the committed events"
+        );
+        for gone in [&rolled_back, &aborted] {
+            assert!(
+                !got.contains_key(&gone.id.to_string()),
+                "event of an uncommitted transaction reached Kafka"
+            );
+        }
+        let shape = |r: &Record| (r.topic.clone(), r.key_str(), r.json(), r.header("type"));
+        for e in &committed {
+            let r = got[&e.id.to_string()];
+            assert_eq!(r.topic, format!("{}.Payment", db.topic_prefix));
+            assert_eq!(r.key_str(), e.aggregate_id);
+            assert_eq!(r.header("type").as_deref(), Some("WithdrawalRequested"));
+            let walcast_outbox::Payload::Json(v) = &e.payload else {
+                unreachable!()
+            };
+            assert_eq!(&r.json(), v);
+        }
+        // Insert and insert-delete: identical records for identical content.
+        assert_eq!(
+            shape(got[&committed[0].id.to_string()]),
+            shape(got[&committed[1].id.to_string()])
+        );
+        for (a, b) in batches[0].iter().zip(&batches[1]) {
+            assert_eq!(shape(got[&a.id.to_string()]), shape(got[&b.id.to_string()]));
+        }
+        // Per aggregate, a batch arrives in enqueue order.
+        for batch in &batches {
+            let mut last: HashMap<&str, (i32, i64)> = HashMap::new();
+            for e in batch {
+                let r = got[&e.id.to_string()];
+                if let Some(prev) = last.insert(&e.aggregate_id, (r.partition, r.offset)) {
+                    assert_eq!(prev.0, r.partition);
+                    assert!(
+                        prev.1 < r.offset,
+                        "batch order broken for {}",
+                        e.aggregate_id
+                    );
+                }
+            }
+        }
+        w.kill9()?;
+        drop(client);
+        db.drop(env).await?;
+    }
+    Ok(())
+}
+
+fn admin_url(env: &TestEnv, db: &TestDb) -> String {
+    format!(
+        "host={} port={} dbname={} user={} password={}",
+        env.pg_host, db.port, db.name, env.admin_user, env.admin_password
+    )
+}
+
+async fn ids_in_table(c: &tokio_postgres::Client) -> Result<HashSet<String>> {
+    Ok(c.query("SELECT id::text FROM outbox", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// `walcast outbox prune` never deletes a row whose event the slot has not
+/// confirmed: with walcast stopped it deletes nothing (exit 1, the slot is
+/// behind); a row of a transaction still open is never deleted, whatever its
+/// `created_at`; young rows stay. Then under load (a writer committing
+/// while prune runs in a loop), every row a prune deleted was already
+/// appended to Kafka when that prune returned (topics stamped with
+/// `LogAppendTime`), and in the end every event is in Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_prune_never_deletes_unconfirmed_rows() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = library_db(env, "prune", migrations::Layout::Plain).await?;
+    let t = topics(&db);
+    let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+    walcast_tests::kafka::create_topics_with(
+        &env.kafka_bootstrap,
+        &refs,
+        3,
+        1,
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .await?;
+    let mut reader = walcast_tests::kafka::TopicReader::new(&env.kafka_bootstrap, &refs)?;
+    let state = tempfile::tempdir()?;
+    let cfg = WalcastConfig::for_db(env, &db, state.path());
+    let cfg_file = state.path().join("prune.toml");
+    std::fs::write(&cfg_file, &cfg.toml)?;
+    let prune_cmd = |older: &str, wait: &str| -> Result<(i32, String)> {
+        let (status, out) = Walcast::run_to_exit(
+            &bin(),
+            &[
+                "outbox",
+                "prune",
+                "--config",
+                cfg_file.to_str().unwrap(),
+                "--database-url",
+                &admin_url(env, &db),
+                "--older-than",
+                older,
+                "--wait-timeout",
+                wait,
+            ],
+            Duration::from_secs(120),
+        )?;
+        Ok((status.code().unwrap_or(-1), out))
+    };
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+    let mut client = db.admin(env).await?;
+    let outbox = Outbox::default();
+    let mut all: HashSet<String> = HashSet::new();
+    let batch: Vec<Event> = (0..50)
+        .map(|i| Event::new("Order", format!("o-{i}"), "Placed", json!({"i": i})))
+        .collect();
+    outbox.enqueue_batch(&client, &batch).await?;
+    all.extend(batch.iter().map(|e| e.id.to_string()));
+    assert!(wait_ids(&mut reader, &all, Duration::from_secs(60))?);
+    w.kill9()?;
+
+    // walcast stopped: 20 more events, then everything made old.
+    let batch: Vec<Event> = (0..20)
+        .map(|i| Event::new("Order", format!("o-{i}"), "Shipped", json!({"i": i})))
+        .collect();
+    outbox.enqueue_batch(&client, &batch).await?;
+    all.extend(batch.iter().map(|e| e.id.to_string()));
+    client
+        .batch_execute("UPDATE outbox SET created_at = now() - interval '2 days'")
+        .await?;
+    let (code, out) = prune_cmd("24h", "2s")?;
+    assert_eq!(
+        code, 1,
+        "prune must refuse while the slot is behind:\n{out}"
+    );
+    assert!(out.contains("confirmed"), "{out}");
+    assert_eq!(
+        ids_in_table(&client).await?.len(),
+        70,
+        "nothing may be deleted"
+    );
+
+    // An open transaction with an old row, and a young row.
+    let mut other = db.admin(env).await?;
+    let open = other.transaction().await?;
+    let pending = Event::new("Order", "o-pending", "Placed", json!({}));
+    open.execute(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, created_at) \
+         VALUES ($1, 'Order', 'o-pending', 'Placed', '{}', now() - interval '3 days')",
+        &[&pending.id],
+    )
+    .await?;
+    let young = Event::new("Order", "o-young", "Placed", json!({}));
+    outbox.enqueue(&client, &young).await?;
+    all.insert(young.id.to_string());
+
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+    let (code, out) = prune_cmd("24h", "60s")?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted 70 rows"), "{out}");
+    assert_eq!(
+        ids_in_table(&client).await?,
+        HashSet::from([young.id.to_string()]),
+        "the young row stays; the open transaction's row is not visible yet"
+    );
+    open.commit().await?;
+    all.insert(pending.id.to_string());
+    assert!(ids_in_table(&client)
+        .await?
+        .contains(&pending.id.to_string()));
+    let (code, out) = prune_cmd("24h", "60s")?;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted 1 rows"), "{out}");
+    drop(other);
+
+    // Under load.
+    let writer_db = db.admin(env).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut c = writer_db;
+        let outbox = Outbox::default();
+        let mut ids = Vec::new();
+        let mut n = 0usize;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let events: Vec<Event> = (0..1 + n % 20)
+                .map(|i| {
+                    Event::new(
+                        "Payment",
+                        format!("p-{}", (n + i) % 50),
+                        "Paid",
+                        json!({"n": n}),
+                    )
+                })
+                .collect();
+            let tx = c.transaction().await?;
+            outbox.enqueue_batch(&tx, &events).await?;
+            tx.commit().await?;
+            ids.extend(events.iter().map(|e| e.id.to_string()));
+            n += 1;
+        }
+        anyhow::Ok(ids)
+    });
+    let mut checks = Vec::new();
+    let mut deleted_total = 0;
+    let prune_opts = walcast_outbox::PruneOptions {
+        table: "outbox".into(),
+        slot: db.slot.clone(),
+        older_than: Duration::ZERO,
+        wait_timeout: Duration::from_secs(30),
+    };
+    for _ in 0..15 {
+        let before = ids_in_table(&client).await?;
+        let report = walcast_outbox::prune(&mut client, &prune_opts).await?;
+        let returned_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        let after = ids_in_table(&client).await?;
+        let deleted: Vec<String> = before.difference(&after).cloned().collect();
+        deleted_total += report.deleted;
+        checks.push((deleted, returned_ms));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.await??;
+    all.extend(written.iter().cloned());
+    eprintln!(
+        "prune under load: {} events written, {deleted_total} rows pruned in 15 runs",
+        written.len()
+    );
+    assert!(deleted_total > 0, "the load test pruned nothing");
+    assert!(
+        wait_ids(&mut reader, &all, Duration::from_secs(120))?,
+        "not every event reached Kafka:\n{}",
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(30))?;
+    let appended: HashMap<String, i64> = reader
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.header("id").unwrap(),
+                r.appended_ms.expect("LogAppendTime"),
+            )
+        })
+        .collect();
+    for (deleted, returned_ms) in &checks {
+        for id in deleted {
+            let at = appended.get(id).copied();
+            assert!(
+                at.is_some_and(|at| at <= *returned_ms),
+                "row {id} was pruned (prune returned at {returned_ms}) before its event was appended to Kafka ({at:?})"
+            );
+        }
+    }
+    w.kill9()?;
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
+}
+
+/// The table-less mode: each event of a committed transaction is a
+/// transactional logical decoding message (prefix `walcast`) whose content
+/// decodes as the `walcast.v1.Envelope` of the event, in enqueue order; a
+/// rolled-back transaction's messages never reach the WAL stream. Read from
+/// the WAL with a pgoutput slot (`messages = true`): walcast does not relay
+/// messages yet (docs/delivery-rules.md, rule 12).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_table_less_mode_writes_envelopes_into_the_wal() -> Result<()> {
+    use bytes::Bytes;
+    use walcast_pgoutput::{Decoder, Message};
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = library_db(env, "tableless", migrations::Layout::Plain).await?;
+    let mut client = db.admin(env).await?;
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&db.slot],
+        )
+        .await?;
+    let outbox = Outbox::default().mode(Mode::Message);
+    let mk = |i: usize| {
+        Event::new(
+            "Payment",
+            format!("w-{}", i % 3),
+            "WithdrawalRequested",
+            json!({"n": i}),
+        )
+        .correlation_id(format!("corr-{i}"))
+        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .header("tenant", "acme")
+    };
+    let committed: Vec<Event> = (0..10).map(mk).collect();
+    let rolled_back: Vec<Event> = (10..13).map(mk).collect();
+    let tx = client.transaction().await?;
+    tx.execute("INSERT INTO withdrawal VALUES ('w-0', 5)", &[])
+        .await?;
+    outbox.enqueue(&tx, &committed[0]).await?;
+    assert_eq!(outbox.enqueue_batch(&tx, &committed[1..]).await?, 9);
+    tx.commit().await?;
+    let tx = client.transaction().await?;
+    outbox.enqueue_batch(&tx, &rolled_back).await?;
+    tx.rollback().await?;
+    let in_table: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await?
+        .get(0);
+    assert_eq!(in_table, 0, "the table-less mode writes no row");
+
+    let rows = client
+        .query(
+            "SELECT data FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, \
+             'proto_version', '1', 'publication_names', $2, 'messages', 'true')",
+            &[&db.slot, &db.publication],
+        )
+        .await?;
+    let mut decoder = Decoder::new(1);
+    let mut got = Vec::new();
+    for row in rows {
+        let data: Vec<u8> = row.get(0);
+        if let Message::Message(m) = decoder.decode(&Bytes::from(data))? {
+            assert_eq!(m.prefix, "walcast");
+            assert!(m.is_transactional());
+            got.push(walcast_envelope::decode_message_content(&m.content)?);
+        }
+    }
+    assert_eq!(got.len(), committed.len(), "exactly the committed events");
+    for (e, env) in committed.iter().zip(&got) {
+        assert_eq!(env.event_id, e.id.to_string());
+        assert_eq!(env.aggregate_type, "Payment");
+        assert_eq!(env.aggregate_id, e.aggregate_id);
+        assert_eq!(env.event_type, "WithdrawalRequested");
+        assert_eq!(env.content_type, "application/json");
+        let walcast_outbox::Payload::Json(v) = &e.payload else {
+            unreachable!()
+        };
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&env.payload)?,
+            *v
+        );
+        assert_eq!(env.correlation_id, e.headers["correlation_id"]);
+        assert_eq!(env.traceparent, e.headers["traceparent"]);
+        assert_eq!(env.headers.len(), 1);
+        assert_eq!(env.headers[0].key, "tenant");
+        assert_eq!(env.headers[0].value, b"acme");
+        assert!(env.timestamp_unix_micros > 1_600_000_000_000_000);
+    }
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
+        .await?;
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
+}
