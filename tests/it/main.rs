@@ -17,3 +17,4 @@ mod relay;
 mod reliability;
 mod slot_record;
 mod tls;
+mod traces;

@@ -140,6 +140,14 @@ pub struct OutboxEvent {
     pub source_lsn: Lsn,
     /// The outbox table, `schema.table`.
     pub table: Arc<str>,
+    /// The W3C `traceparent` of the request that wrote the row, when the
+    /// outbox has such a column: the transaction's span links to it.
+    pub traceparent: Option<Bytes>,
+    /// The W3C `tracestate` that goes with `traceparent`, when present.
+    pub tracestate: Option<Bytes>,
+    /// The correlation id, when the outbox has such a column: a field of the
+    /// event's log lines.
+    pub correlation_id: Option<Bytes>,
 }
 
 impl OutboxEvent {
@@ -205,6 +213,7 @@ impl Router {
                 "outbox row in {table} (id {id_text}, commit LSN {source_lsn}) cannot be published: {what}"
             ))
             .with_hint("walcast stops here without moving the slot past this row: fix the writer, then remove or repair the row's effects (for example by accepting the gap with a new slot) and restart")
+            .with_event(id_text.as_bytes(), None)
         };
         let id = row.id.ok_or_else(|| unroutable("its id column is NULL"))?;
         let key = row
@@ -251,6 +260,9 @@ impl Router {
             headers,
             source_lsn,
             table: table.clone(),
+            traceparent: None,
+            tracestate: None,
+            correlation_id: None,
         })
     }
 }
