@@ -23,4 +23,5 @@ mod reliability;
 mod routing;
 mod slot_record;
 mod tls;
+mod traces;
 mod writer;

@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod checker;
 pub mod cluster;
 pub mod env;
+pub mod jaeger;
 pub mod kafka;
 pub mod pg;
 pub mod process;

@@ -33,6 +33,119 @@ pub struct Config {
     /// The Prometheus endpoint and health checks (off unless `listen` is set).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// OpenTelemetry traces (off unless `otlp_endpoint` is set).
+    #[serde(default)]
+    pub tracing: TracingConfig,
+}
+
+/// `[tracing]`: OpenTelemetry traces, one span per relayed transaction,
+/// exported over OTLP/HTTP (protobuf). Off unless `otlp_endpoint` is set.
+/// Best effort: spans are queued (at most `max_queued_spans`) and exported by
+/// a background thread; when the collector is slow or down, spans are
+/// dropped and walcast logs a warning. Events never wait for traces.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP base URL, for example
+    /// `"http://127.0.0.1:4318"`; walcast posts to `<endpoint>/v1/traces`
+    /// (kept as given when it already ends with `/v1/traces`). Plain `http`
+    /// only. Unset: no traces.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` resource attribute.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// How long one export request may take before it is abandoned (its
+    /// spans are dropped).
+    #[serde(default = "default_export_timeout_ms")]
+    pub export_timeout_ms: u64,
+    /// Finished spans waiting for export; beyond it new spans are dropped.
+    #[serde(default = "default_max_queued_spans")]
+    pub max_queued_spans: u64,
+    /// How often the queue is exported (sooner when a batch of 512 is full).
+    #[serde(default = "default_export_interval_ms")]
+    pub export_interval_ms: u64,
+}
+
+impl TracingConfig {
+    /// The URL spans are posted to, `None` when traces are off. Call after
+    /// [`Config::validate`].
+    pub fn traces_url(&self) -> Option<String> {
+        let e = self.otlp_endpoint.as_deref()?.trim_end_matches('/');
+        Some(if e.ends_with("/v1/traces") {
+            e.to_string()
+        } else {
+            format!("{e}/v1/traces")
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let rest = endpoint.strip_prefix("http://").ok_or_else(|| {
+                let hint = if endpoint.starts_with("https://") {
+                    "this build exports over plain HTTP only: send spans to a local OpenTelemetry Collector or agent (http://127.0.0.1:4318) and let it forward them over TLS"
+                } else {
+                    "set it to the collector's OTLP/HTTP address, for example \"http://127.0.0.1:4318\""
+                };
+                Error::operator(format!(
+                    "tracing.otlp_endpoint = {endpoint:?} is not an http:// URL"
+                ))
+                .with_hint(hint)
+            })?;
+            let authority = rest.split('/').next().unwrap_or_default();
+            if authority.is_empty()
+                || authority.contains('@')
+                || authority.contains(char::is_whitespace)
+                || endpoint.contains(['?', '#'])
+            {
+                return Err(Error::operator(format!(
+                    "tracing.otlp_endpoint = {endpoint:?} has no usable host (or carries credentials, a query or a fragment)"
+                ))
+                .with_hint("set it to http://HOST:PORT of the collector's OTLP/HTTP receiver, for example \"http://127.0.0.1:4318\""));
+            }
+        }
+        if self.service_name.trim().is_empty() {
+            return Err(Error::operator("tracing.service_name is empty"));
+        }
+        if self.export_timeout_ms == 0 || self.export_interval_ms == 0 {
+            return Err(Error::operator(
+                "tracing.export_timeout_ms and tracing.export_interval_ms must be positive",
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.max_queued_spans) {
+            return Err(Error::operator(format!(
+                "tracing.max_queued_spans = {} is out of range",
+                self.max_queued_spans
+            ))
+            .with_hint("use 1 to 1000000 (default 2048)"));
+        }
+        Ok(())
+    }
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            service_name: default_service_name(),
+            export_timeout_ms: default_export_timeout_ms(),
+            max_queued_spans: default_max_queued_spans(),
+            export_interval_ms: default_export_interval_ms(),
+        }
+    }
+}
+
+fn default_service_name() -> String {
+    "walcast".into()
+}
+fn default_export_timeout_ms() -> u64 {
+    5_000
+}
+fn default_max_queued_spans() -> u64 {
+    2_048
+}
+fn default_export_interval_ms() -> u64 {
+    1_000
 }
 
 /// `[metrics]`: one HTTP listener serving `/metrics` (Prometheus text
@@ -1082,6 +1195,7 @@ impl Config {
         if m.ready_stall_ms == 0 {
             return Err(Error::operator("metrics.ready_stall_ms must be positive"));
         }
+        self.tracing.validate()?;
         if p.restart_backoff_initial_ms == 0
             || p.restart_backoff_max_ms < p.restart_backoff_initial_ms
         {
@@ -1382,6 +1496,58 @@ mod tests {
         assert_eq!(
             c.postgres.heartbeat_interval_ms, 10_000,
             "heartbeats are on"
+        );
+    }
+
+    #[test]
+    fn the_otlp_endpoint_is_validated() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert_eq!(c.tracing.traces_url(), None, "traces are off by default");
+        let url = |e: &str| {
+            Config::from_toml(&format!("{MIN}\n[tracing]\notlp_endpoint = {e:?}\n"))
+                .map(|c| c.tracing.traces_url().unwrap())
+        };
+        assert_eq!(
+            url("http://127.0.0.1:4318").unwrap(),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(
+            url("http://otel:4318/").unwrap(),
+            "http://otel:4318/v1/traces"
+        );
+        assert_eq!(
+            url("http://otel:4318/v1/traces").unwrap(),
+            "http://otel:4318/v1/traces"
+        );
+        for bad in [
+            "https://otel:4318",
+            "127.0.0.1:4318",
+            "http://",
+            "http://u:p@otel:4318",
+            "http://otel:4318?x=1",
+        ] {
+            let err = url(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("tracing.otlp_endpoint"),
+                "{bad}: {err}"
+            );
+        }
+        let err = url("https://otel:4318").unwrap_err();
+        assert!(
+            err.hint().unwrap_or_default().contains("plain HTTP"),
+            "{err:?}"
+        );
+        let err = Config::from_toml(&format!("{MIN}\n[tracing]\nendpoint = \"http://x:1\"\n"))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("endpoint"),
+            "unknown keys are refused: {err}"
+        );
+        let err =
+            Config::from_toml(&format!("{MIN}\n[tracing]\nmax_queued_spans = 0\n")).unwrap_err();
+        assert!(
+            err.to_string().contains("tracing.max_queued_spans"),
+            "{err}"
         );
     }
 

@@ -86,10 +86,22 @@ pub struct Error {
     message: String,
     hint: Option<String>,
     origin: Option<Origin>,
+    /// The event the error is about, for log fields (never its payload).
+    event: Option<Box<EventRef>>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     /// The event this error refused, when it can never be published (for
     /// the dead-letter policy).
     rejected: Option<Box<crate::dead_letter::Rejected>>,
+}
+
+/// The identity of one event, carried by an error about it so log lines can
+/// show it as fields (`event_id`, `correlation_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRef {
+    /// The event id (the outbox row's id column, as text).
+    pub id: String,
+    /// The correlation id, when the outbox row has one.
+    pub correlation_id: Option<String>,
 }
 
 /// Result alias for the relay.
@@ -103,6 +115,7 @@ impl Error {
             message: message.into(),
             hint: None,
             origin: None,
+            event: None,
             source: None,
             rejected: None,
         }
@@ -133,6 +146,26 @@ impl Error {
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
         self
+    }
+
+    /// Names the event the error is about (its id and correlation id, as
+    /// text; never its payload), for the log line's fields.
+    pub fn with_event(mut self, id: &[u8], correlation_id: Option<&[u8]>) -> Self {
+        self.event = Some(Box::new(EventRef {
+            id: String::from_utf8_lossy(id).into_owned(),
+            correlation_id: correlation_id.map(|c| String::from_utf8_lossy(c).into_owned()),
+        }));
+        self
+    }
+
+    /// The id of the event the error is about, when it is about one.
+    pub fn event_id(&self) -> Option<&str> {
+        self.event.as_ref().map(|e| e.id.as_str())
+    }
+
+    /// The correlation id of the event the error is about, when it has one.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.event.as_ref()?.correlation_id.as_deref()
     }
 
     /// Marks where the error came from, unless that is already known.

@@ -217,10 +217,34 @@ impl Progress {
 /// for long). Every method has a default: the default observer only logs.
 pub trait PipelineObserver: Send {
     /// Kafka acknowledged one event of `topic` (`bytes`: key + value +
-    /// headers + topic name) of a transaction committed at
+    /// headers + topic name) of the transaction `txn`, committed at
     /// `commit_time_micros` (microseconds since 2000-01-01).
-    fn delivered(&mut self, topic: &Arc<str>, bytes: u64, commit_time_micros: i64) {
-        let _ = (topic, bytes, commit_time_micros);
+    fn delivered(&mut self, txn: TxnTicket, topic: &Arc<str>, bytes: u64, commit_time_micros: i64) {
+        let _ = (txn, topic, bytes, commit_time_micros);
+    }
+
+    /// A transaction's Begin was read: `txn` names it in the calls that
+    /// follow; `commit_lsn` is its commit record's LSN.
+    fn transaction_begin(
+        &mut self,
+        txn: TxnTicket,
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_time_micros: i64,
+    ) {
+        let _ = (txn, xid, commit_lsn, commit_time_micros);
+    }
+
+    /// An event of `txn` is about to be handed to the sink.
+    fn event_sent(&mut self, txn: TxnTicket, event: &OutboxEvent) {
+        let _ = (txn, event);
+    }
+
+    /// The Commit of `txn` was read: every event of it was handed to the
+    /// sink before (none, when it had none); `end_lsn` is the position
+    /// confirmed once they are all delivered.
+    fn transaction_commit(&mut self, txn: TxnTicket, end_lsn: Lsn) {
+        let _ = (txn, end_lsn);
     }
 
     /// A delivery failed, or the sink refused an event before producing it.
@@ -461,7 +485,7 @@ impl Pipeline {
                             .last_delivery_ms
                             .store(self.progress.stamp(last_delivery), Ordering::Relaxed);
                         self.progress.events_delivered.fetch_add(1, Ordering::Relaxed);
-                        self.observer.delivered(&topic, size, commit_time);
+                        self.observer.delivered(ticket, &topic, size, commit_time);
                         if let Some(fp) = &self.failpoints {
                             if fp.hit(Point::AfterDelivery) {
                                 Failpoints::fire(Point::AfterDelivery);
@@ -471,6 +495,7 @@ impl Pipeline {
                             fits(bytes_in_flight, o.event.size_bytes(), self.settings.max_in_flight_bytes)
                         }) {
                             if let Some((ticket, commit_time, outgoing)) = waiting.take() {
+                                self.observer.event_sent(ticket, &outgoing.event);
                                 let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
                                     .inspect_err(|e| self.observer.delivery_failed(e))?;
                                 deliveries.push(delivery);
@@ -496,6 +521,7 @@ impl Pipeline {
                         match event {
                             SourceEvent::Begin { final_lsn, commit_time_micros, xid } => {
                                 let ticket = tracker.begin().map_err(protocol_error)?;
+                                self.observer.transaction_begin(ticket, xid, final_lsn, commit_time_micros);
                                 open = Some((ticket, final_lsn, commit_time_micros));
                                 open_xid = xid;
                             }
@@ -544,6 +570,7 @@ impl Pipeline {
                                     protocol_error("a Commit arrived outside a transaction")
                                 })?;
                                 tracker.commit(ticket, end_lsn).map_err(protocol_error)?;
+                                self.observer.transaction_commit(ticket, end_lsn);
                                 // Every event of the transaction was handed
                                 // to the sink before its Commit was read.
                                 self.progress.published(end_lsn);
@@ -606,6 +633,7 @@ impl Pipeline {
                             {
                                 waiting = Some((ticket, commit_time, outgoing));
                             } else {
+                                self.observer.event_sent(ticket, &outgoing.event);
                                 let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
                                     .inspect_err(|e| self.observer.delivery_failed(e))?;
                                 bytes_in_flight += size;
@@ -701,11 +729,16 @@ impl Pipeline {
                 })) => {
                     if let Err(e) = result {
                         self.observer.delivery_failed(&e);
-                        tracing::warn!(error = %e, "delivery failed during shutdown; the event is left for the next run");
+                        tracing::warn!(
+                            error = %e,
+                            event_id = e.event_id(),
+                            correlation_id = e.correlation_id(),
+                            "delivery failed during shutdown; the event is left for the next run"
+                        );
                         break;
                     }
                     tracker.delivered(ticket).map_err(protocol_error)?;
-                    self.observer.delivered(&topic, size, commit_time);
+                    self.observer.delivered(ticket, &topic, size, commit_time);
                     if let Some(dl) = &dead_letter {
                         self.observer
                             .dead_lettered(dl.reason, dl.original_topic.as_ref());

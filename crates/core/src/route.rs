@@ -740,11 +740,13 @@ pub struct OutboxEvent {
     pub source_lsn: Lsn,
     /// The outbox table, `schema.table`.
     pub table: Arc<str>,
-    /// W3C trace context parent from the row, if any.
+    /// The W3C `traceparent` of the request that wrote the row, when the
+    /// outbox has such a column: the transaction's span links to it.
     pub traceparent: Option<Bytes>,
-    /// W3C trace state from the row, if any.
+    /// The W3C `tracestate` that goes with `traceparent`, when present.
     pub tracestate: Option<Bytes>,
-    /// Correlation id from the row, if any.
+    /// The correlation id, when the outbox has such a column: a field of the
+    /// event's log lines.
     pub correlation_id: Option<Bytes>,
 }
 
@@ -895,6 +897,7 @@ impl Router {
                 table: table.clone(),
                 source_lsn,
             })
+            .with_event(id_text.as_bytes(), None)
         };
         let Some(id) = id else {
             return Err(unroutable(

@@ -140,6 +140,7 @@ const ROOT_CAUSE_WAIT: Duration = Duration::from_secs(5);
 struct RecordInfo {
     topic: Arc<str>,
     id: Bytes,
+    correlation_id: Option<Bytes>,
     table: Arc<str>,
     source_lsn: Lsn,
     estimate: u64,
@@ -151,6 +152,16 @@ impl RecordInfo {
     fn id(&self) -> String {
         String::from_utf8_lossy(&self.id).into_owned()
     }
+
+    /// Names this record's event in `e` (for the log line's fields).
+    fn name_in(&self, e: Error) -> Error {
+        e.with_event(&self.id, self.correlation_id.as_deref())
+    }
+}
+
+/// An event's correlation id as a log field value.
+fn lossy(b: &Option<Bytes>) -> Option<std::borrow::Cow<'_, str>> {
+    b.as_deref().map(String::from_utf8_lossy)
 }
 
 /// The first record failure of a sink, copied for the deliveries it took
@@ -161,6 +172,7 @@ struct Failure {
     message: String,
     hint: Option<String>,
     rejected: Option<Rejected>,
+    event: Option<(String, Option<String>)>,
 }
 
 impl Failure {
@@ -174,6 +186,9 @@ impl Failure {
             message,
             hint: e.hint().map(str::to_string),
             rejected: e.rejected().cloned(),
+            event: e
+                .event_id()
+                .map(|id| (id.to_string(), e.correlation_id().map(str::to_string))),
         }
     }
 
@@ -184,6 +199,9 @@ impl Failure {
         }
         if let Some(r) = &self.rejected {
             e = e.with_rejected(r.clone());
+        }
+        if let Some((id, c)) = &self.event {
+            e = e.with_event(id.as_bytes(), c.as_deref().map(str::as_bytes));
         }
         e
     }
@@ -493,10 +511,16 @@ fn too_large(
         "{}; or make the payload smaller. walcast delivered and confirmed the events before it and stops without moving the slot past it (it stops here again until the event fits)",
         fixes.join("; ")
     ))
+    .with_event(event.event_id(), event.correlation_id.as_deref())
 }
 
-/// The error of a record whose delivery failed on its own account.
+/// The error of a record whose delivery failed on its own account, naming
+/// its event.
 fn delivery_error(err: KafkaError, info: &RecordInfo) -> Error {
+    info.name_in(delivery_error_text(err, info))
+}
+
+fn delivery_error_text(err: KafkaError, info: &RecordInfo) -> Error {
     let id = info.id();
     let topic = &*info.topic;
     let code = code_of(&err);
@@ -640,12 +664,12 @@ fn collateral(
                 format!("the Kafka producer stopped after a fatal error ({code}): {reason}"),
             )
             .with_hint("walcast restarts from the slot's confirmed position with a new producer; nothing is skipped"),
-            None => Error::retryable(format!(
+            None => info.name_in(Error::retryable(format!(
                 "event {} for topic {:?} was not delivered: {err}",
                 info.id(),
                 info.topic
             ))
-            .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped"),
+            .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped")),
         }
     })
 }
@@ -681,7 +705,15 @@ impl Future for KafkaDelivery {
             match &mut this.state {
                 DeliveryState::Waiting(inner) => match Pin::new(inner).poll(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(Ok(_delivery))) => {
+                    Poll::Ready(Ok(Ok(delivery))) => {
+                        tracing::debug!(
+                            event_id = %String::from_utf8_lossy(&this.info.id),
+                            correlation_id = lossy(&this.info.correlation_id).as_deref(),
+                            topic = %this.info.topic,
+                            partition = delivery.partition,
+                            offset = delivery.offset,
+                            "Kafka acknowledged the event"
+                        );
                         this.state = DeliveryState::Done;
                         return Poll::Ready(Ok(()));
                     }
@@ -705,10 +737,10 @@ impl Future for KafkaDelivery {
                     }
                     Poll::Ready(Err(_canceled)) => {
                         this.state = DeliveryState::Done;
-                        return Poll::Ready(Err(Error::retryable(format!(
+                        return Poll::Ready(Err(this.info.name_in(Error::retryable(format!(
                             "the producer was closed before event {} was acknowledged",
                             this.info.id()
-                        ))));
+                        )))));
                     }
                 },
                 DeliveryState::Collateral(f) => {
@@ -802,6 +834,7 @@ impl EventSink for KafkaSink {
                 .first()
                 .map(|h| h.value.clone())
                 .unwrap_or_default(),
+            correlation_id: event.correlation_id.clone(),
             table: event.table.clone(),
             source_lsn: event.source_lsn,
             estimate,
@@ -821,11 +854,21 @@ impl EventSink for KafkaSink {
             record = record.partition(p);
         }
         match self.producer.send_result(record) {
-            Ok(inner) => Ok(KafkaDelivery {
-                state: DeliveryState::Waiting(inner),
-                info,
-                shared: self.shared.clone(),
-            }),
+            Ok(inner) => {
+                tracing::debug!(
+                    event_id = %String::from_utf8_lossy(&info.id),
+                    correlation_id = lossy(&info.correlation_id).as_deref(),
+                    topic = %info.topic,
+                    table = %info.table,
+                    commit_lsn = %info.source_lsn,
+                    "event handed to the Kafka producer"
+                );
+                Ok(KafkaDelivery {
+                    state: DeliveryState::Waiting(inner),
+                    info,
+                    shared: self.shared.clone(),
+                })
+            }
             // The producer already stopped because of another record: report
             // that record's error through this delivery.
             Err((err, _record)) if is_collateral(&err) => Ok(KafkaDelivery {
@@ -1005,6 +1048,7 @@ mod tests {
         let info = RecordInfo {
             topic: Arc::from("t"),
             id: Bytes::from_static(b"id-1"),
+            correlation_id: None,
             table: Arc::from("public.outbox"),
             source_lsn: Lsn::from(1),
             estimate: 120,
@@ -1019,6 +1063,7 @@ mod tests {
         RecordInfo {
             topic: Arc::from("t"),
             id: Bytes::from_static(id),
+            correlation_id: None,
             table: Arc::from("public.outbox"),
             source_lsn: Lsn::from(1),
             estimate: 120,
@@ -1060,6 +1105,7 @@ mod tests {
         let mut info = RecordInfo {
             topic: Arc::from("t"),
             id: Bytes::from_static(b"big-2"),
+            correlation_id: None,
             table: Arc::from("public.outbox"),
             source_lsn: Lsn::from(1),
             estimate: 1_600_100,

@@ -45,6 +45,8 @@ pub(crate) fn pipeline_restart(m: &RelayMetrics, error: &Error, backoff: Duratio
         kind = %error.kind(),
         cause = error.origin().map_or("other", |o| o.as_str()),
         backoff_ms = backoff.as_millis() as u64,
+        event_id = error.event_id(),
+        correlation_id = error.correlation_id(),
         "{error}; restarting from the slot's confirmed position"
     );
 }

@@ -16,6 +16,7 @@
 mod events;
 mod http;
 pub mod telemetry;
+pub mod traces;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ use walcast_postgres::{ConnectOptions, FileStore, ServerReport, SlotState, Watch
 
 use crate::events::SlotWatch;
 use crate::telemetry::{RelayMetrics, RelayObserver};
+use crate::traces::Traces;
 
 /// At most this many broker refusals are remembered for the dead-letter
 /// policy in one process (each costs a restart); beyond, walcast stops.
@@ -61,6 +63,8 @@ pub(crate) struct Shared {
     ready_stall: Duration,
     slot: String,
     slot_watch: Mutex<SlotWatch>,
+    /// The trace exporter, set by [`Relay::run`] when `[tracing]` is on.
+    traces: std::sync::OnceLock<Arc<Traces>>,
 }
 
 impl Shared {
@@ -137,6 +141,7 @@ impl Relay {
             ready_stall: Duration::from_millis(cfg.metrics.ready_stall_ms),
             slot: cfg.postgres.slot.clone(),
             slot_watch: Mutex::default(),
+            traces: std::sync::OnceLock::new(),
         });
         Relay { cfg, shared }
     }
@@ -172,6 +177,23 @@ impl Relay {
     /// setup is wrong, the listener cannot bind) or a permanent one (an event
     /// that can never be published).
     pub async fn run(self, stop: watch::Receiver<bool>) -> Result<()> {
+        let shared = self.shared.clone();
+        if let Some(traces) = Traces::start(&self.cfg.tracing, &self.cfg.postgres.slot)? {
+            tracing::info!(
+                otlp_url = self.cfg.tracing.traces_url().unwrap_or_default(),
+                "exporting a span per relayed transaction (OTLP/HTTP)"
+            );
+            let _ = shared.traces.set(traces);
+        }
+        let result = self.serve(stop).await;
+        if let Some(traces) = shared.traces.get().cloned() {
+            // Bounded by tracing.export_timeout_ms; never an error.
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        }
+        result
+    }
+
+    async fn serve(self, stop: watch::Receiver<bool>) -> Result<()> {
         let shared = self.shared.clone();
         let server = match &self.cfg.metrics.listen {
             Some(listen) => Some(http::bind(listen, shared.clone()).await?),
@@ -359,7 +381,12 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
                     events::pipeline_restart(&shared.metrics, &e, backoff);
                 }
                 Decision::Exit => {
-                    tracing::error!(kind = %e.kind(), "{e}");
+                    tracing::error!(
+                        kind = %e.kind(),
+                        event_id = e.event_id(),
+                        correlation_id = e.correlation_id(),
+                        "{e}"
+                    );
                     return Err(e);
                 }
                 Decision::RestartFromSlot => {
@@ -459,7 +486,9 @@ async fn run_once(
     .with_failpoints(failpoints.clone())
     .with_dead_letter(cfg.pipeline.dead_letter_topic.as_deref().map(Arc::from))
     .with_known_rejections(known_rejections.to_vec())
-    .with_observer(Box::new(RelayObserver::new(shared.metrics.clone())));
+    .with_observer(Box::new(
+        RelayObserver::new(shared.metrics.clone()).with_traces(shared.traces.get()),
+    ));
     // walcast's slot record is written ahead of every reported position by
     // the source itself (walcast_postgres: the write-ahead gate), also the
     // final one at shutdown: nothing to save here.

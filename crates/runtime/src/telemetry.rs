@@ -13,11 +13,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{Counter, Gauge, Histogram, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use walcast_core::ack::TxnTicket;
 use walcast_core::dead_letter::Reason;
 use walcast_core::pipeline::{PipelineObserver, Progress};
+use walcast_core::route::OutboxEvent;
 use walcast_core::{Error, ErrorKind, Lsn, Origin};
 
 use crate::events;
+use crate::traces::TxnSpans;
 
 /// Buckets of `walcast_commit_to_ack_seconds`.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -295,6 +298,8 @@ impl RelayMetrics {
 pub struct RelayObserver {
     metrics: Arc<RelayMetrics>,
     topics: HashMap<Arc<str>, TopicHandles>,
+    /// The open transaction spans, when traces are on.
+    spans: Option<TxnSpans>,
 }
 
 impl RelayObserver {
@@ -303,7 +308,14 @@ impl RelayObserver {
         RelayObserver {
             metrics,
             topics: HashMap::new(),
+            spans: None,
         }
+    }
+
+    /// Emits a span per relayed transaction through `traces` (`None`: off).
+    pub fn with_traces(mut self, traces: Option<&Arc<crate::traces::Traces>>) -> Self {
+        self.spans = traces.map(|t| t.transactions());
+        self
     }
 }
 
@@ -318,7 +330,10 @@ fn seconds_since_commit(commit_time_micros: i64) -> f64 {
 }
 
 impl PipelineObserver for RelayObserver {
-    fn delivered(&mut self, topic: &Arc<str>, bytes: u64, commit_time_micros: i64) {
+    fn delivered(&mut self, txn: TxnTicket, topic: &Arc<str>, bytes: u64, commit_time_micros: i64) {
+        if let Some(spans) = &mut self.spans {
+            spans.delivered(txn);
+        }
         let handles = match self.topics.get(topic) {
             Some(h) => h,
             None => {
@@ -336,7 +351,34 @@ impl PipelineObserver for RelayObserver {
             .record(seconds_since_commit(commit_time_micros));
     }
 
+    fn transaction_begin(
+        &mut self,
+        txn: TxnTicket,
+        xid: u32,
+        commit_lsn: Lsn,
+        commit_time_micros: i64,
+    ) {
+        if let Some(spans) = &mut self.spans {
+            spans.begin(txn, xid, commit_lsn, commit_time_micros);
+        }
+    }
+
+    fn event_sent(&mut self, txn: TxnTicket, event: &OutboxEvent) {
+        if let Some(spans) = &mut self.spans {
+            spans.event_sent(txn, event);
+        }
+    }
+
+    fn transaction_commit(&mut self, txn: TxnTicket, end_lsn: Lsn) {
+        if let Some(spans) = &mut self.spans {
+            spans.commit(txn, end_lsn);
+        }
+    }
+
     fn delivery_failed(&mut self, error: &Error) {
+        if let Some(spans) = &mut self.spans {
+            spans.fail_all(&format!("not acknowledged: {error}"));
+        }
         let i = match error.kind() {
             ErrorKind::Retryable => 0,
             ErrorKind::Permanent => 1,
@@ -374,8 +416,11 @@ mod tests {
             .unwrap()
             .as_micros() as i64
             - PG_EPOCH_UNIX_MICROS;
-        o.delivered(&topic, 103, now_pg);
-        o.delivered(&topic, 103, now_pg);
+        let txn = walcast_core::ack::AckTracker::new(Lsn::from(0))
+            .begin()
+            .unwrap();
+        o.delivered(txn, &topic, 103, now_pg);
+        o.delivered(txn, &topic, 103, now_pg);
         o.dead_lettered(Reason::NullKey, None);
         o.dead_lettered(Reason::TooLarge, Some(&topic));
         let progress = Progress::default();
