@@ -264,15 +264,12 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
     let cases: [(&str, &str); 8] = [
         (
             "'b1', 'A', NULL, '{}', 0, now()",
-            "key column \"aggregateid\" is NULL",
+            "aggregateid column is NULL",
         ),
-        (
-            "'b1', 'A', 'k', NULL, 0, now()",
-            "payload column \"payload\" is NULL",
-        ),
+        ("'b1', 'A', 'k', NULL, 0, now()", "payload column is NULL"),
         (
             "NULL, 'A', 'k', '{}', 0, now()",
-            "event id column \"id\" is NULL",
+            "id column is NULL (the event id)",
         ),
         (
             "'b1', 'bad topic!', 'k', '{}', 0, now()",
