@@ -264,15 +264,12 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
     let cases: [(&str, &str); 8] = [
         (
             "'b1', 'A', NULL, '{}', 0, now()",
-            "key column \"aggregateid\" is NULL",
+            "aggregateid column is NULL",
         ),
-        (
-            "'b1', 'A', 'k', NULL, 0, now()",
-            "payload column \"payload\" is NULL",
-        ),
+        ("'b1', 'A', 'k', NULL, 0, now()", "payload column is NULL"),
         (
             "NULL, 'A', 'k', '{}', 0, now()",
-            "event id column \"id\" is NULL",
+            "id column is NULL (the event id)",
         ),
         (
             "'b1', 'bad topic!', 'k', '{}', 0, now()",
@@ -769,4 +766,77 @@ mod prost_free {
     pub fn decode_envelope(bytes: &[u8]) -> anyhow::Result<walcast_envelope::Envelope> {
         Ok(walcast_envelope::decode(bytes)?)
     }
+}
+
+/// A partitioned outbox table with its own route: rows of every partition
+/// (published via the root) follow the root's route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_outbox_follows_its_roots_route() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let (db, admin) = db_with(
+        env,
+        "routepart",
+        "CREATE TABLE p_outbox (id text, kind text, agg text, body text, region text) PARTITION BY LIST (region); \
+         CREATE TABLE p_outbox_eu PARTITION OF p_outbox FOR VALUES IN ('eu'); \
+         CREATE TABLE p_outbox_us PARTITION OF p_outbox FOR VALUES IN ('us');",
+        &["public.p_outbox"],
+    )
+    .await?;
+    admin
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+            db.publication
+        ))
+        .await?;
+    let topic = format!("{}.parts", db.topic_prefix);
+    create_topics(&env.kafka_bootstrap, &[topic.as_str()], 1).await?;
+    let mut reader = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    let state = tempfile::tempdir()?;
+    let cfg = with_routes(
+        &WalcastConfig::for_db(env, &db, state.path()),
+        &format!(
+            "[[outbox.route]]\ntable = \"public.p_outbox\"\ntable_field_event_key = \"agg\"\ntable_field_event_type = \"kind\"\n\
+             table_field_event_payload = \"body\"\nroute_topic_replacement = \"{topic}\"\n\
+             table_fields_additional_placement = \"region:header\"\n"
+        ),
+    );
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+    admin
+        .batch_execute(
+            "INSERT INTO p_outbox VALUES ('p1', 'A', 'k', 'one', 'eu'), ('p2', 'B', 'k', 'two', 'us'), ('p3', 'C', 'k', 'three', 'eu')",
+        )
+        .await?;
+    assert!(
+        reader.read_at_least(3, Duration::from_secs(60))?,
+        "{}",
+        w.log_text()
+    );
+    let got: Vec<(String, String, String, String)> = reader
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.header("id").unwrap_or_default(),
+                r.header("type").unwrap_or_default(),
+                r.header("region").unwrap_or_default(),
+                value_str(r),
+            )
+        })
+        .collect();
+    let want = [
+        ("p1", "A", "eu", "one"),
+        ("p2", "B", "us", "two"),
+        ("p3", "C", "eu", "three"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_string())),
+        "every partition's rows, in commit order, shaped by the root's route"
+    );
+    w.terminate()?;
+    w.wait_exit(Duration::from_secs(30))?;
+    db.drop(env).await?;
+    Ok(())
 }

@@ -902,14 +902,18 @@ impl Router {
         let Some(id) = id else {
             return Err(unroutable(
                 Reason::NullId,
-                &format!("its event id column {:?} is NULL", spec.id),
+                &format!("its {} column is NULL (the event id)", spec.id),
                 &headers,
             ));
         };
         let _ = id;
         let Some(key_bytes) = key.clone() else {
-            return Err(unroutable(Reason::NullKey,
-                &format!("its key column {:?} is NULL (the record key keeps one aggregate's events in order)", spec.key),
+            return Err(unroutable(
+                Reason::NullKey,
+                &format!(
+                    "its {} column is NULL (the record key keeps one aggregate's events in order)",
+                    spec.key
+                ),
                 &headers,
             ));
         };
@@ -919,7 +923,7 @@ impl Router {
                 return Err(unroutable(
                     Reason::Unroutable,
                     &format!(
-                        "its routing column {:?} is NULL (it selects the topic)",
+                        "its {} column is NULL (it selects the topic)",
                         spec.route_by
                     ),
                     &headers,
@@ -1083,8 +1087,9 @@ impl Router {
             (Bytes::new(), true)
         } else {
             let Some(p) = payload else {
-                return Err(unroutable(Reason::NullPayload,
-                    &format!("its payload column {:?} is NULL (set route_tombstone_on_empty_payload = true to send a tombstone)", spec.payload),
+                return Err(unroutable(
+                Reason::NullPayload,
+                    &format!("its {} column is NULL (the payload; set route_tombstone_on_empty_payload = true to send a tombstone)", spec.payload),
                     &headers,
                 ));
             };
@@ -1666,6 +1671,53 @@ mod tests {
         let e = r.route(&t, Lsn::from(7), T, rw).unwrap();
         assert_eq!(e.traceparent.as_deref(), Some(tp.as_bytes()));
         assert_eq!(e.tracestate, None);
+    }
+
+    #[test]
+    fn table_less_messages_become_events() {
+        let mut routes = Routes::single(spec(), []);
+        routes.messages = Arc::from(vec![MessageRoute {
+            option: "m".into(),
+            prefix: "walcast".into(),
+            topic: TopicRule::new("m", DEFAULT_TOPIC_REGEX, "ev.${routedByValue}").unwrap(),
+            tombstone_on_empty: false,
+            value: MessageValue::Payload,
+        }]);
+        let mut r = Router::with_routes(&routes, HeaderNames::default());
+        assert_eq!(r.message_route("walcast"), Some(0));
+        assert_eq!(r.message_route("other"), None);
+        let content = Bytes::from_static(
+            br#"{"event_id": "e1", "aggregate_type": "order", "aggregate_id": "o-1", "event_type": "Created", "payload": {"a": 1}}"#,
+        );
+        let e = r
+            .route_message(0, Lsn::from(5), Lsn::from(9), 7, T, &content)
+            .unwrap();
+        assert_eq!(&*e.topic, "ev.order");
+        assert_eq!(&e.key[..], b"o-1");
+        assert_eq!(&e.payload[..], br#"{"a": 1}"#);
+        assert_eq!(e.event_id(), b"e1");
+        assert_eq!(e.timestamp_ms, Some(946_684_801_000));
+        let bad = Bytes::from_static(br#"{"event_id": "e2", "aggregate_type": "order"}"#);
+        let err = r
+            .route_message(0, Lsn::from(5), Lsn::from(9), 7, T, &bad)
+            .unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Permanent);
+        assert!(err.to_string().contains("aggregate_id"), "{err}");
+        let u = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<Unroutable>())
+            .expect("dead-letter details attached");
+        assert_eq!(u.value.as_ref(), Some(&bad));
+        let err = r
+            .route_message(
+                0,
+                Lsn::from(5),
+                Lsn::from(9),
+                7,
+                T,
+                &Bytes::from_static(b"{nope"),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("prefix \"walcast\""), "{err}");
     }
 
     #[test]
