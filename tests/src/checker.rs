@@ -355,6 +355,38 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_count_as_delivered_only_in_the_dead_letter_topic() {
+        let dead: HashSet<String> = ["a2".to_string()].into();
+        let main = obs(&[("a1", "a"), ("b1", "b"), ("a3", "a"), ("b2", "b")]);
+        let r = check_with_dead_letters(&log(), &main, &dead, &obs(&[("a2", "a")]), &[]);
+        assert!(
+            r.is_clean() && r.dead_lettered == 1 && r.committed == 5,
+            "{r}"
+        );
+        // Missing from the dead-letter topic: lost.
+        let r = check_with_dead_letters(&log(), &main, &dead, &[], &[]);
+        assert_eq!(r.lost.len(), 1, "{r}");
+        // A publishable event in the dead-letter topic: diverted (phantom).
+        let r =
+            check_with_dead_letters(&log(), &main, &dead, &obs(&[("a2", "a"), ("b2", "b")]), &[]);
+        assert_eq!(r.phantom.len(), 1, "{r}");
+        // A dead-lettered event in its own topic too: phantom.
+        let both = obs(&[
+            ("a1", "a"),
+            ("b1", "b"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b2", "b"),
+        ]);
+        let r = check_with_dead_letters(&log(), &both, &dead, &obs(&[("a2", "a")]), &[]);
+        assert_eq!(r.phantom.len(), 1, "{r}");
+        // The others keep their order.
+        let swapped = obs(&[("a3", "a"), ("b1", "b"), ("a1", "a"), ("b2", "b")]);
+        let r = check_with_dead_letters(&log(), &swapped, &dead, &obs(&[("a2", "a")]), &[]);
+        assert!(!r.order_violations.is_empty(), "{r}");
+    }
+
+    #[test]
     fn a_clean_run_is_clean() {
         let r = check(
             &log(),

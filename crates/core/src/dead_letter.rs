@@ -164,6 +164,14 @@ impl KnownRejection {
             && self.rejected.event_id() == Some(event.event_id())
     }
 
+    /// Whether `other` is about the same event (it was refused again: the
+    /// restart did not help, walcast must stop instead of looping).
+    pub fn same_event(&self, other: &KnownRejection) -> bool {
+        self.rejected.source_lsn == other.rejected.source_lsn
+            && self.rejected.topic == other.rejected.topic
+            && self.rejected.event_id() == other.rejected.event_id()
+    }
+
     /// The error again, carrying `event` (as read this time).
     pub fn error_for(&self, event: &OutboxEvent) -> Error {
         Error::new(self.kind, self.message.clone())

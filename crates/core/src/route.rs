@@ -1703,9 +1703,8 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Permanent);
         assert!(err.to_string().contains("aggregate_id"), "{err}");
-        let u = std::error::Error::source(&err)
-            .and_then(|s| s.downcast_ref::<Unroutable>())
-            .expect("dead-letter details attached");
+        let u = err.rejected().expect("dead-letter details attached");
+        assert_eq!(u.reason, Reason::NullKey);
         assert_eq!(u.value.as_ref(), Some(&bad));
         let err = r
             .route_message(

@@ -760,7 +760,11 @@ async fn a_failed_dead_letter_record_stops_without_passing_the_row() {
         "dlq:b2",
         Err(Error::permanent("the dead-letter topic refused it")),
     );
-    let err = h.task.await.unwrap().unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(5), h.task)
+        .await
+        .expect("the pipeline stops when a dead-letter record fails")
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err.kind(), walcast_core::ErrorKind::Permanent);
     assert!(err.to_string().contains("dead-letter record"), "{err}");
     assert!(err.rejected().is_none(), "never dead-lettered in turn");

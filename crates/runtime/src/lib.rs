@@ -368,10 +368,15 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
                 // A record the broker refused for good stopped the gapless
                 // producer: under the dead-letter policy, restart with a new
                 // producer that dead-letters it when the slot brings it again.
+                // Only a delivery's verdict (origin Kafka), once per event:
+                // refused again after the restart, walcast stops.
                 Decision::Exit
                     if cfg.pipeline.dead_letter_topic.is_some()
+                        && e.origin() == Some(Origin::Kafka)
                         && known_rejections.len() < MAX_KNOWN_REJECTIONS
-                        && KnownRejection::of(&e).is_some() =>
+                        && KnownRejection::of(&e).is_some_and(|new| {
+                            !known_rejections.iter().any(|k| k.same_event(&new))
+                        }) =>
                 {
                     tracing::warn!(
                         "{e} (under pipeline.on_permanent_error = \"dead-letter\" walcast restarts from the slot with a new producer and sends this event to the dead-letter topic when it reads it again)"
