@@ -293,21 +293,31 @@ async fn consumer_retries_on_schedule_then_dead_letters() -> Result<()> {
         let x = by[id];
         assert_eq!(x.key_str(), "w-9");
         assert_eq!(x.json()["id"], id);
-        assert_eq!(x.header("error.kind").as_deref(), Some(kind));
-        assert_eq!(x.header("error.reason").as_deref(), Some(reason));
-        assert_eq!(x.header("original.topic").as_deref(), Some(topic.as_str()));
+        assert_eq!(x.header("walcast.error.kind").as_deref(), Some(kind));
+        assert_eq!(x.header("walcast.error.reason").as_deref(), Some(reason));
+        assert_eq!(
+            x.header("walcast.original.topic").as_deref(),
+            Some(topic.as_str())
+        );
         assert!(x
-            .header("original.partition")
+            .header("walcast.original.partition")
             .unwrap()
             .parse::<i32>()
             .is_ok());
-        assert!(x.header("original.offset").unwrap().parse::<i64>().is_ok());
-        let at: u128 = x.header("failed.at").unwrap().parse()?;
+        assert!(x
+            .header("walcast.original.offset")
+            .unwrap()
+            .parse::<i64>()
+            .is_ok());
+        let at: u128 = x.header("walcast.failed.at").unwrap().parse()?;
         assert!(at > 1_600_000_000_000);
     }
-    assert_eq!(by["busy"].header("original.offset").as_deref(), Some("0"));
     assert_eq!(
-        by["negative"].header("original.offset").as_deref(),
+        by["busy"].header("walcast.original.offset").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        by["negative"].header("walcast.original.offset").as_deref(),
         Some("2")
     );
     drop(c);

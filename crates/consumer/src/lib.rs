@@ -814,12 +814,12 @@ async fn dead_letter<H: Handler>(
             });
         }
         for (k, v) in [
-            ("error.reason", reason.as_str()),
-            ("error.kind", e.kind()),
-            ("original.topic", d.topic.as_str()),
-            ("original.partition", partition.as_str()),
-            ("original.offset", offset.as_str()),
-            ("failed.at", failed_at.as_str()),
+            ("walcast.error.reason", reason.as_str()),
+            ("walcast.error.kind", e.kind()),
+            ("walcast.original.topic", d.topic.as_str()),
+            ("walcast.original.partition", partition.as_str()),
+            ("walcast.original.offset", offset.as_str()),
+            ("walcast.failed.at", failed_at.as_str()),
         ] {
             headers = headers.insert(Header {
                 key: k,

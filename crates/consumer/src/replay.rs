@@ -27,15 +27,25 @@ pub enum RewindTo {
     TimestampMs(i64),
 }
 
-/// The headers [`redrive`] removes before producing a record back.
-pub const DEAD_LETTER_HEADERS: [&str; 6] = [
-    "error.reason",
-    "error.kind",
-    "original.topic",
-    "original.partition",
-    "original.offset",
-    "failed.at",
+/// The headers [`redrive`] removes before producing a record back: the
+/// consumer's dead-letter headers and those the relay adds to its own
+/// dead-letter records (`pipeline.on_permanent_error = "dead-letter"`), so
+/// either kind of dead-letter topic can be re-driven.
+pub const DEAD_LETTER_HEADERS: [&str; 9] = [
+    "walcast.error.reason",
+    "walcast.error.kind",
+    "walcast.error.message",
+    "walcast.original.topic",
+    "walcast.original.partition",
+    "walcast.original.offset",
+    "walcast.failed.at",
+    "walcast.source.table",
+    VALUE_OMITTED,
 ];
+
+/// Set by the relay on a dead-letter record whose value did not fit the
+/// dead-letter topic: such a record is never re-driven (its value is gone).
+const VALUE_OMITTED: &str = "walcast.value.omitted.bytes";
 
 fn timeout() -> Duration {
     Duration::from_secs(30)
@@ -142,10 +152,12 @@ pub async fn redrive(bootstrap_servers: &str, dead_letter_topic: &str) -> Result
         let m = m?;
         next.insert(m.partition(), m.offset() + 1);
         let mut original = None;
+        let mut omitted = false;
         let mut headers = OwnedHeaders::new();
         if let Some(h) = m.headers() {
             for h in h.iter() {
-                if h.key == "original.topic" {
+                omitted |= h.key == VALUE_OMITTED;
+                if h.key == "walcast.original.topic" {
                     original = h.value.map(|v| String::from_utf8_lossy(v).into_owned());
                 }
                 if !DEAD_LETTER_HEADERS.contains(&h.key) {
@@ -160,10 +172,18 @@ pub async fn redrive(bootstrap_servers: &str, dead_letter_topic: &str) -> Result
             tracing::warn!(
                 offset = m.offset(),
                 partition = m.partition(),
-                "dead-letter record without original.topic skipped"
+                "dead-letter record without walcast.original.topic left in the dead-letter topic (not re-driven)"
             );
             continue;
         };
+        if omitted {
+            tracing::warn!(
+                offset = m.offset(),
+                partition = m.partition(),
+                "dead-letter record without its value (walcast.value.omitted.bytes: it was too large for the dead-letter topic) left in the dead-letter topic (not re-driven); republish it from the outbox row"
+            );
+            continue;
+        }
         let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
         if let Some(k) = m.key() {
             rec = rec.key(k);
