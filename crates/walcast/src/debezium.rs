@@ -582,6 +582,8 @@ transforms.outbox.table.fields.additional.placement=type:header:eventType,\
   type:envelope:eventType
 transforms.outbox.table.expand.json.payload=true
 transforms.outbox.table.op.invalid.behavior=fatal
+poll.interval.ms=50
+extended.headers.enabled=true
 "#;
 
     #[test]
