@@ -917,6 +917,18 @@ async fn run(env: &TestEnv, libs: &str, prepared: &mut Vec<Prepared>) -> Result<
         // The connector's own properties through the converter: its
         // [outbox] part with the test's connection settings.
         let converted = from_debezium(&dir.path().join(format!("{}.properties", p.case.name)))?;
+        // Its connection settings name Debezium's slot and publication;
+        // walcast runs on its own (the rows are read twice).
+        let pg = converted.get("postgres").and_then(|v| v.as_table());
+        let setting = |k: &str| pg.and_then(|t| t.get(k)).map(ToString::to_string);
+        ensure!(
+            setting("database") == Some(format!("{:?}", p.db.name))
+                && setting("slot") == Some(format!("{:?}", p.dbz_slot))
+                && setting("publication") == Some(format!("{:?}", p.dbz_publication))
+                && setting("create_publication").as_deref() == Some("false"),
+            "case {}: the converted [postgres] does not name the connector's database, slot and publication: {pg:?}",
+            p.case.name
+        );
         let mut base: toml::Table =
             toml::from_str(&WalcastConfig::for_db(env, &p.db, &state).toml)?;
         let outbox = converted
