@@ -176,6 +176,14 @@ const NO_EFFECT: &[(&str, &str)] = &[
     ),
     ("time.precision.mode", "walcast reads timestamps itself"),
     ("slot.drop.on.stop", "checked: walcast never drops its slot"),
+    (
+        "poll.interval.ms",
+        "how often Debezium's task polls its queue: latency only",
+    ),
+    (
+        "extended.headers.enabled",
+        "Debezium's __debezium.context.* headers (connector name, task, run id): walcast writes none (README, Differences from Debezium)",
+    ),
 ];
 
 /// EventRouter options (after `transforms.<name>.`) mapped to route keys.
@@ -528,6 +536,12 @@ pub fn convert(props: &BTreeMap<String, String>) -> Result<String, Vec<String>> 
         "\n[outbox]\ntables = []   # the routes below name the outbox tables"
     );
     let _ = writeln!(out, "\n[outbox.headers]\ntype = \"\"   # Debezium sends no type header (use a column:header placement)");
+    // walcast's source headers are on by default; Debezium's records have
+    // none, and a converted config reproduces Debezium's records.
+    let _ = writeln!(
+        out,
+        "source_lsn = \"\"   # walcast.source.lsn: off, as Debezium sends no such header\ncommit_time = \"\"   # walcast.commit.time: off, likewise"
+    );
     let _ = writeln!(out, "\n[kafka]\nbootstrap_servers = \"CHANGE-ME:9092\"   # the Connect worker's bootstrap.servers");
     for t in &tables {
         let _ = writeln!(out, "\n[[outbox.route]]\ntable = {}\n{route}", toml_str(t));
@@ -568,6 +582,8 @@ transforms.outbox.table.fields.additional.placement=type:header:eventType,\
   type:envelope:eventType
 transforms.outbox.table.expand.json.payload=true
 transforms.outbox.table.op.invalid.behavior=fatal
+poll.interval.ms=50
+extended.headers.enabled=true
 "#;
 
     #[test]
@@ -603,6 +619,9 @@ transforms.outbox.table.op.invalid.behavior=fatal
             walcast_core::route::OpBehavior::Stop
         );
         assert_eq!(cfg.outbox.headers.r#type, "");
+        // Debezium sends no source headers: a converted config has them off.
+        assert_eq!(cfg.outbox.headers.source_lsn, "");
+        assert_eq!(cfg.outbox.headers.commit_time, "");
         cfg.routes().unwrap();
     }
 
