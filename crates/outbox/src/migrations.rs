@@ -8,12 +8,17 @@ use tokio_postgres::GenericClient;
 use crate::{db, Result};
 
 /// The plain outbox table (`outbox`, walcast's default columns plus
-/// `headers` and `created_at`).
+/// `correlation_id`, `tracingspancontext` and `created_at`).
 pub const OUTBOX: &str = include_str!("../migrations/0001_outbox.sql");
 /// The outbox table hash-partitioned by aggregate id (4 partitions).
 pub const OUTBOX_PARTITIONED: &str = include_str!("../migrations/0001_outbox_partitioned.sql");
 /// The consumer's deduplication table `processed_events`.
 pub const PROCESSED_EVENTS: &str = include_str!("../migrations/0002_processed_events.sql");
+
+/// walcast's `[outbox]` routes for the canonical table and the table-less
+/// mode (`crates/outbox/walcast.toml`): paste them into walcast's
+/// configuration so every [`Mode`](crate::Mode) gives the same record.
+pub const WALCAST_CONFIG: &str = include_str!("../walcast.toml");
 
 /// Which outbox layout [`apply`] creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
