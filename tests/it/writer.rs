@@ -571,3 +571,38 @@ async fn writer_table_less_mode_writes_envelopes_into_the_wal() -> Result<()> {
     db.drop(env).await?;
     Ok(())
 }
+
+/// An outbox table made by the earlier `0001_outbox.sql` (with `headers
+/// jsonb`, without the trace columns) is upgraded by `migrations::apply`
+/// (`0003_outbox_trace_columns.sql`): the writer then stores the correlation
+/// id and traceparent in the columns walcast's route reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_migrations_upgrade_an_earlier_outbox_table() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create_on(env, env.pg_port, "upgrade", false).await?;
+    let c = db.admin(env).await?;
+    c.batch_execute(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, \
+         headers jsonb NOT NULL DEFAULT '{}'::jsonb, created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    migrations::apply(&c, migrations::Layout::Plain).await?;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let e = Event::new("Payment", "w-1", "WithdrawalRequested", json!({}))
+        .correlation_id("corr-1")
+        .traceparent(tp);
+    Outbox::default().enqueue(&c, &e).await?;
+    let row = c
+        .query_one(
+            "SELECT correlation_id, tracingspancontext FROM outbox WHERE id = $1",
+            &[&e.id],
+        )
+        .await?;
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("corr-1"));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some(tp));
+    drop(c);
+    db.drop(env).await?;
+    Ok(())
+}

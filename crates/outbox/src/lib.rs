@@ -85,7 +85,14 @@ pub enum Error {
 
 pub(crate) fn db(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let context = context.into();
-    move |source| Error::Db { context, source }
+    move |source| {
+        // The driver's Display is only "db error": name what the server said.
+        let context = match source.as_db_error() {
+            Some(e) => format!("{context}: {}", e.message()),
+            None => context,
+        };
+        Error::Db { context, source }
+    }
 }
 
 /// Result alias of this crate.
