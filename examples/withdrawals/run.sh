@@ -36,15 +36,14 @@ slot = "walcast_withdrawals"
 publication = "walcast_outbox"
 create_publication = false
 
-[outbox]
-tables = ["public.outbox"]
-
 [kafka]
 bootstrap_servers = "$WALCAST_KAFKA_BOOTSTRAP"
 
 [pipeline]
 state_dir = "$dir/state"
 TOML
+# The writer's routes (correlation id and traceparent headers, table-less mode).
+cat "$repo/crates/outbox/walcast.toml" >>"$dir/walcast.toml"
 echo "==> starting walcast (log: $dir/walcast.log)"
 "$bin/walcast" run --config "$dir/walcast.toml" >"$dir/walcast.log" 2>&1 &
 wpid=$!

@@ -11,7 +11,7 @@ use walcast_consumer::{Consumer, ConsumerConfig};
 use walcast_example_withdrawals as ex;
 use walcast_tests::kafka::create_topics;
 use walcast_tests::pg::TestDb;
-use walcast_tests::process::{Walcast, WalcastConfig};
+use walcast_tests::process::Walcast;
 use walcast_tests::TestEnv;
 
 use crate::common::*;
@@ -72,7 +72,8 @@ async fn example_withdrawals_exactly_once_through_kills() -> Result<()> {
     let topic = format!("{}.{}", db.topic_prefix, ex::AGGREGATE);
     create_topics(&env.kafka_bootstrap, &[topic.as_str()], 3).await?;
     let state = tempfile::tempdir()?;
-    let cfg = WalcastConfig::for_db(env, &db, state.path());
+    // The writer's documented walcast routes (README "Libraries").
+    let cfg = crate::writer::library_config(env, &db, state.path());
     let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
     w.wait_streaming()?;
     let pg = pg_url(env, &db);

@@ -34,6 +34,21 @@ pub async fn library_db(env: &TestEnv, tag: &str, layout: migrations::Layout) ->
     Ok(db)
 }
 
+/// walcast's configuration for `db` with the writer's own routes
+/// (`migrations::WALCAST_CONFIG`, the README's ready-to-paste config) in place
+/// of the default `[outbox]` tables, topics under the database's prefix.
+pub fn library_config(env: &TestEnv, db: &TestDb, state: &std::path::Path) -> WalcastConfig {
+    let mut cfg = WalcastConfig::for_db(env, db, state);
+    let tables = "tables = [\"public.outbox\"]\n";
+    assert!(cfg.toml.contains(tables));
+    cfg.toml = cfg.toml.replace(tables, "");
+    cfg.toml.push('\n');
+    cfg.toml.push_str(
+        &migrations::WALCAST_CONFIG.replace("outbox.event.", &format!("{}.", db.topic_prefix)),
+    );
+    cfg
+}
+
 fn by_id(records: &[Record]) -> HashMap<String, &Record> {
     records
         .iter()
@@ -44,9 +59,12 @@ fn by_id(records: &[Record]) -> HashMap<String, &Record> {
 /// Business row and event commit together or not at all: a rolled-back
 /// transaction and one aborted by a failing business statement leave neither
 /// the row nor a record; a committed one leaves both. Insert, insert-delete
-/// and batch enqueue on the plain and the hash-partitioned layout reach Kafka
-/// through walcast with identical records (topic, key, value, `type`
-/// header); insert-delete leaves the table empty.
+/// and table-less (logical decoding message), single and batch enqueue, on
+/// the plain and the hash-partitioned layout, reach Kafka through walcast
+/// (configured with `migrations::WALCAST_CONFIG`) with identical records:
+/// topic, key, value bytes, headers `id`, `type`, `correlation_id` and
+/// `traceparent`; insert-delete and table-less leave the table empty; the
+/// table modes refuse an event with another header.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<()> {
     let env = TestEnv::get();
@@ -61,12 +79,14 @@ async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<(
         let mut w = Walcast::start(
             &bin(),
             state.path(),
-            &WalcastConfig::for_db(env, &db, state.path()),
+            &library_config(env, &db, state.path()),
         )?;
         w.wait_streaming()?;
         let mut client = db.admin(env).await?;
         let insert = Outbox::default();
         let insert_delete = Outbox::default().mode(Mode::InsertDelete);
+        let message = Outbox::default().mode(Mode::Message);
+        let modes = [&insert, &insert_delete, &message];
 
         let event = |n: usize| {
             Event::new(
@@ -76,7 +96,17 @@ async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<(
                 json!({"withdrawal": format!("w-{n}"), "amountCents": 100 + n}),
             )
             .correlation_id(format!("corr-{n}"))
+            .traceparent(format!("00-{:032x}-{:016x}-01", n + 1, n + 7))
         };
+
+        // Another header: the table modes refuse it, the envelope carries it.
+        for outbox in [&insert, &insert_delete] {
+            let err = outbox
+                .enqueue(&client, &event(0).header("tenant", "acme"))
+                .await
+                .expect_err("a header the table cannot carry must be refused");
+            assert!(err.to_string().contains("Mode::Message"), "{err}");
+        }
 
         // 1. Rolled back: neither row nor event.
         let rolled_back = event(1);
@@ -99,9 +129,10 @@ async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<(
             // Postgres answers COMMIT of an aborted transaction with ROLLBACK.
             let _ = tx.commit().await;
         }
-        // 3. Committed in each mode, with identical content pairs.
+        // 3. Committed in each mode, with identical content.
         let mut committed = Vec::new();
-        for (n, outbox) in [(3, &insert), (3, &insert_delete)] {
+        for outbox in modes {
+            let n = 3;
             let e = event(n);
             let tx = client.transaction().await?;
             tx.execute(
@@ -115,7 +146,7 @@ async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<(
         }
         // 4. A batch of 500 in one statement per mode, over 20 aggregates.
         let mut batches: Vec<Vec<Event>> = Vec::new();
-        for outbox in [&insert, &insert_delete] {
+        for outbox in modes {
             let batch: Vec<Event> = (0..500).map(|i| event(1000 + i % 20)).collect();
             let tx = client.transaction().await?;
             assert_eq!(outbox.enqueue_batch(&tx, &batch).await?, 500);
@@ -137,7 +168,10 @@ async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<(
             .query_one("SELECT count(*) FROM outbox", &[])
             .await?
             .get(0);
-        assert_eq!(in_table, 501, "insert-delete must leave no row");
+        assert_eq!(
+            in_table, 501,
+            "insert-delete and table-less must leave no row"
+        );
 
         let want: HashSet<String> = committed.iter().map(|e| e.id.to_string()).collect();
         assert!(
@@ -158,24 +192,48 @@ async fn writer_events_commit_with_the_business_rows_in_every_mode() -> Result<(
                 "event of an uncommitted transaction reached Kafka"
             );
         }
-        let shape = |r: &Record| (r.topic.clone(), r.key_str(), r.json(), r.header("type"));
+        let shape = |r: &Record| {
+            (
+                r.topic.clone(),
+                r.key_str(),
+                // Text, for a readable failure (the payloads are JSON).
+                r.value
+                    .as_deref()
+                    .map(|v| String::from_utf8_lossy(v).into_owned()),
+                r.header("type"),
+                r.header("correlation_id"),
+                r.header("traceparent"),
+            )
+        };
         for e in &committed {
             let r = got[&e.id.to_string()];
             assert_eq!(r.topic, format!("{}.Payment", db.topic_prefix));
             assert_eq!(r.key_str(), e.aggregate_id);
             assert_eq!(r.header("type").as_deref(), Some("WithdrawalRequested"));
+            assert_eq!(
+                r.header("correlation_id"),
+                e.headers.get("correlation_id").cloned()
+            );
+            assert_eq!(
+                r.header("traceparent"),
+                e.headers.get("traceparent").cloned()
+            );
             let walcast_outbox::Payload::Json(v) = &e.payload else {
                 unreachable!()
             };
             assert_eq!(&r.json(), v);
         }
-        // Insert and insert-delete: identical records for identical content.
-        assert_eq!(
-            shape(got[&committed[0].id.to_string()]),
-            shape(got[&committed[1].id.to_string()])
-        );
-        for (a, b) in batches[0].iter().zip(&batches[1]) {
-            assert_eq!(shape(got[&a.id.to_string()]), shape(got[&b.id.to_string()]));
+        // Every mode: identical records for identical content.
+        for other in &committed[1..3] {
+            assert_eq!(
+                shape(got[&committed[0].id.to_string()]),
+                shape(got[&other.id.to_string()])
+            );
+        }
+        for other in &batches[1..] {
+            for (a, b) in batches[0].iter().zip(other) {
+                assert_eq!(shape(got[&a.id.to_string()]), shape(got[&b.id.to_string()]));
+            }
         }
         // Per aggregate, a batch arrives in enqueue order.
         for batch in &batches {
@@ -419,8 +477,9 @@ async fn outbox_prune_never_deletes_unconfirmed_rows() -> Result<()> {
 /// transactional logical decoding message (prefix `walcast`) whose content
 /// decodes as the `walcast.v1.Envelope` of the event, in enqueue order; a
 /// rolled-back transaction's messages never reach the WAL stream. Read from
-/// the WAL with a pgoutput slot (`messages = true`): walcast does not relay
-/// messages yet (docs/delivery-rules.md, rule 12).
+/// the WAL with a pgoutput slot (`messages = true`), below walcast; that
+/// walcast relays them like the table modes is
+/// `writer_events_commit_with_the_business_rows_in_every_mode`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_table_less_mode_writes_envelopes_into_the_wal() -> Result<()> {
     use bytes::Bytes;
@@ -500,12 +559,50 @@ async fn writer_table_less_mode_writes_envelopes_into_the_wal() -> Result<()> {
         assert_eq!(env.headers.len(), 1);
         assert_eq!(env.headers[0].key, "tenant");
         assert_eq!(env.headers[0].value, b"acme");
-        assert!(env.timestamp_unix_micros > 1_600_000_000_000_000);
+        assert_eq!(
+            env.timestamp_unix_micros, 0,
+            "0: walcast uses the commit time"
+        );
     }
     client
         .execute("SELECT pg_drop_replication_slot($1)", &[&db.slot])
         .await?;
     drop(client);
+    db.drop(env).await?;
+    Ok(())
+}
+
+/// An outbox table made by the earlier `0001_outbox.sql` (with `headers
+/// jsonb`, without the trace columns) is upgraded by `migrations::apply`
+/// (`0003_outbox_trace_columns.sql`): the writer then stores the correlation
+/// id and traceparent in the columns walcast's route reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_migrations_upgrade_an_earlier_outbox_table() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create_on(env, env.pg_port, "upgrade", false).await?;
+    let c = db.admin(env).await?;
+    c.batch_execute(
+        "CREATE TABLE outbox (id uuid PRIMARY KEY, aggregatetype text NOT NULL, \
+         aggregateid text NOT NULL, type text NOT NULL, payload jsonb NOT NULL, \
+         headers jsonb NOT NULL DEFAULT '{}'::jsonb, created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    migrations::apply(&c, migrations::Layout::Plain).await?;
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let e = Event::new("Payment", "w-1", "WithdrawalRequested", json!({}))
+        .correlation_id("corr-1")
+        .traceparent(tp);
+    Outbox::default().enqueue(&c, &e).await?;
+    let row = c
+        .query_one(
+            "SELECT correlation_id, tracingspancontext FROM outbox WHERE id = $1",
+            &[&e.id],
+        )
+        .await?;
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("corr-1"));
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some(tp));
+    drop(c);
     db.drop(env).await?;
     Ok(())
 }

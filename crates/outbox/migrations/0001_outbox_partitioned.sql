@@ -1,13 +1,15 @@
 -- walcast canonical outbox table, hash-partitioned by aggregate id (4
 -- partitions; change MODULUS and the partition list together). walcast's
--- publication must publish via the root (walcast creates it so).
+-- publication must publish via the root (walcast creates it so). Columns as
+-- in 0001_outbox.sql.
 CREATE TABLE IF NOT EXISTS outbox (
     id uuid NOT NULL,
     aggregatetype text NOT NULL,
     aggregateid text NOT NULL,
     type text NOT NULL,
     payload jsonb NOT NULL,
-    headers jsonb NOT NULL DEFAULT '{}'::jsonb,
+    correlation_id text,
+    tracingspancontext text,
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (aggregateid, id)
 ) PARTITION BY HASH (aggregateid);

@@ -6,7 +6,11 @@
 //!   aggregate id) and the consumer's `processed_events` table, as plain SQL
 //!   files (`crates/outbox/migrations/`) and applied from Rust.
 //! - [`Event`]: id (UUID v7 by default), aggregate type and id, event type,
-//!   payload (JSON or raw bytes), headers, correlation id, `traceparent`.
+//!   payload (JSON or raw bytes), correlation id, `traceparent`, and (table-less
+//!   mode only) other headers.
+//! - [`migrations::WALCAST_CONFIG`]: the walcast `[outbox]` routes under which
+//!   every mode gives the same Kafka record (headers `id`, `type`,
+//!   `correlation_id`, `traceparent`).
 //! - [`Outbox::enqueue`] / [`Outbox::enqueue_batch`]: one generic entry point
 //!   over tokio-postgres [`Client`](tokio_postgres::Client) and
 //!   [`Transaction`](tokio_postgres::Transaction) ([`GenericClient`]); a batch
@@ -81,7 +85,14 @@ pub enum Error {
 
 pub(crate) fn db(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
     let context = context.into();
-    move |source| Error::Db { context, source }
+    move |source| {
+        // The driver's Display is only "db error": name what the server said.
+        let context = match source.as_db_error() {
+            Some(e) => format!("{context}: {}", e.message()),
+            None => context,
+        };
+        Error::Db { context, source }
+    }
 }
 
 /// Result alias of this crate.
@@ -135,8 +146,12 @@ pub struct Event {
     pub event_type: String,
     /// The record value.
     pub payload: Payload,
-    /// Headers stored in the `headers` column (including the correlation id
-    /// and traceparent).
+    /// Headers: the correlation id ([`CORRELATION_ID_HEADER`], the
+    /// `correlation_id` column) and the traceparent ([`TRACEPARENT_HEADER`],
+    /// the `tracingspancontext` column) in every mode; any other header only
+    /// in [`Mode::Message`] (the envelope's headers): the table modes refuse
+    /// it ([`Error::InvalidEvent`]), because the relay places columns, not a
+    /// map of headers.
     pub headers: BTreeMap<String, String>,
 }
 
@@ -192,7 +207,9 @@ impl Event {
         self
     }
 
-    /// Adds a header.
+    /// Adds a header. Other than [`CORRELATION_ID_HEADER`] and
+    /// [`TRACEPARENT_HEADER`], headers reach Kafka only in [`Mode::Message`];
+    /// the table modes refuse an event that has one.
     pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Event {
         self.headers.insert(key.into(), value.into());
         self
@@ -225,7 +242,11 @@ pub enum Mode {
     /// protobuf `walcast.v1.Envelope` (`walcast-envelope`, docs/envelope.md).
     /// Published only if the transaction commits; nothing to clean up. Needs
     /// a walcast that relays messages of the prefix ([`Outbox::message_prefix`],
-    /// default `walcast`).
+    /// default `walcast`) with an `[[outbox.message_route]]`
+    /// ([`migrations::WALCAST_CONFIG`]). The JSON payload is rendered by
+    /// Postgres' `jsonb` (one extra round trip per batch), so its bytes are
+    /// the ones the table modes send; the envelope's timestamp is left 0, so
+    /// the record's timestamp is the commit time, as in the table modes.
     Message,
 }
 
@@ -318,10 +339,10 @@ impl Outbox {
         // WITH ORDINALITY keeps the enqueue order as the insert order, which
         // is the order walcast publishes a transaction's events in.
         self.insert_sql = format!(
-            "INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, headers) \
-             SELECT i, a, k, y, {pexpr}, h::jsonb \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::{ptype}, $6::text[]) \
-             WITH ORDINALITY AS u(i, a, k, y, p, h, n) ORDER BY n",
+            "INSERT INTO {t} (id, aggregatetype, aggregateid, type, payload, correlation_id, tracingspancontext) \
+             SELECT i, a, k, y, {pexpr}, c, tr \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::{ptype}, $6::text[], $7::text[]) \
+             WITH ORDINALITY AS u(i, a, k, y, p, c, tr, n) ORDER BY n",
             t = self.table
         );
         self.delete_sql = format!(
@@ -359,13 +380,27 @@ impl Outbox {
         let mut etypes = Vec::with_capacity(events.len());
         let mut text_payloads: Vec<String> = Vec::new();
         let mut byte_payloads: Vec<Vec<u8>> = Vec::new();
-        let mut headers = Vec::with_capacity(events.len());
+        let mut correlation_ids: Vec<Option<&str>> = Vec::with_capacity(events.len());
+        let mut traceparents: Vec<Option<&str>> = Vec::with_capacity(events.len());
         for e in events {
+            if let Some(k) = e
+                .headers
+                .keys()
+                .find(|k| k.as_str() != CORRELATION_ID_HEADER && k.as_str() != TRACEPARENT_HEADER)
+            {
+                return Err(Error::InvalidEvent {
+                    id: e.id,
+                    reason: format!(
+                        "header {k:?}: the outbox table carries only {CORRELATION_ID_HEADER:?} and {TRACEPARENT_HEADER:?} (columns correlation_id, tracingspancontext); use Mode::Message, whose envelope carries any header, or put the value in a column of your own placed with table_fields_additional_placement"
+                    ),
+                });
+            }
             ids.push(e.id);
             types.push(e.aggregate_type.as_str());
             keys.push(e.aggregate_id.as_str());
             etypes.push(e.event_type.as_str());
-            headers.push(serde_json::to_string(&e.headers).expect("string map serializes"));
+            correlation_ids.push(e.headers.get(CORRELATION_ID_HEADER).map(String::as_str));
+            traceparents.push(e.headers.get(TRACEPARENT_HEADER).map(String::as_str));
             match (self.payload, &e.payload) {
                 (PayloadColumn::Jsonb, Payload::Json(v)) => text_payloads.push(v.to_string()),
                 (PayloadColumn::Jsonb, Payload::Bytes(b)) => {
@@ -392,8 +427,15 @@ impl Outbox {
             PayloadColumn::Jsonb => &text_payloads,
             PayloadColumn::Bytea => &byte_payloads,
         };
-        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-            [&ids, &types, &keys, &etypes, payloads, &headers];
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &ids,
+            &types,
+            &keys,
+            &etypes,
+            payloads,
+            &correlation_ids,
+            &traceparents,
+        ];
         let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &keys];
         let insert = client.execute(self.insert_sql.as_str(), &insert_params);
         match self.mode {
@@ -424,13 +466,40 @@ impl Outbox {
         client: &C,
         events: &[Event],
     ) -> Result<u64> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i64)
-            .unwrap_or(0);
+        // JSON payloads as Postgres' jsonb renders them: the same bytes the
+        // table modes' jsonb column gives walcast.
+        let json: Vec<Option<String>> = events
+            .iter()
+            .map(|e| match &e.payload {
+                Payload::Json(v) => Some(v.to_string()),
+                Payload::Bytes(_) => None,
+            })
+            .collect();
+        let rendered: Vec<Option<String>> = if json.iter().any(Option::is_some) {
+            client
+                .query(
+                    "SELECT p::jsonb::text FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n) ORDER BY n",
+                    &[&json],
+                )
+                .await
+                .map_err(db("rendering JSON payloads as jsonb"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            json
+        };
+        // Timestamp 0: walcast uses the commit time, as for the table modes.
         let contents: Vec<Vec<u8>> = events
             .iter()
-            .map(|e| walcast_envelope::encode(&envelope(e, now)))
+            .zip(rendered)
+            .map(|(e, text)| {
+                let mut env = envelope(e, 0);
+                if let Some(text) = text {
+                    env.payload = text.into_bytes();
+                }
+                walcast_envelope::encode(&env)
+            })
             .collect();
         // unnest yields the array in order, so the messages are written in
         // slice order.
@@ -448,8 +517,9 @@ impl Outbox {
 
 /// The `walcast.v1.Envelope` of an event ([`Mode::Message`]'s content):
 /// correlation id and traceparent in their own fields, the other headers in
-/// `headers`; a JSON payload as its text with `content_type`
-/// `application/json`.
+/// `headers`; a JSON payload as its compact text with `content_type`
+/// `application/json` ([`Mode::Message`] writes it as `jsonb` renders it);
+/// `timestamp_unix_micros` 0 means the commit time.
 pub fn envelope(e: &Event, timestamp_unix_micros: i64) -> walcast_envelope::Envelope {
     let (payload, content_type) = match &e.payload {
         Payload::Json(v) => (v.to_string().into_bytes(), "application/json"),

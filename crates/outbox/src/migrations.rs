@@ -8,12 +8,20 @@ use tokio_postgres::GenericClient;
 use crate::{db, Result};
 
 /// The plain outbox table (`outbox`, walcast's default columns plus
-/// `headers` and `created_at`).
+/// `correlation_id`, `tracingspancontext` and `created_at`).
 pub const OUTBOX: &str = include_str!("../migrations/0001_outbox.sql");
 /// The outbox table hash-partitioned by aggregate id (4 partitions).
 pub const OUTBOX_PARTITIONED: &str = include_str!("../migrations/0001_outbox_partitioned.sql");
+/// Adds `correlation_id` and `tracingspancontext` to an outbox table created
+/// by an earlier [`OUTBOX`] (one with `headers jsonb`); a no-op otherwise.
+pub const OUTBOX_TRACE_COLUMNS: &str = include_str!("../migrations/0003_outbox_trace_columns.sql");
 /// The consumer's deduplication table `processed_events`.
 pub const PROCESSED_EVENTS: &str = include_str!("../migrations/0002_processed_events.sql");
+
+/// walcast's `[outbox]` routes for the canonical table and the table-less
+/// mode (`crates/outbox/walcast.toml`): paste them into walcast's
+/// configuration so every [`Mode`](crate::Mode) gives the same record.
+pub const WALCAST_CONFIG: &str = include_str!("../walcast.toml");
 
 /// Which outbox layout [`apply`] creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +34,8 @@ pub enum Layout {
     None,
 }
 
-/// Creates the outbox table of `layout` and `processed_events` in the
+/// Creates the outbox table of `layout` (upgrading one from an earlier
+/// version: [`OUTBOX_TRACE_COLUMNS`]) and `processed_events` in the
 /// client's current schema (`search_path`). Does not create the publication:
 /// walcast does (`postgres.create_publication`), or see the README.
 pub async fn apply<C: GenericClient + Sync>(client: &C, layout: Layout) -> Result<()> {
@@ -40,6 +49,12 @@ pub async fn apply<C: GenericClient + Sync>(client: &C, layout: Layout) -> Resul
             .batch_execute(sql)
             .await
             .map_err(db("creating the outbox table"))?;
+        client
+            .batch_execute(OUTBOX_TRACE_COLUMNS)
+            .await
+            .map_err(db(
+                "adding correlation_id and tracingspancontext to the outbox table",
+            ))?;
     }
     client
         .batch_execute(PROCESSED_EVENTS)
