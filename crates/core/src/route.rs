@@ -1424,6 +1424,20 @@ fn trace_context(b: &[u8]) -> Option<(Option<Bytes>, Option<Bytes>)> {
     parent.map(|p| (Some(p), state))
 }
 
+/// The civil date (year, month, day) of a day count since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+pub(crate) fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 /// RFC 3339 in UTC with microseconds: `2024-05-06T07:08:09.123456Z`.
 pub fn rfc3339(pg_micros: i64) -> String {
     let ts = PgTimestamp::from_pg_micros(pg_micros);
@@ -1432,18 +1446,8 @@ pub fn rfc3339(pg_micros: i64) -> String {
     };
     let secs = us.div_euclid(1_000_000);
     let frac = us.rem_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
     let in_day = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
         in_day / 3600,
@@ -1455,6 +1459,19 @@ pub fn rfc3339(pg_micros: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_times_are_rfc3339_utc_with_microseconds() {
+        // PostgreSQL counts from 2000-01-01; 946_684_800 s separate the epochs.
+        let pg = |unix_us: i64| unix_us - 946_684_800_000_000;
+        assert_eq!(rfc3339(pg(0)), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(pg(1_709_251_199_123_456)),
+            "2024-02-29T23:59:59.123456Z"
+        );
+        assert_eq!(rfc3339(0), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(pg(-1)), "1969-12-31T23:59:59.999999Z");
+    }
 
     fn cell(s: &str) -> Option<Cell> {
         Some(Cell {
