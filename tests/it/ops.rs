@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 use walcast_tests::kafka::create_topics_with;
+use walcast_tests::net::free_port;
 use walcast_tests::pg::TestDb;
 use walcast_tests::process::{Walcast, WalcastConfig};
 use walcast_tests::TestEnv;
@@ -807,12 +808,6 @@ async fn health_exits_by_the_endpoints_answer() -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Answers one HTTP request per `(status, body)` on a loopback port, in
 /// order (chunked, as HTTP/1.1 servers often answer).
 fn serve(answers: Vec<(u16, String)>) -> Result<(u16, std::thread::JoinHandle<()>)> {
@@ -843,4 +838,68 @@ fn serve(answers: Vec<(u16, String)>) -> Result<(u16, std::thread::JoinHandle<()
         }
     });
     Ok((port, handle))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_the_running_relays_own_endpoint() -> Result<()> {
+    // The relay view of `walcast status` against the real runtime's
+    // /metrics (not a stand-in server): it must agree with Postgres.
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let dir = tempfile::tempdir()?;
+    let db = TestDb::create(env, "statuslive").await?;
+    let mut reader = reader(env, &db).await?;
+    let port = free_port()?;
+    let cfg = WalcastConfig::for_db(env, &db, &dir.path().join("state")).set(
+        "metrics",
+        "listen",
+        &format!("\"127.0.0.1:{port}\""),
+    );
+    let mut w = Walcast::start(&bin(), &dir.path().join("run"), &cfg)?;
+    w.wait_streaming()?;
+    let mut client = db.admin(env).await?;
+    let mut writer = Writer::new(&client).await?;
+    let mut rng = rng("statuslive");
+    writer.txn(&mut client, &mut rng, 20, 5, false).await?;
+    assert!(wait_all(&mut reader, &writer, Duration::from_secs(60))?);
+    let written_up_to = current_wal_lsn(&client).await?;
+
+    // Once idle, the relay's confirmed position is the slot's, and both
+    // are past every event written.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let ran = walcast(dir.path(), Some(&cfg), &["status", "--json"])?;
+        assert_eq!(ran.code, 0, "{}", ran.text());
+        let v = ran.json();
+        let relay = v["relay"]["lsn"]["confirmed"].as_str().map(lsn_value);
+        let slot = v["slot"]["confirmed_flush_lsn"].as_str().map(lsn_value);
+        if relay.is_some() && relay == slot && relay >= Some(written_up_to) {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!("the relay's view never matched the slot's past {written_up_to:#x}: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(v["relay"]["reachable"], true, "{v}");
+    assert_eq!(
+        v["relay"]["url"],
+        format!("http://127.0.0.1:{port}/metrics"),
+        "{v}"
+    );
+    assert_eq!(v["relay"]["ready"], true, "{v}");
+    assert_eq!(v["relay"]["in_flight_events"], 0.0, "{v}");
+    assert_eq!(v["slot"]["active"], true, "{v}");
+    let ran = walcast(dir.path(), Some(&cfg), &["status"])?;
+    assert!(
+        ran.stdout.contains("ready               yes"),
+        "{}",
+        ran.stdout
+    );
+
+    w.terminate()?;
+    assert!(w.wait_exit(Duration::from_secs(30))?.success());
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
 }

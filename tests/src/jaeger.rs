@@ -2,7 +2,6 @@
 //! Go modules by `scripts/jaeger`, cached), started per test on free local
 //! ports with in-memory storage, and its query API.
 
-use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 
 use crate::env::repo_dir;
+use crate::net::{free_port, http_get};
 
 /// A running Jaeger; killed on drop.
 #[derive(Debug)]
@@ -22,12 +22,6 @@ pub struct Jaeger {
     pub query: String,
     log: PathBuf,
     _dir: tempfile::TempDir,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// The Jaeger binary `scripts/jaeger` built, or an error naming the command
@@ -189,23 +183,4 @@ pub fn tag<'a>(span: &'a serde_json::Value, key: &str) -> Option<&'a serde_json:
         .iter()
         .find(|t| t["key"] == key)
         .map(|t| &t["value"])
-}
-
-/// `GET path` on `addr` (HTTP/1.0): status and body.
-fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("no HTTP status in {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
 }

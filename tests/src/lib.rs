@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod env;
 pub mod jaeger;
 pub mod kafka;
+pub mod net;
 pub mod pg;
 pub mod process;
 pub mod proxy;
