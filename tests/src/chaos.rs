@@ -407,9 +407,19 @@ impl IdReader {
 }
 
 fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .with_context(|| format!("metadata for {topic}"))?;
+    // The checker reads while brokers are paused, killed or just resumed: a
+    // transport failure is retried for a while, not taken as the answer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let md = loop {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Ok(md) => break md,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("metadata for {topic}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e).with_context(|| format!("metadata for {topic}")),
+        }
+    };
     let n = md
         .topics()
         .first()

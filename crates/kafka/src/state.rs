@@ -277,9 +277,36 @@ impl KafkaRecordStore {
             }
         }
         if existing.is_none() {
-            // Created just now with cleanup.policy=compact: a broker that has
-            // not seen the new topic yet would describe it without any value.
-            return Ok(());
+            // Created just now with cleanup.policy=compact. On a cluster of
+            // several brokers the one that answers the next metadata request
+            // may not know the topic yet: wait until it shows (reading the
+            // records right after would call the new topic missing).
+            let deadline = std::time::Instant::now() + STATE_IO_TIMEOUT;
+            loop {
+                let (config, topic, bootstrap) = (
+                    self.reader_config.clone(),
+                    self.topic.clone(),
+                    self.bootstrap.clone(),
+                );
+                let seen = tokio::task::spawn_blocking(move || {
+                    partitions(&reader(&config)?, &topic, &bootstrap)
+                })
+                .await
+                .map_err(|e| {
+                    Error::retryable("reading the state topic's metadata failed").with_source(e)
+                })?;
+                if matches!(seen, Ok(Some(ref p)) if !p.is_empty()) {
+                    return Ok(());
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(Error::retryable(format!(
+                        "Kafka topic {} (pipeline.state_topic) was created but the brokers do not show it yet",
+                        self.topic
+                    ))
+                    .with_hint("walcast retries with backoff; if this persists, check the cluster's controller and brokers"));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
         }
         // An existing topic must be compacted, or its records expire.
         let spec = ResourceSpecifier::Topic(&self.topic);
