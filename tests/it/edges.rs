@@ -254,9 +254,19 @@ async fn a_change_walcast_cannot_attribute_stops_it() -> Result<()> {
         .get(0);
     c.batch_execute("ALTER TABLE outbox RENAME TO outbox_retired")
         .await?;
-    let lsn_before = current_wal_lsn(&c).await?;
+    // The bound: the WAL insert position after the INSERT, before its
+    // COMMIT. Logical decoding sends a transaction again when its commit
+    // record lies at or past the slot's confirmed position, so the change
+    // is passed only if the slot confirmed beyond this point. (walcast may
+    // confirm keepalive positions up to here while the transaction is open.)
+    c.batch_execute("BEGIN").await?;
     c.query_one(&insert.replace("{T}", "outbox_retired"), &[])
         .await?;
+    let lsn_before = c
+        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+        .await?
+        .get::<_, i64>(0) as u64;
+    c.batch_execute("COMMIT").await?;
     let status = w.wait_exit(Duration::from_secs(60))?;
     let text = w.log_text();
     assert_eq!(status.code(), Some(EXIT_OPERATOR), "{text}");
