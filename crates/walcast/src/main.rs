@@ -197,7 +197,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => {
             let cfg = load(&args)?;
             init_logging(&cfg);
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // One thread for the relay's tasks: the pipeline and the
+            // replication reader hand every message to each other, and on one
+            // thread that is a function call, not a cross-thread wake-up
+            // (librdkafka keeps its own threads; blocking work goes to the
+            // blocking pool). See benches/README.md, "Runtime".
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
@@ -230,7 +235,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = load(&args)?;
             init_logging(&cfg);
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // One thread for the relay's tasks: the pipeline and the
+            // replication reader hand every message to each other, and on one
+            // thread that is a function call, not a cross-thread wake-up
+            // (librdkafka keeps its own threads; blocking work goes to the
+            // blocking pool). See benches/README.md, "Runtime".
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
