@@ -804,6 +804,10 @@ pub struct Router {
     headers: HeaderNames,
     topics: Vec<HashMap<Bytes, Arc<str>>>,
     tracing_warned: bool,
+    /// The source-LSN and commit-time header values of the last transaction:
+    /// every event of a transaction carries the same ones.
+    lsn_header: Option<(Lsn, Bytes)>,
+    time_header: Option<(i64, Bytes)>,
 }
 
 fn text(b: &[u8]) -> Option<&str> {
@@ -830,6 +834,8 @@ impl Router {
             topics: vec![HashMap::new(); routes.specs.len()],
             headers,
             tracing_warned: false,
+            lsn_header: None,
+            time_header: None,
         }
     }
 
@@ -850,23 +856,24 @@ impl Router {
         commit_time_micros: i64,
         mut row: OutboxRow,
     ) -> Result<OutboxEvent> {
-        let spec = self
-            .specs
-            .get(row.route)
-            .ok_or_else(|| {
-                Error::permanent(format!(
-                    "row of {table} names route {} which does not exist",
-                    row.route
-                ))
-            })?
-            .clone();
+        let specs = self.specs.clone();
+        let spec = specs.get(row.route).ok_or_else(|| {
+            Error::permanent(format!(
+                "row of {table} names route {} which does not exist",
+                row.route
+            ))
+        })?;
         let id = row.take(slot::ID).map(|c| c.bytes);
         let key = row.take(slot::KEY).map(|c| c.bytes);
         let payload = row.take(slot::PAYLOAD);
-        let id_text = id
-            .as_ref()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .unwrap_or_else(|| "NULL".into());
+        // The id as text only when an error needs it.
+        let id_for_errors = id.clone();
+        let id_text = || {
+            id_for_errors
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_else(|| "NULL".into())
+        };
         let mut headers: Vec<Header> = Vec::with_capacity(8);
         if let Some(id) = &id {
             headers.push(Header {
@@ -884,6 +891,7 @@ impl Router {
         }
         let payload_bytes = payload.as_ref().map(|c| c.bytes.clone());
         let unroutable = |reason: Reason, what: &str, headers: &[Header]| {
+            let id_text = id_text();
             Error::permanent(format!(
                 "outbox row in {table} (id {id_text}, commit LSN {source_lsn}) cannot be published: {what}"
             ))
@@ -1020,13 +1028,27 @@ impl Router {
         if let Some(name) = &self.headers.source_lsn {
             headers.push(Header {
                 name: name.clone(),
-                value: Bytes::from(source_lsn.to_string()),
+                value: match &self.lsn_header {
+                    Some((lsn, v)) if *lsn == source_lsn => v.clone(),
+                    _ => {
+                        let v = Bytes::from(source_lsn.to_string());
+                        self.lsn_header = Some((source_lsn, v.clone()));
+                        v
+                    }
+                },
             });
         }
         if let Some(name) = &self.headers.commit_time {
             headers.push(Header {
                 name: name.clone(),
-                value: Bytes::from(rfc3339(commit_time_micros)),
+                value: match &self.time_header {
+                    Some((t, v)) if *t == commit_time_micros => v.clone(),
+                    _ => {
+                        let v = Bytes::from(rfc3339(commit_time_micros));
+                        self.time_header = Some((commit_time_micros, v.clone()));
+                        v
+                    }
+                },
             });
         }
         let (traceparent, tracestate) = match row.take(slot::TRACING) {
