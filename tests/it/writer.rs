@@ -606,3 +606,258 @@ async fn writer_migrations_upgrade_an_earlier_outbox_table() -> Result<()> {
     db.drop(env).await?;
     Ok(())
 }
+
+/// Partition names `outbox_pYYYYMMDD` of the days `offsets` from today (UTC).
+async fn day_partitions(c: &tokio_postgres::Client, offsets: &[i32]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for d in offsets {
+        out.push(
+            c.query_one(
+                "SELECT 'outbox_p' || to_char((now() AT TIME ZONE 'UTC')::date + $1::int, 'YYYYMMDD')",
+                &[d],
+            )
+            .await?
+            .get(0),
+        );
+    }
+    Ok(out)
+}
+
+/// The partitions attached to `outbox`, by name.
+async fn attached(c: &tokio_postgres::Client) -> Result<Vec<String>> {
+    Ok(c.query(
+        "SELECT c.relname::text FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid \
+         WHERE h.inhparent = 'outbox'::regclass ORDER BY 1",
+        &[],
+    )
+    .await?
+    .iter()
+    .map(|r| r.get(0))
+    .collect())
+}
+
+/// Whether a table of that name exists (attached or not).
+async fn table_exists(c: &tokio_postgres::Client, name: &str) -> Result<bool> {
+    Ok(
+        c.query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&name])
+            .await?
+            .get(0),
+    )
+}
+
+/// `n` events written straight into the partition of day `day` (from today,
+/// UTC; `created_at` at noon), as an application whose clock said so would.
+async fn old_events(c: &tokio_postgres::Client, day: i32, n: usize) -> Result<Vec<String>> {
+    let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::new_v4()).collect();
+    let keys: Vec<String> = (0..n).map(|i| format!("w-{}", i % 7)).collect();
+    c.execute(
+        "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload, created_at) \
+         SELECT i, 'Payment', k, 'Old', jsonb_build_object('day', $3::int), \
+                ((now() AT TIME ZONE 'UTC')::date + $3::int)::timestamp AT TIME ZONE 'UTC' + interval '12 hours' \
+         FROM unnest($1::uuid[], $2::text[]) AS u(i, k)",
+        &[&ids, &keys, &day],
+    )
+    .await?;
+    Ok(ids.iter().map(|i| i.to_string()).collect())
+}
+
+/// `walcast outbox rotate` on the range-partitioned outbox
+/// (`migrations::Layout::RangePartitioned`), with the publication walcast
+/// creates itself (via the root): the migration makes today and 3 days
+/// ahead, rotate creates up to --ahead; walcast relays inserts into every
+/// partition through the root's route (`writer.enqueue` into today's, rows
+/// of old days). With walcast running, the old partitions are dropped and
+/// their events are in Kafka. With walcast stopped, rotate detaches the old
+/// partition but drops nothing (exit 1) and its rows stay readable; a dry
+/// run lists the pending drop and changes nothing. Started right after
+/// walcast, rotate drops that partition only once its events were appended
+/// to Kafka (topics stamped with `LogAppendTime`, compared with when rotate
+/// returned), although walcast decoded them after the detach. In the end
+/// every event is in Kafka, and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_rotate_drops_partitions_only_after_their_events_are_in_kafka() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create_on(env, env.pg_port, "rotate", false).await?;
+    let client = db.admin(env).await?;
+    migrations::apply(&client, migrations::Layout::RangePartitioned).await?;
+    migrations::apply(&client, migrations::Layout::RangePartitioned).await?;
+    // walcast creates the publication: it must own the table and may create
+    // in the database.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE outbox OWNER TO {u}; GRANT CREATE ON DATABASE {d} TO {u}",
+            u = env.repl_user,
+            d = db.name
+        ))
+        .await?;
+    assert_eq!(
+        attached(&client).await?,
+        day_partitions(&client, &[0, 1, 2, 3]).await?,
+        "the migration makes today and 3 days ahead"
+    );
+    // Three old days (10, 9 and 8 days ago).
+    client
+        .batch_execute(
+            "DO $$ DECLARE d date; BEGIN FOR i IN -10..-8 LOOP \
+               d := (now() AT TIME ZONE 'UTC')::date + i; \
+               EXECUTE format('CREATE TABLE %I PARTITION OF outbox FOR VALUES FROM (%L) TO (%L)', \
+                 'outbox_p' || to_char(d, 'YYYYMMDD'), d::text || ' 00:00:00+00', (d + 1)::text || ' 00:00:00+00'); \
+             END LOOP; END $$",
+        )
+        .await?;
+    let old = day_partitions(&client, &[-10, -9, -8]).await?;
+
+    let topic = format!("{}.Payment", db.topic_prefix);
+    walcast_tests::kafka::create_topics_with(
+        &env.kafka_bootstrap,
+        &[topic.as_str()],
+        3,
+        1,
+        &[("message.timestamp.type", "LogAppendTime")],
+    )
+    .await?;
+    let mut reader =
+        walcast_tests::kafka::TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    let state = tempfile::tempdir()?;
+    let cfg = library_config(env, &db, state.path()).set("postgres", "create_publication", "true");
+    let cfg_file = state.path().join("rotate.toml");
+    std::fs::write(&cfg_file, &cfg.toml)?;
+    let url = admin_url(env, &db);
+    let rotate = |extra: &[&str]| -> Result<(i32, String)> {
+        let mut args = vec![
+            "outbox",
+            "rotate",
+            "--config",
+            cfg_file.to_str().unwrap(),
+            "--database-url",
+            &url,
+            "--older-than",
+            "7d",
+            "--ahead",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        let (status, out) = Walcast::run_to_exit(&bin(), &args, Duration::from_secs(120))?;
+        Ok((status.code().unwrap_or(-1), out))
+    };
+
+    // 1. walcast running: events in old partitions and today's.
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    w.wait_streaming()?;
+    let mut all: HashSet<String> = HashSet::new();
+    all.extend(old_events(&client, -10, 15).await?);
+    all.extend(old_events(&client, -9, 15).await?);
+    let today: Vec<Event> = (0..10)
+        .map(|i| Event::new("Payment", format!("w-{i}"), "Today", json!({"i": i})))
+        .collect();
+    Outbox::default().enqueue_batch(&client, &today).await?;
+    all.extend(today.iter().map(|e| e.id.to_string()));
+    // 8 days ago is old too: it is dropped with the others.
+    let (code, out) = rotate(&["--wait-timeout", "60s"])?;
+    assert_eq!(code, 0, "{out}\n{}", w.log_text());
+    for p in &old {
+        assert!(out.contains(&format!("\"{p}\"")), "{p} not dropped:\n{out}");
+        assert!(!table_exists(&client, p).await?, "{p} still exists");
+    }
+    assert_eq!(
+        attached(&client).await?,
+        day_partitions(&client, &[0, 1, 2, 3, 4, 5]).await?,
+        "today and --ahead 5 days, nothing old"
+    );
+    assert!(
+        wait_ids(&mut reader, &all, Duration::from_secs(60))?,
+        "not every event arrived:\n{}",
+        w.log_text()
+    );
+
+    // 2. walcast stopped: events of an old day are not in Kafka yet.
+    w.kill9()?;
+    client
+        .batch_execute(
+            "DO $$ DECLARE d date := (now() AT TIME ZONE 'UTC')::date - 8; BEGIN \
+               EXECUTE format('CREATE TABLE %I PARTITION OF outbox FOR VALUES FROM (%L) TO (%L)', \
+                 'outbox_p' || to_char(d, 'YYYYMMDD'), d::text || ' 00:00:00+00', (d + 1)::text || ' 00:00:00+00'); \
+             END $$",
+        )
+        .await?;
+    let late_partition = old[2].clone();
+    let late = old_events(&client, -8, 20).await?;
+    all.extend(late.iter().cloned());
+    let (code, out) = rotate(&["--wait-timeout", "2s"])?;
+    assert_eq!(
+        code, 1,
+        "rotate must not drop while the slot is behind:\n{out}"
+    );
+    assert!(out.contains("Nothing was dropped"), "{out}");
+    assert!(
+        table_exists(&client, &late_partition).await?,
+        "dropped although walcast was stopped"
+    );
+    assert!(
+        !attached(&client).await?.contains(&late_partition),
+        "left detached"
+    );
+    let kept: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {late_partition}"), &[])
+        .await?
+        .get(0);
+    assert_eq!(kept, 20, "the detached partition keeps its rows");
+    let (code, out) = rotate(&["--dry-run"])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("was detached earlier")
+            && out.contains(&format!("DROP TABLE \"public\".\"{late_partition}\"")),
+        "{out}"
+    );
+    assert!(
+        table_exists(&client, &late_partition).await?,
+        "a dry run changes nothing"
+    );
+
+    // 3. walcast started, rotate at once: it drops only after the slot passed
+    // the detach position, so after the events were appended to Kafka.
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    let (code, out) = rotate(&["--wait-timeout", "60s"])?;
+    let returned_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
+    assert_eq!(code, 0, "{out}\n{}", w.log_text());
+    assert!(
+        out.contains(&format!("dropped \"public\".\"{late_partition}\"")),
+        "{out}"
+    );
+    assert!(!table_exists(&client, &late_partition).await?);
+    assert!(
+        wait_ids(&mut reader, &all, Duration::from_secs(60))?,
+        "events were lost:\n{}",
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(10))?;
+    // The first append of each event (a restart may append it again).
+    let mut appended: HashMap<String, i64> = HashMap::new();
+    for r in &reader.records {
+        let at = r.appended_ms.expect("LogAppendTime");
+        let e = appended.entry(r.header("id").unwrap()).or_insert(at);
+        *e = (*e).min(at);
+    }
+    for id in &late {
+        let at = appended[id];
+        assert!(
+            at <= returned_ms,
+            "partition {late_partition} was dropped (rotate returned at {returned_ms}) before event {id} was appended to Kafka ({at})"
+        );
+    }
+    assert_eq!(appended.len(), all.len(), "every event, none other");
+    assert!(
+        reader
+            .records
+            .iter()
+            .all(|r| r.topic == topic && r.key_str().starts_with("w-")),
+        "every partition's rows follow the root's route"
+    );
+    w.kill9()?;
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
+}

@@ -21,6 +21,9 @@
 //!   the protobuf `walcast.v1.Envelope`.
 //! - [`prune`]: delete old rows of the insert mode without ever deleting a row
 //!   whose event walcast has not confirmed.
+//! - [`rotate`]: for an outbox range-partitioned by `created_at`, create
+//!   daily partitions ahead and drop old ones only after walcast confirmed
+//!   their events.
 //!
 //! **Durability contract.** `enqueue` only executes statements on the client
 //! it is given; it never commits. Pass a [`Transaction`](tokio_postgres::Transaction)
@@ -39,8 +42,10 @@ use uuid::Uuid;
 
 pub mod migrations;
 mod prune;
+mod rotate;
 
 pub use prune::{prune, PruneOptions, PruneReport};
+pub use rotate::{plan as rotate_plan, rotate, RotateOptions, RotatePlan, RotateReport};
 
 /// Errors of the outbox writer.
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +71,32 @@ pub enum Error {
     /// A table name that is not `name` or `schema.name` of `[A-Za-z0-9_]`.
     #[error("outbox: invalid table name {0:?}: use name or schema.name of letters, digits and _")]
     InvalidTable(String),
-    /// Pruning found no replication slot of that name.
-    #[error("outbox prune: replication slot {0:?} does not exist; pruning needs the slot walcast confirms on (postgres.slot)")]
+    /// Pruning or rotation found no replication slot of that name.
+    #[error("outbox: replication slot {0:?} does not exist; pruning and partition rotation need the slot walcast confirms on (postgres.slot)")]
     SlotMissing(String),
+    /// A table [`rotate`] cannot rotate.
+    #[error("outbox rotate: {table} cannot be rotated: {reason}. Rotation needs an outbox partitioned by RANGE (created_at) (migrations/0001_outbox_range_partitioned.sql)")]
+    NotRotatable {
+        /// The table.
+        table: String,
+        /// Why.
+        reason: String,
+    },
+    /// Rotation detached old partitions but the slot did not confirm their
+    /// position in time: nothing was dropped.
+    #[error("outbox rotate: slot {slot:?} confirmed {confirmed} but the detached partitions {tables:?} are only safe to drop once it reaches {needed}; waited {waited_ms} ms. Nothing was dropped: they stay detached (their rows readable under their own names) and the next rotation drops them once walcast has caught up. Is walcast running and keeping up? Retry later or raise --wait-timeout")]
+    DropPending {
+        /// The slot.
+        slot: String,
+        /// Its confirmed_flush_lsn (or "none").
+        confirmed: String,
+        /// The position it must reach.
+        needed: String,
+        /// How long rotation waited.
+        waited_ms: u128,
+        /// The detached partitions waiting to be dropped.
+        tables: Vec<String>,
+    },
     /// Pruning waited too long for walcast to confirm the current position.
     #[error("outbox prune: slot {slot:?} confirmed {confirmed} but rows are only safe to delete once it reaches {needed}; waited {waited_ms} ms. Is walcast running and keeping up? Retry later or raise --wait-timeout")]
     SlotBehind {
