@@ -6,8 +6,8 @@
 //!   aggregate id) and the consumer's `processed_events` table, as plain SQL
 //!   files (`crates/outbox/migrations/`) and applied from Rust.
 //! - [`Event`]: id (UUID v7 by default), aggregate type and id, event type,
-//!   payload (JSON or raw bytes), correlation id, `traceparent`, and (table-less
-//!   mode only) other headers.
+//!   payload (JSON, raw bytes or a [`prost`] message), correlation id,
+//!   `traceparent`, and (table-less mode only) other headers.
 //! - [`migrations::WALCAST_CONFIG`]: the walcast `[outbox]` routes under which
 //!   every mode gives the same Kafka record (headers `id`, `type`,
 //!   `correlation_id`, `traceparent`).
@@ -44,6 +44,8 @@ pub mod migrations;
 mod prune;
 mod rotate;
 
+/// The `prost` this crate encodes [`Event::prost`] payloads with.
+pub use prost;
 pub use prune::{prune, PruneOptions, PruneReport};
 pub use rotate::{plan as rotate_plan, rotate, RotateOptions, RotatePlan, RotateReport};
 
@@ -134,7 +136,15 @@ pub enum Payload {
     /// Raw bytes: for a `bytea` payload column they are stored as they are;
     /// for a `jsonb` column they must be UTF-8 JSON text.
     Bytes(Vec<u8>),
+    /// An encoded protobuf message ([`Event::prost`], [`Event::with_prost`]):
+    /// the bytes of a `bytea` payload column, or the envelope's `payload`
+    /// (`content_type` [`PROTOBUF_CONTENT_TYPE`]) in [`Mode::Message`]. A
+    /// `jsonb` column cannot hold it ([`Error::InvalidEvent`]).
+    Protobuf(Vec<u8>),
 }
+
+/// The envelope's `content_type` of a [`Payload::Protobuf`].
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
 
 /// Header key the correlation id is stored under.
 pub const CORRELATION_ID_HEADER: &str = "correlation_id";
@@ -220,6 +230,30 @@ impl Event {
             event_type,
             serde_json::to_value(payload)?,
         ))
+    }
+
+    /// A new event (as [`Event::new`]) whose payload is the protobuf
+    /// encoding of `message` ([`Payload::Protobuf`]); consumers decode the
+    /// record's value with the same message type.
+    pub fn prost<M: prost::Message>(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        message: &M,
+    ) -> Event {
+        Event::new(
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            serde_json::Value::Null,
+        )
+        .with_prost(message)
+    }
+
+    /// Replaces the payload with the protobuf encoding of `message`.
+    pub fn with_prost<M: prost::Message>(mut self, message: &M) -> Event {
+        self.payload = Payload::Protobuf(message.encode_to_vec());
+        self
     }
 
     /// Replaces the id (for example a v4 id, or an id derived from a request
@@ -448,7 +482,15 @@ impl Outbox {
                 (PayloadColumn::Bytea, Payload::Json(v)) => {
                     byte_payloads.push(v.to_string().into_bytes())
                 }
-                (PayloadColumn::Bytea, Payload::Bytes(b)) => byte_payloads.push(b.clone()),
+                (PayloadColumn::Jsonb, Payload::Protobuf(_)) => {
+                    return Err(Error::InvalidEvent {
+                        id: e.id,
+                        reason: "a protobuf payload needs a bytea payload column (Outbox::payload_column(PayloadColumn::Bytea)) or Mode::Message; this outbox's payload column is jsonb".into(),
+                    })
+                }
+                (PayloadColumn::Bytea, Payload::Bytes(b) | Payload::Protobuf(b)) => {
+                    byte_payloads.push(b.clone())
+                }
             }
         }
         let payloads: &(dyn tokio_postgres::types::ToSql + Sync) = match self.payload {
@@ -500,7 +542,7 @@ impl Outbox {
             .iter()
             .map(|e| match &e.payload {
                 Payload::Json(v) => Some(v.to_string()),
-                Payload::Bytes(_) => None,
+                Payload::Bytes(_) | Payload::Protobuf(_) => None,
             })
             .collect();
         let rendered: Vec<Option<String>> = if json.iter().any(Option::is_some) {
@@ -546,12 +588,14 @@ impl Outbox {
 /// The `walcast.v1.Envelope` of an event ([`Mode::Message`]'s content):
 /// correlation id and traceparent in their own fields, the other headers in
 /// `headers`; a JSON payload as its compact text with `content_type`
-/// `application/json` ([`Mode::Message`] writes it as `jsonb` renders it);
+/// `application/json` ([`Mode::Message`] writes it as `jsonb` renders it),
+/// a protobuf payload as its bytes with [`PROTOBUF_CONTENT_TYPE`];
 /// `timestamp_unix_micros` 0 means the commit time.
 pub fn envelope(e: &Event, timestamp_unix_micros: i64) -> walcast_envelope::Envelope {
     let (payload, content_type) = match &e.payload {
         Payload::Json(v) => (v.to_string().into_bytes(), "application/json"),
         Payload::Bytes(b) => (b.clone(), ""),
+        Payload::Protobuf(b) => (b.clone(), PROTOBUF_CONTENT_TYPE),
     };
     walcast_envelope::Envelope {
         event_id: e.id.to_string(),
@@ -619,6 +663,24 @@ mod tests {
         set_traceparent_source(tp);
         let e = Event::new("Order", "1", "Created", serde_json::json!({}));
         assert_eq!(e.headers.get(TRACEPARENT_HEADER), tp().as_ref());
+    }
+
+    #[test]
+    fn prost_payloads_are_encoded() {
+        let header = walcast_envelope::Header {
+            key: "k".into(),
+            value: vec![0xff, 0],
+        };
+        let e = Event::prost("Order", "1", "Created", &header);
+        assert_eq!(
+            e.payload,
+            Payload::Protobuf(prost::Message::encode_to_vec(&header))
+        );
+        let env = envelope(&e, 0);
+        assert_eq!(env.content_type, PROTOBUF_CONTENT_TYPE);
+        let back: walcast_envelope::Header =
+            prost::Message::decode(env.payload.as_slice()).unwrap();
+        assert_eq!(back, header);
     }
 
     #[test]
