@@ -996,3 +996,182 @@ async fn writer_prost_payload_arrives_and_decodes_in_every_mode() -> Result<()> 
     db.drop(env).await?;
     Ok(())
 }
+
+/// The `sqlx` entry point (`walcast-outbox` feature `sqlx`): through a
+/// `sqlx::Transaction<'_, Postgres>`, an event and its business row roll
+/// back together (explicit rollback, a transaction aborted by a failing
+/// business statement after the enqueue, and one dropped without commit) or
+/// commit together, in every mode, single and batch; `&mut PgConnection` and
+/// `&PgPool` write in autocommit. Through the real walcast, exactly the
+/// committed events reach Kafka with the same records as the tokio-postgres
+/// entry point gives (topic, key, value, headers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_sqlx_events_commit_or_roll_back_with_the_business_rows() -> Result<()> {
+    use sqlx::Connection as _;
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = library_db(env, "sqlx", migrations::Layout::Plain).await?;
+    let mut reader = reader(env, &db).await?;
+    let state = tempfile::tempdir()?;
+    let mut w = Walcast::start(
+        &bin(),
+        state.path(),
+        &library_config(env, &db, state.path()),
+    )?;
+    w.wait_streaming()?;
+    let url = format!(
+        "postgres://{}:{}@{}:{}/{}",
+        env.admin_user, env.admin_password, env.pg_host, db.port, db.name
+    );
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    let event = |n: usize| {
+        Event::new(
+            "Payment",
+            format!("w-{n}"),
+            "WithdrawalRequested",
+            json!({"withdrawal": format!("w-{n}"), "amountCents": n}),
+        )
+        .correlation_id(format!("corr-{n}"))
+        .traceparent(format!("00-{:032x}-{:016x}-01", n + 1, n + 7))
+    };
+    let insert = Outbox::default();
+    let modes = [
+        insert.clone(),
+        Outbox::default().mode(Mode::InsertDelete),
+        Outbox::default().mode(Mode::Message),
+    ];
+    let business = |id: String| {
+        sqlx::query("INSERT INTO withdrawal (id, amount_cents) VALUES ($1, 1)").bind(id)
+    };
+
+    // Rolled back: explicitly, by a failing business statement, by a drop.
+    let mut gone = Vec::new();
+    for (i, outbox) in modes.iter().enumerate() {
+        let e = event(10 + i);
+        let mut tx = conn.begin().await?;
+        business(e.aggregate_id.clone()).execute(&mut *tx).await?;
+        outbox.enqueue_sqlx(&mut tx, &e).await?;
+        tx.rollback().await?;
+        gone.push(e);
+
+        let e = event(20 + i);
+        let mut tx = conn.begin().await?;
+        outbox.enqueue_sqlx(&mut tx, &e).await?;
+        assert!(
+            sqlx::query("INSERT INTO withdrawal VALUES ('dup', 1), ('dup', 2)")
+                .execute(&mut *tx)
+                .await
+                .is_err(),
+            "the duplicate key must fail"
+        );
+        // Postgres answers COMMIT of an aborted transaction with ROLLBACK.
+        let _ = tx.commit().await;
+        gone.push(e);
+
+        let e = event(30 + i);
+        {
+            let mut tx = conn.begin().await?;
+            business(e.aggregate_id.clone()).execute(&mut *tx).await?;
+            outbox
+                .enqueue_batch_sqlx(&mut tx, std::slice::from_ref(&e))
+                .await?;
+        }
+        gone.push(e);
+    }
+    // Committed: a single event with its row, and a batch, in each mode.
+    let mut committed = Vec::new();
+    for (i, outbox) in modes.iter().enumerate() {
+        let e = event(40 + i);
+        let mut tx = conn.begin().await?;
+        business(e.aggregate_id.clone()).execute(&mut *tx).await?;
+        outbox.enqueue_sqlx(&mut tx, &e).await?;
+        let batch: Vec<Event> = (0..50).map(|j| event(100 + j % 5)).collect();
+        assert_eq!(outbox.enqueue_batch_sqlx(&mut tx, &batch).await?, 50);
+        tx.commit().await?;
+        committed.push(e);
+        committed.extend(batch);
+    }
+    // Autocommit on a connection and on a pool.
+    let e = event(50);
+    insert.enqueue_sqlx(&mut conn, &e).await?;
+    committed.push(e);
+    let pool = sqlx::PgPool::connect(&url).await?;
+    let e = event(51);
+    modes[2].enqueue_sqlx(&pool, &e).await?;
+    committed.push(e);
+    // The tokio-postgres entry point, for the same record.
+    let client = db.admin(env).await?;
+    let reference = event(40);
+    insert.enqueue(&client, &reference).await?;
+
+    let rows: Vec<String> = sqlx::query_scalar("SELECT id FROM withdrawal ORDER BY id")
+        .fetch_all(&mut conn)
+        .await?;
+    assert_eq!(
+        rows,
+        vec!["w-40", "w-41", "w-42"],
+        "only the committed business rows"
+    );
+    let in_table: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&mut conn)
+        .await?;
+    assert_eq!(
+        in_table,
+        1 + 50 + 1 + 1,
+        "insert mode rows only (and the reference)"
+    );
+
+    let mut want: HashSet<String> = committed.iter().map(|e| e.id.to_string()).collect();
+    want.insert(reference.id.to_string());
+    assert!(
+        wait_ids(&mut reader, &want, Duration::from_secs(60))?,
+        "not every committed event arrived:\n{}",
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(10))?;
+    let got = by_id(&reader.records);
+    for e in &gone {
+        assert!(
+            !got.contains_key(&e.id.to_string()),
+            "event {} of an uncommitted transaction reached Kafka",
+            e.aggregate_id
+        );
+    }
+    assert_eq!(got.len(), want.len(), "exactly the committed events");
+    let shape = |r: &Record| {
+        (
+            r.topic.clone(),
+            r.key_str(),
+            r.value.clone(),
+            r.header("type"),
+            r.header("correlation_id"),
+            r.header("traceparent"),
+        )
+    };
+    let want_shape = shape(got[&reference.id.to_string()]);
+    for e in &committed[..1] {
+        assert_eq!(
+            shape(got[&e.id.to_string()]),
+            want_shape,
+            "sqlx gives the same record"
+        );
+    }
+    for e in &committed {
+        let r = got[&e.id.to_string()];
+        assert_eq!(r.key_str(), e.aggregate_id);
+        let walcast_outbox::Payload::Json(v) = &e.payload else {
+            unreachable!()
+        };
+        assert_eq!(&r.json(), v);
+        assert_eq!(
+            r.header("correlation_id"),
+            e.headers.get("correlation_id").cloned()
+        );
+    }
+    pool.close().await;
+    conn.close().await?;
+    w.kill9()?;
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
+}

@@ -15,6 +15,10 @@
 //!   over tokio-postgres [`Client`](tokio_postgres::Client) and
 //!   [`Transaction`](tokio_postgres::Transaction) ([`GenericClient`]); a batch
 //!   is one statement (`UNNEST`), so one round trip.
+//! - With the `sqlx` feature, `Outbox::enqueue_sqlx` /
+//!   `Outbox::enqueue_batch_sqlx`: the same over sqlx, one generic entry
+//!   point over `sqlx::Acquire` (`&mut Transaction<'_, Postgres>`,
+//!   `&mut PgConnection`, `&PgPool`).
 //! - [`Mode`]: insert, or insert-then-delete in the same transaction (the
 //!   table stays empty; the WAL still carries the insert, which is all walcast
 //!   reads), or table-less: a transactional logical decoding message carrying
@@ -43,6 +47,8 @@ use uuid::Uuid;
 pub mod migrations;
 mod prune;
 mod rotate;
+#[cfg(feature = "sqlx")]
+mod sqlx_support;
 
 /// The `prost` this crate encodes [`Event::prost`] payloads with.
 pub use prost;
@@ -61,6 +67,17 @@ pub enum Error {
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
+    },
+    /// sqlx returned an error (feature `sqlx`; the caller's transaction is
+    /// then aborted, like for any failed statement).
+    #[cfg(feature = "sqlx")]
+    #[error("outbox: {context}: {source}")]
+    Sqlx {
+        /// What was being done.
+        context: String,
+        /// sqlx's error (it includes the server's message).
+        #[source]
+        source: sqlx::Error,
     },
     /// An event that cannot be written as configured.
     #[error("outbox: invalid event {id}: {reason}")]
@@ -436,6 +453,95 @@ impl Outbox {
         if self.mode == Mode::Message {
             return self.emit_messages(client, events).await;
         }
+        let rows = self.rows(events)?;
+        let payloads: &(dyn tokio_postgres::types::ToSql + Sync) = match &rows.payloads {
+            Payloads::Text(t) => t,
+            Payloads::Bytes(b) => b,
+        };
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &rows.ids,
+            &rows.types,
+            &rows.keys,
+            &rows.etypes,
+            payloads,
+            &rows.correlation_ids,
+            &rows.traceparents,
+        ];
+        let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&rows.ids, &rows.keys];
+        let insert = client.execute(self.insert_sql.as_str(), &insert_params);
+        match self.mode {
+            Mode::Insert | Mode::Message => insert
+                .await
+                .map_err(db(format!("INSERT INTO {}", self.table))),
+            Mode::InsertDelete => {
+                // Strictly one after the other: pipelining the two (joining
+                // the futures) lets the DELETE run before the INSERT, because
+                // each statement is prepared first and the executes then go
+                // out in whichever order the futures are polled.
+                let n = insert
+                    .await
+                    .map_err(db(format!("INSERT INTO {}", self.table)))?;
+                client
+                    .execute(self.delete_sql.as_str(), &delete_params)
+                    .await
+                    .map_err(db(format!("DELETE FROM {}", self.table)))?;
+                Ok(n)
+            }
+        }
+    }
+}
+
+impl Outbox {
+    async fn emit_messages<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        events: &[Event],
+    ) -> Result<u64> {
+        // JSON payloads as Postgres' jsonb renders them: the same bytes the
+        // table modes' jsonb column gives walcast.
+        let json = json_texts(events);
+        let rendered: Vec<Option<String>> = if json.iter().any(Option::is_some) {
+            client
+                .query(RENDER_JSONB_SQL, &[&json])
+                .await
+                .map_err(db("rendering JSON payloads as jsonb"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            json
+        };
+        let contents = message_contents(events, rendered);
+        client
+            .execute(EMIT_SQL, &[&self.prefix, &contents])
+            .await
+            .map_err(db("pg_logical_emit_message"))
+    }
+}
+
+/// The payload column's values of a batch.
+pub(crate) enum Payloads {
+    /// For a `jsonb` column (cast from text).
+    Text(Vec<String>),
+    /// For a `bytea` column.
+    Bytes(Vec<Vec<u8>>),
+}
+
+/// A batch as the column arrays the INSERT unnests.
+pub(crate) struct Rows<'a> {
+    pub(crate) ids: Vec<Uuid>,
+    pub(crate) types: Vec<&'a str>,
+    pub(crate) keys: Vec<&'a str>,
+    pub(crate) etypes: Vec<&'a str>,
+    pub(crate) payloads: Payloads,
+    pub(crate) correlation_ids: Vec<Option<&'a str>>,
+    pub(crate) traceparents: Vec<Option<&'a str>>,
+}
+
+impl Outbox {
+    /// Checks the events for the table modes and lays them out as columns.
+    pub(crate) fn rows<'a>(&self, events: &'a [Event]) -> Result<Rows<'a>> {
         let mut ids = Vec::with_capacity(events.len());
         let mut types = Vec::with_capacity(events.len());
         let mut keys = Vec::with_capacity(events.len());
@@ -493,97 +599,56 @@ impl Outbox {
                 }
             }
         }
-        let payloads: &(dyn tokio_postgres::types::ToSql + Sync) = match self.payload {
-            PayloadColumn::Jsonb => &text_payloads,
-            PayloadColumn::Bytea => &byte_payloads,
-        };
-        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-            &ids,
-            &types,
-            &keys,
-            &etypes,
-            payloads,
-            &correlation_ids,
-            &traceparents,
-        ];
-        let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &keys];
-        let insert = client.execute(self.insert_sql.as_str(), &insert_params);
-        match self.mode {
-            Mode::Insert | Mode::Message => insert
-                .await
-                .map_err(db(format!("INSERT INTO {}", self.table))),
-            Mode::InsertDelete => {
-                // Strictly one after the other: pipelining the two (joining
-                // the futures) lets the DELETE run before the INSERT, because
-                // each statement is prepared first and the executes then go
-                // out in whichever order the futures are polled.
-                let n = insert
-                    .await
-                    .map_err(db(format!("INSERT INTO {}", self.table)))?;
-                client
-                    .execute(self.delete_sql.as_str(), &delete_params)
-                    .await
-                    .map_err(db(format!("DELETE FROM {}", self.table)))?;
-                Ok(n)
-            }
-        }
+        Ok(Rows {
+            ids,
+            types,
+            keys,
+            etypes,
+            payloads: match self.payload {
+                PayloadColumn::Jsonb => Payloads::Text(text_payloads),
+                PayloadColumn::Bytea => Payloads::Bytes(byte_payloads),
+            },
+            correlation_ids,
+            traceparents,
+        })
     }
 }
 
-impl Outbox {
-    async fn emit_messages<C: GenericClient + Sync>(
-        &self,
-        client: &C,
-        events: &[Event],
-    ) -> Result<u64> {
-        // JSON payloads as Postgres' jsonb renders them: the same bytes the
-        // table modes' jsonb column gives walcast.
-        let json: Vec<Option<String>> = events
-            .iter()
-            .map(|e| match &e.payload {
-                Payload::Json(v) => Some(v.to_string()),
-                Payload::Bytes(_) | Payload::Protobuf(_) => None,
-            })
-            .collect();
-        let rendered: Vec<Option<String>> = if json.iter().any(Option::is_some) {
-            client
-                .query(
-                    "SELECT p::jsonb::text FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n) ORDER BY n",
-                    &[&json],
-                )
-                .await
-                .map_err(db("rendering JSON payloads as jsonb"))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
-        } else {
-            json
-        };
-        // Timestamp 0: walcast uses the commit time, as for the table modes.
-        let contents: Vec<Vec<u8>> = events
-            .iter()
-            .zip(rendered)
-            .map(|(e, text)| {
-                let mut env = envelope(e, 0);
-                if let Some(text) = text {
-                    env.payload = text.into_bytes();
-                }
-                walcast_envelope::encode(&env)
-            })
-            .collect();
-        // unnest yields the array in order, so the messages are written in
-        // slice order.
-        let n = client
-            .execute(
-                "SELECT pg_catalog.pg_logical_emit_message(true, $1::text, c) \
-                 FROM unnest($2::bytea[]) WITH ORDINALITY AS u(c, n) ORDER BY n",
-                &[&self.prefix, &contents],
-            )
-            .await
-            .map_err(db("pg_logical_emit_message"))?;
-        Ok(n)
-    }
+/// [`Mode::Message`]: the JSON payloads to render as `jsonb` text (None for
+/// the others).
+pub(crate) fn json_texts(events: &[Event]) -> Vec<Option<String>> {
+    events
+        .iter()
+        .map(|e| match &e.payload {
+            Payload::Json(v) => Some(v.to_string()),
+            Payload::Bytes(_) | Payload::Protobuf(_) => None,
+        })
+        .collect()
 }
+
+/// [`Mode::Message`]'s message contents, with the JSON payloads as rendered.
+pub(crate) fn message_contents(events: &[Event], rendered: Vec<Option<String>>) -> Vec<Vec<u8>> {
+    // Timestamp 0: walcast uses the commit time, as for the table modes.
+    events
+        .iter()
+        .zip(rendered)
+        .map(|(e, text)| {
+            let mut env = envelope(e, 0);
+            if let Some(text) = text {
+                env.payload = text.into_bytes();
+            }
+            walcast_envelope::encode(&env)
+        })
+        .collect()
+}
+
+/// Renders JSON texts as Postgres' `jsonb` does, in order.
+pub(crate) const RENDER_JSONB_SQL: &str =
+    "SELECT p::jsonb::text FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n) ORDER BY n";
+/// Emits one transactional message per content, in order (`$1` prefix,
+/// `$2` contents): unnest yields the array in order.
+pub(crate) const EMIT_SQL: &str = "SELECT pg_catalog.pg_logical_emit_message(true, $1::text, c) \
+     FROM unnest($2::bytea[]) WITH ORDINALITY AS u(c, n) ORDER BY n";
 
 /// The `walcast.v1.Envelope` of an event ([`Mode::Message`]'s content):
 /// correlation id and traceparent in their own fields, the other headers in
