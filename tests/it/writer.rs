@@ -647,7 +647,11 @@ async fn table_exists(c: &tokio_postgres::Client, name: &str) -> Result<bool> {
 
 /// `n` events written straight into the partition of day `day` (from today,
 /// UTC; `created_at` at noon), as an application whose clock said so would.
-async fn old_events(c: &tokio_postgres::Client, day: i32, n: usize) -> Result<Vec<String>> {
+async fn old_events(
+    c: &impl tokio_postgres::GenericClient,
+    day: i32,
+    n: usize,
+) -> Result<Vec<String>> {
     let ids: Vec<uuid::Uuid> = (0..n).map(|_| uuid::Uuid::new_v4()).collect();
     let keys: Vec<String> = (0..n).map(|i| format!("w-{}", i % 7)).collect();
     c.execute(
@@ -669,7 +673,9 @@ async fn old_events(c: &tokio_postgres::Client, day: i32, n: usize) -> Result<Ve
 /// of old days). With walcast running, the old partitions are dropped and
 /// their events are in Kafka. With walcast stopped, rotate detaches the old
 /// partition but drops nothing (exit 1) and its rows stay readable; a dry
-/// run lists the pending drop and changes nothing. Started right after
+/// run lists the pending drop and changes nothing. While a transaction
+/// writing into the old partition is open, DETACH gives up after
+/// --lock-timeout (exit 1, still attached). Started right after
 /// walcast, rotate drops that partition only once its events were appended
 /// to Kafka (topics stamped with `LogAppendTime`, compared with when rotate
 /// returned), although walcast decoded them after the detach. In the end
@@ -782,7 +788,25 @@ async fn outbox_rotate_drops_partitions_only_after_their_events_are_in_kafka() -
         )
         .await?;
     let late_partition = old[2].clone();
-    let late = old_events(&client, -8, 20).await?;
+    let mut late = old_events(&client, -8, 20).await?;
+    // A transaction still writing into it: DETACH waits for its lock at most
+    // --lock-timeout (writers would queue behind it), then rotate exits 1 and
+    // the partition stays attached.
+    let mut other = db.admin(env).await?;
+    let open = other.transaction().await?;
+    late.extend(old_events(&open, -8, 1).await?);
+    let (code, out) = rotate(&["--wait-timeout", "2s", "--lock-timeout", "1s"])?;
+    assert_eq!(
+        code, 1,
+        "a DETACH that cannot get its lock gives up:\n{out}"
+    );
+    assert!(out.contains("--lock-timeout"), "{out}");
+    assert!(
+        attached(&client).await?.contains(&late_partition),
+        "still attached"
+    );
+    open.commit().await?;
+    drop(other);
     all.extend(late.iter().cloned());
     let (code, out) = rotate(&["--wait-timeout", "2s"])?;
     assert_eq!(
@@ -802,7 +826,7 @@ async fn outbox_rotate_drops_partitions_only_after_their_events_are_in_kafka() -
         .query_one(&format!("SELECT count(*) FROM {late_partition}"), &[])
         .await?
         .get(0);
-    assert_eq!(kept, 20, "the detached partition keeps its rows");
+    assert_eq!(kept, 21, "the detached partition keeps its rows");
     let (code, out) = rotate(&["--dry-run"])?;
     assert_eq!(code, 0, "{out}");
     assert!(

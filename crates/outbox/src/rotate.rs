@@ -53,8 +53,9 @@ pub struct RotateOptions {
     pub older_than: Duration,
     /// How long to wait for the slot to confirm the detach position.
     pub wait_timeout: Duration,
-    /// `lock_timeout` of each `DETACH` and `DROP`: while one waits for its
-    /// lock, the application's writes to the outbox queue behind it.
+    /// `lock_timeout` of each `CREATE … PARTITION OF`, `DETACH` and `DROP`:
+    /// while one waits for its lock, the application's writes to the outbox
+    /// queue behind it.
     pub lock_timeout: Duration,
 }
 
@@ -322,17 +323,22 @@ pub async fn rotate(client: &mut Client, opts: &RotateOptions) -> Result<RotateR
     let root = resolve(&*client, &opts.table).await?;
     let plan = plan_for(&*client, &root, opts).await?;
     let mut report = RotateReport::default();
-    for (p, sql) in &plan.create {
-        client
-            .batch_execute(sql)
-            .await
-            .map_err(db(format!("creating partition {p}")))?;
-        report.created.push(p.clone());
-    }
     let lock_timeout = format!(
         "SET LOCAL lock_timeout = '{}ms'",
         opts.lock_timeout.as_millis()
     );
+    for (p, sql) in &plan.create {
+        // CREATE … PARTITION OF locks the root too: bounded like DETACH.
+        let tx = client.transaction().await.map_err(db("BEGIN"))?;
+        tx.batch_execute(&lock_timeout)
+            .await
+            .map_err(db("SET LOCAL lock_timeout"))?;
+        tx.batch_execute(sql)
+            .await
+            .map_err(db(format!("creating partition {p}")))?;
+        tx.commit().await.map_err(db("COMMIT"))?;
+        report.created.push(p.clone());
+    }
     for p in &plan.detach {
         let tx = client.transaction().await.map_err(db("BEGIN"))?;
         tx.batch_execute(&lock_timeout)

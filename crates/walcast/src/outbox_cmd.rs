@@ -53,8 +53,8 @@ pub(crate) struct RotateArgs {
     /// How long to wait for the slot to confirm the position after the detach.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     wait_timeout: Duration,
-    /// lock_timeout of each DETACH and DROP (the application's writes to the
-    /// outbox wait behind a DETACH that waits for its lock).
+    /// lock_timeout of each CREATE, DETACH and DROP (the application's
+    /// writes to the outbox wait behind a DETACH that waits for its lock).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     lock_timeout: Duration,
     /// Print the SQL it would run and change nothing.
@@ -235,7 +235,7 @@ fn rotate_error(e: walcast_outbox::Error, table: &str) -> anyhow::Error {
             .with_hint("nothing was dropped; run it again when walcast has caught up")
             .into(),
         _ if lock_timeout => Error::retryable(format!("rotating {table}: {e}"))
-            .with_hint("a transaction on the outbox held its lock longer than --lock-timeout; nothing was detached or dropped by that statement; run it again")
+            .with_hint("a transaction on the outbox held its lock longer than --lock-timeout; that statement changed nothing; run it again")
             .into(),
         E::SlotMissing(_) | E::NotRotatable { .. } | E::InvalidTable(_) => {
             Error::operator(e.to_string()).into()
