@@ -6,8 +6,8 @@
 //!   aggregate id) and the consumer's `processed_events` table, as plain SQL
 //!   files (`crates/outbox/migrations/`) and applied from Rust.
 //! - [`Event`]: id (UUID v7 by default), aggregate type and id, event type,
-//!   payload (JSON or raw bytes), correlation id, `traceparent`, and (table-less
-//!   mode only) other headers.
+//!   payload (JSON, raw bytes or a [`prost`] message), correlation id,
+//!   `traceparent`, and (table-less mode only) other headers.
 //! - [`migrations::WALCAST_CONFIG`]: the walcast `[outbox]` routes under which
 //!   every mode gives the same Kafka record (headers `id`, `type`,
 //!   `correlation_id`, `traceparent`).
@@ -15,12 +15,19 @@
 //!   over tokio-postgres [`Client`](tokio_postgres::Client) and
 //!   [`Transaction`](tokio_postgres::Transaction) ([`GenericClient`]); a batch
 //!   is one statement (`UNNEST`), so one round trip.
+//! - With the `sqlx` feature, `Outbox::enqueue_sqlx` /
+//!   `Outbox::enqueue_batch_sqlx`: the same over sqlx, one generic entry
+//!   point over `sqlx::Acquire` (`&mut Transaction<'_, Postgres>`,
+//!   `&mut PgConnection`, `&PgPool`).
 //! - [`Mode`]: insert, or insert-then-delete in the same transaction (the
 //!   table stays empty; the WAL still carries the insert, which is all walcast
 //!   reads), or table-less: a transactional logical decoding message carrying
 //!   the protobuf `walcast.v1.Envelope`.
 //! - [`prune`]: delete old rows of the insert mode without ever deleting a row
 //!   whose event walcast has not confirmed.
+//! - [`rotate`]: for an outbox range-partitioned by `created_at`, create
+//!   daily partitions ahead and drop old ones only after walcast confirmed
+//!   their events.
 //!
 //! **Durability contract.** `enqueue` only executes statements on the client
 //! it is given; it never commits. Pass a [`Transaction`](tokio_postgres::Transaction)
@@ -39,8 +46,14 @@ use uuid::Uuid;
 
 pub mod migrations;
 mod prune;
+mod rotate;
+#[cfg(feature = "sqlx")]
+mod sqlx_support;
 
+/// The `prost` this crate encodes [`Event::prost`] payloads with.
+pub use prost;
 pub use prune::{prune, PruneOptions, PruneReport};
+pub use rotate::{plan as rotate_plan, rotate, RotateOptions, RotatePlan, RotateReport};
 
 /// Errors of the outbox writer.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +68,17 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// sqlx returned an error (feature `sqlx`; the caller's transaction is
+    /// then aborted, like for any failed statement).
+    #[cfg(feature = "sqlx")]
+    #[error("outbox: {context}: {source}")]
+    Sqlx {
+        /// What was being done.
+        context: String,
+        /// sqlx's error (it includes the server's message).
+        #[source]
+        source: sqlx::Error,
+    },
     /// An event that cannot be written as configured.
     #[error("outbox: invalid event {id}: {reason}")]
     InvalidEvent {
@@ -66,9 +90,32 @@ pub enum Error {
     /// A table name that is not `name` or `schema.name` of `[A-Za-z0-9_]`.
     #[error("outbox: invalid table name {0:?}: use name or schema.name of letters, digits and _")]
     InvalidTable(String),
-    /// Pruning found no replication slot of that name.
-    #[error("outbox prune: replication slot {0:?} does not exist; pruning needs the slot walcast confirms on (postgres.slot)")]
+    /// Pruning or rotation found no replication slot of that name.
+    #[error("outbox: replication slot {0:?} does not exist; pruning and partition rotation need the slot walcast confirms on (postgres.slot)")]
     SlotMissing(String),
+    /// A table [`rotate`] cannot rotate.
+    #[error("outbox rotate: {table} cannot be rotated: {reason}. Rotation needs an outbox partitioned by RANGE (created_at) (migrations/0001_outbox_range_partitioned.sql)")]
+    NotRotatable {
+        /// The table.
+        table: String,
+        /// Why.
+        reason: String,
+    },
+    /// Rotation detached old partitions but the slot did not confirm their
+    /// position in time: nothing was dropped.
+    #[error("outbox rotate: slot {slot:?} confirmed {confirmed} but the detached partitions {tables:?} are only safe to drop once it reaches {needed}; waited {waited_ms} ms. Nothing was dropped: they stay detached (their rows readable under their own names) and the next rotation drops them once walcast has caught up. Is walcast running and keeping up? Retry later or raise --wait-timeout")]
+    DropPending {
+        /// The slot.
+        slot: String,
+        /// Its confirmed_flush_lsn (or "none").
+        confirmed: String,
+        /// The position it must reach.
+        needed: String,
+        /// How long rotation waited.
+        waited_ms: u128,
+        /// The detached partitions waiting to be dropped.
+        tables: Vec<String>,
+    },
     /// Pruning waited too long for walcast to confirm the current position.
     #[error("outbox prune: slot {slot:?} confirmed {confirmed} but rows are only safe to delete once it reaches {needed}; waited {waited_ms} ms. Is walcast running and keeping up? Retry later or raise --wait-timeout")]
     SlotBehind {
@@ -106,7 +153,15 @@ pub enum Payload {
     /// Raw bytes: for a `bytea` payload column they are stored as they are;
     /// for a `jsonb` column they must be UTF-8 JSON text.
     Bytes(Vec<u8>),
+    /// An encoded protobuf message ([`Event::prost`], [`Event::with_prost`]):
+    /// the bytes of a `bytea` payload column, or the envelope's `payload`
+    /// (`content_type` [`PROTOBUF_CONTENT_TYPE`]) in [`Mode::Message`]. A
+    /// `jsonb` column cannot hold it ([`Error::InvalidEvent`]).
+    Protobuf(Vec<u8>),
 }
+
+/// The envelope's `content_type` of a [`Payload::Protobuf`].
+pub const PROTOBUF_CONTENT_TYPE: &str = "application/x-protobuf";
 
 /// Header key the correlation id is stored under.
 pub const CORRELATION_ID_HEADER: &str = "correlation_id";
@@ -192,6 +247,30 @@ impl Event {
             event_type,
             serde_json::to_value(payload)?,
         ))
+    }
+
+    /// A new event (as [`Event::new`]) whose payload is the protobuf
+    /// encoding of `message` ([`Payload::Protobuf`]); consumers decode the
+    /// record's value with the same message type.
+    pub fn prost<M: prost::Message>(
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        message: &M,
+    ) -> Event {
+        Event::new(
+            aggregate_type,
+            aggregate_id,
+            event_type,
+            serde_json::Value::Null,
+        )
+        .with_prost(message)
+    }
+
+    /// Replaces the payload with the protobuf encoding of `message`.
+    pub fn with_prost<M: prost::Message>(mut self, message: &M) -> Event {
+        self.payload = Payload::Protobuf(message.encode_to_vec());
+        self
     }
 
     /// Replaces the id (for example a v4 id, or an id derived from a request
@@ -374,6 +453,95 @@ impl Outbox {
         if self.mode == Mode::Message {
             return self.emit_messages(client, events).await;
         }
+        let rows = self.rows(events)?;
+        let payloads: &(dyn tokio_postgres::types::ToSql + Sync) = match &rows.payloads {
+            Payloads::Text(t) => t,
+            Payloads::Bytes(b) => b,
+        };
+        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+            &rows.ids,
+            &rows.types,
+            &rows.keys,
+            &rows.etypes,
+            payloads,
+            &rows.correlation_ids,
+            &rows.traceparents,
+        ];
+        let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+            [&rows.ids, &rows.keys];
+        let insert = client.execute(self.insert_sql.as_str(), &insert_params);
+        match self.mode {
+            Mode::Insert | Mode::Message => insert
+                .await
+                .map_err(db(format!("INSERT INTO {}", self.table))),
+            Mode::InsertDelete => {
+                // Strictly one after the other: pipelining the two (joining
+                // the futures) lets the DELETE run before the INSERT, because
+                // each statement is prepared first and the executes then go
+                // out in whichever order the futures are polled.
+                let n = insert
+                    .await
+                    .map_err(db(format!("INSERT INTO {}", self.table)))?;
+                client
+                    .execute(self.delete_sql.as_str(), &delete_params)
+                    .await
+                    .map_err(db(format!("DELETE FROM {}", self.table)))?;
+                Ok(n)
+            }
+        }
+    }
+}
+
+impl Outbox {
+    async fn emit_messages<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        events: &[Event],
+    ) -> Result<u64> {
+        // JSON payloads as Postgres' jsonb renders them: the same bytes the
+        // table modes' jsonb column gives walcast.
+        let json = json_texts(events);
+        let rendered: Vec<Option<String>> = if json.iter().any(Option::is_some) {
+            client
+                .query(RENDER_JSONB_SQL, &[&json])
+                .await
+                .map_err(db("rendering JSON payloads as jsonb"))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            json
+        };
+        let contents = message_contents(events, rendered);
+        client
+            .execute(EMIT_SQL, &[&self.prefix, &contents])
+            .await
+            .map_err(db("pg_logical_emit_message"))
+    }
+}
+
+/// The payload column's values of a batch.
+pub(crate) enum Payloads {
+    /// For a `jsonb` column (cast from text).
+    Text(Vec<String>),
+    /// For a `bytea` column.
+    Bytes(Vec<Vec<u8>>),
+}
+
+/// A batch as the column arrays the INSERT unnests.
+pub(crate) struct Rows<'a> {
+    pub(crate) ids: Vec<Uuid>,
+    pub(crate) types: Vec<&'a str>,
+    pub(crate) keys: Vec<&'a str>,
+    pub(crate) etypes: Vec<&'a str>,
+    pub(crate) payloads: Payloads,
+    pub(crate) correlation_ids: Vec<Option<&'a str>>,
+    pub(crate) traceparents: Vec<Option<&'a str>>,
+}
+
+impl Outbox {
+    /// Checks the events for the table modes and lays them out as columns.
+    pub(crate) fn rows<'a>(&self, events: &'a [Event]) -> Result<Rows<'a>> {
         let mut ids = Vec::with_capacity(events.len());
         let mut types = Vec::with_capacity(events.len());
         let mut keys = Vec::with_capacity(events.len());
@@ -420,110 +588,79 @@ impl Outbox {
                 (PayloadColumn::Bytea, Payload::Json(v)) => {
                     byte_payloads.push(v.to_string().into_bytes())
                 }
-                (PayloadColumn::Bytea, Payload::Bytes(b)) => byte_payloads.push(b.clone()),
+                (PayloadColumn::Jsonb, Payload::Protobuf(_)) => {
+                    return Err(Error::InvalidEvent {
+                        id: e.id,
+                        reason: "a protobuf payload needs a bytea payload column (Outbox::payload_column(PayloadColumn::Bytea)) or Mode::Message; this outbox's payload column is jsonb".into(),
+                    })
+                }
+                (PayloadColumn::Bytea, Payload::Bytes(b) | Payload::Protobuf(b)) => {
+                    byte_payloads.push(b.clone())
+                }
             }
         }
-        let payloads: &(dyn tokio_postgres::types::ToSql + Sync) = match self.payload {
-            PayloadColumn::Jsonb => &text_payloads,
-            PayloadColumn::Bytea => &byte_payloads,
-        };
-        let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-            &ids,
-            &types,
-            &keys,
-            &etypes,
-            payloads,
-            &correlation_ids,
-            &traceparents,
-        ];
-        let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&ids, &keys];
-        let insert = client.execute(self.insert_sql.as_str(), &insert_params);
-        match self.mode {
-            Mode::Insert | Mode::Message => insert
-                .await
-                .map_err(db(format!("INSERT INTO {}", self.table))),
-            Mode::InsertDelete => {
-                // Strictly one after the other: pipelining the two (joining
-                // the futures) lets the DELETE run before the INSERT, because
-                // each statement is prepared first and the executes then go
-                // out in whichever order the futures are polled.
-                let n = insert
-                    .await
-                    .map_err(db(format!("INSERT INTO {}", self.table)))?;
-                client
-                    .execute(self.delete_sql.as_str(), &delete_params)
-                    .await
-                    .map_err(db(format!("DELETE FROM {}", self.table)))?;
-                Ok(n)
-            }
-        }
+        Ok(Rows {
+            ids,
+            types,
+            keys,
+            etypes,
+            payloads: match self.payload {
+                PayloadColumn::Jsonb => Payloads::Text(text_payloads),
+                PayloadColumn::Bytea => Payloads::Bytes(byte_payloads),
+            },
+            correlation_ids,
+            traceparents,
+        })
     }
 }
 
-impl Outbox {
-    async fn emit_messages<C: GenericClient + Sync>(
-        &self,
-        client: &C,
-        events: &[Event],
-    ) -> Result<u64> {
-        // JSON payloads as Postgres' jsonb renders them: the same bytes the
-        // table modes' jsonb column gives walcast.
-        let json: Vec<Option<String>> = events
-            .iter()
-            .map(|e| match &e.payload {
-                Payload::Json(v) => Some(v.to_string()),
-                Payload::Bytes(_) => None,
-            })
-            .collect();
-        let rendered: Vec<Option<String>> = if json.iter().any(Option::is_some) {
-            client
-                .query(
-                    "SELECT p::jsonb::text FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n) ORDER BY n",
-                    &[&json],
-                )
-                .await
-                .map_err(db("rendering JSON payloads as jsonb"))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect()
-        } else {
-            json
-        };
-        // Timestamp 0: walcast uses the commit time, as for the table modes.
-        let contents: Vec<Vec<u8>> = events
-            .iter()
-            .zip(rendered)
-            .map(|(e, text)| {
-                let mut env = envelope(e, 0);
-                if let Some(text) = text {
-                    env.payload = text.into_bytes();
-                }
-                walcast_envelope::encode(&env)
-            })
-            .collect();
-        // unnest yields the array in order, so the messages are written in
-        // slice order.
-        let n = client
-            .execute(
-                "SELECT pg_catalog.pg_logical_emit_message(true, $1::text, c) \
-                 FROM unnest($2::bytea[]) WITH ORDINALITY AS u(c, n) ORDER BY n",
-                &[&self.prefix, &contents],
-            )
-            .await
-            .map_err(db("pg_logical_emit_message"))?;
-        Ok(n)
-    }
+/// [`Mode::Message`]: the JSON payloads to render as `jsonb` text (None for
+/// the others).
+pub(crate) fn json_texts(events: &[Event]) -> Vec<Option<String>> {
+    events
+        .iter()
+        .map(|e| match &e.payload {
+            Payload::Json(v) => Some(v.to_string()),
+            Payload::Bytes(_) | Payload::Protobuf(_) => None,
+        })
+        .collect()
 }
+
+/// [`Mode::Message`]'s message contents, with the JSON payloads as rendered.
+pub(crate) fn message_contents(events: &[Event], rendered: Vec<Option<String>>) -> Vec<Vec<u8>> {
+    // Timestamp 0: walcast uses the commit time, as for the table modes.
+    events
+        .iter()
+        .zip(rendered)
+        .map(|(e, text)| {
+            let mut env = envelope(e, 0);
+            if let Some(text) = text {
+                env.payload = text.into_bytes();
+            }
+            walcast_envelope::encode(&env)
+        })
+        .collect()
+}
+
+/// Renders JSON texts as Postgres' `jsonb` does, in order.
+pub(crate) const RENDER_JSONB_SQL: &str =
+    "SELECT p::jsonb::text FROM unnest($1::text[]) WITH ORDINALITY AS u(p, n) ORDER BY n";
+/// Emits one transactional message per content, in order (`$1` prefix,
+/// `$2` contents): unnest yields the array in order.
+pub(crate) const EMIT_SQL: &str = "SELECT pg_catalog.pg_logical_emit_message(true, $1::text, c) \
+     FROM unnest($2::bytea[]) WITH ORDINALITY AS u(c, n) ORDER BY n";
 
 /// The `walcast.v1.Envelope` of an event ([`Mode::Message`]'s content):
 /// correlation id and traceparent in their own fields, the other headers in
 /// `headers`; a JSON payload as its compact text with `content_type`
-/// `application/json` ([`Mode::Message`] writes it as `jsonb` renders it);
+/// `application/json` ([`Mode::Message`] writes it as `jsonb` renders it),
+/// a protobuf payload as its bytes with [`PROTOBUF_CONTENT_TYPE`];
 /// `timestamp_unix_micros` 0 means the commit time.
 pub fn envelope(e: &Event, timestamp_unix_micros: i64) -> walcast_envelope::Envelope {
     let (payload, content_type) = match &e.payload {
         Payload::Json(v) => (v.to_string().into_bytes(), "application/json"),
         Payload::Bytes(b) => (b.clone(), ""),
+        Payload::Protobuf(b) => (b.clone(), PROTOBUF_CONTENT_TYPE),
     };
     walcast_envelope::Envelope {
         event_id: e.id.to_string(),
@@ -591,6 +728,24 @@ mod tests {
         set_traceparent_source(tp);
         let e = Event::new("Order", "1", "Created", serde_json::json!({}));
         assert_eq!(e.headers.get(TRACEPARENT_HEADER), tp().as_ref());
+    }
+
+    #[test]
+    fn prost_payloads_are_encoded() {
+        let header = walcast_envelope::Header {
+            key: "k".into(),
+            value: vec![0xff, 0],
+        };
+        let e = Event::prost("Order", "1", "Created", &header);
+        assert_eq!(
+            e.payload,
+            Payload::Protobuf(prost::Message::encode_to_vec(&header))
+        );
+        let env = envelope(&e, 0);
+        assert_eq!(env.content_type, PROTOBUF_CONTENT_TYPE);
+        let back: walcast_envelope::Header =
+            prost::Message::decode(env.payload.as_slice()).unwrap();
+        assert_eq!(back, header);
     }
 
     #[test]

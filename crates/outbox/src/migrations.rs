@@ -12,6 +12,11 @@ use crate::{db, Result};
 pub const OUTBOX: &str = include_str!("../migrations/0001_outbox.sql");
 /// The outbox table hash-partitioned by aggregate id (4 partitions).
 pub const OUTBOX_PARTITIONED: &str = include_str!("../migrations/0001_outbox_partitioned.sql");
+/// The outbox table range-partitioned by `created_at`, one partition per
+/// UTC day (`outbox_pYYYYMMDD`; today and the next 3 days): rotated with
+/// [`rotate`](crate::rotate).
+pub const OUTBOX_RANGE_PARTITIONED: &str =
+    include_str!("../migrations/0001_outbox_range_partitioned.sql");
 /// Adds `correlation_id` and `tracingspancontext` to an outbox table created
 /// by an earlier [`OUTBOX`] (one with `headers jsonb`); a no-op otherwise.
 pub const OUTBOX_TRACE_COLUMNS: &str = include_str!("../migrations/0003_outbox_trace_columns.sql");
@@ -30,6 +35,8 @@ pub enum Layout {
     Plain,
     /// [`OUTBOX_PARTITIONED`].
     HashPartitioned,
+    /// [`OUTBOX_RANGE_PARTITIONED`].
+    RangePartitioned,
     /// No outbox table (a consumer-only database): only `processed_events`.
     None,
 }
@@ -42,6 +49,7 @@ pub async fn apply<C: GenericClient + Sync>(client: &C, layout: Layout) -> Resul
     let outbox = match layout {
         Layout::Plain => Some(OUTBOX),
         Layout::HashPartitioned => Some(OUTBOX_PARTITIONED),
+        Layout::RangePartitioned => Some(OUTBOX_RANGE_PARTITIONED),
         Layout::None => None,
     };
     if let Some(sql) = outbox {

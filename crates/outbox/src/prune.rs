@@ -24,7 +24,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, IsolationLevel};
+use tokio_postgres::{Client, GenericClient, IsolationLevel};
 
 use crate::{db, Error, Result};
 
@@ -71,32 +71,16 @@ pub async fn prune(client: &mut Client, opts: &PruneOptions) -> Result<PruneRepo
         .await
         .map_err(db("reading the WAL insert position"))?
         .get(0);
-    let started = Instant::now();
-    let confirmed = loop {
-        // pg_replication_slots reads shared memory: live, not the snapshot.
-        let row = tx
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::text::pg_lsn \
-                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-                &[&opts.slot, &w],
-            )
-            .await
-            .map_err(db("reading the slot's confirmed position"))?
-            .ok_or_else(|| Error::SlotMissing(opts.slot.clone()))?;
-        let confirmed: Option<String> = row.get(0);
-        let safe: Option<bool> = row.get(1);
-        if safe == Some(true) {
-            break confirmed.unwrap_or_default();
-        }
-        if started.elapsed() >= opts.wait_timeout {
+    let confirmed = match wait_confirmed(&tx, &opts.slot, &w, opts.wait_timeout).await? {
+        Ok(confirmed) => confirmed,
+        Err((confirmed, waited_ms)) => {
             return Err(Error::SlotBehind {
                 slot: opts.slot.clone(),
-                confirmed: confirmed.unwrap_or_else(|| "none".into()),
+                confirmed,
                 needed: w,
-                waited_ms: started.elapsed().as_millis(),
-            });
+                waited_ms,
+            })
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let deleted = tx
         .execute(
@@ -114,4 +98,40 @@ pub async fn prune(client: &mut Client, opts: &PruneOptions) -> Result<PruneRepo
         safe_lsn: w,
         confirmed_lsn: confirmed,
     })
+}
+
+/// Waits until `slot`'s `confirmed_flush_lsn >= w` (at most `timeout`):
+/// `Ok(confirmed)` when it got there, `Err((confirmed or "none", waited ms))`
+/// when not.
+pub(crate) async fn wait_confirmed<C: GenericClient + Sync>(
+    client: &C,
+    slot: &str,
+    w: &str,
+    timeout: Duration,
+) -> Result<Result<String, (String, u128)>> {
+    let started = Instant::now();
+    loop {
+        // pg_replication_slots reads shared memory: live, not a snapshot.
+        let row = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $2::text::pg_lsn \
+                 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &w],
+            )
+            .await
+            .map_err(db("reading the slot's confirmed position"))?
+            .ok_or_else(|| Error::SlotMissing(slot.to_string()))?;
+        let confirmed: Option<String> = row.get(0);
+        let safe: Option<bool> = row.get(1);
+        if safe == Some(true) {
+            return Ok(Ok(confirmed.unwrap_or_default()));
+        }
+        if started.elapsed() >= timeout {
+            return Ok(Err((
+                confirmed.unwrap_or_else(|| "none".into()),
+                started.elapsed().as_millis(),
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -72,7 +72,7 @@ enum Command {
     },
     #[command(flatten)]
     Ops(ops::OpsCommand),
-    /// Outbox table maintenance (`walcast outbox prune`).
+    /// Outbox table maintenance (`walcast outbox prune`, `walcast outbox rotate`).
     Outbox {
         #[command(subcommand)]
         command: outbox_cmd::OutboxCommand,

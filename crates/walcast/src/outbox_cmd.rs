@@ -1,6 +1,8 @@
 //! `walcast outbox prune`: delete old outbox rows (the insert mode) without
 //! deleting a row whose event the slot has not confirmed (the rule and its
-//! proof: `walcast_outbox::prune`).
+//! proof: `walcast_outbox::prune`). `walcast outbox rotate`: the same for an
+//! outbox range-partitioned by `created_at`, by whole partitions
+//! (`walcast_outbox::rotate`).
 
 use std::time::Duration;
 
@@ -17,6 +19,47 @@ pub(crate) enum OutboxCommand {
     /// slot's confirmed_flush_lsn has reached. Needs a `created_at` column
     /// and a role with DELETE on the table.
     Prune(PruneArgs),
+    /// For an outbox partitioned by RANGE (created_at) (one partition per
+    /// UTC day): create the partitions of today and --ahead days, and drop
+    /// the partitions entirely older than --older-than once walcast has
+    /// confirmed their events: DETACH, read the WAL position W, wait until
+    /// the slot's confirmed_flush_lsn >= W, DROP. When the slot does not get
+    /// there within --wait-timeout nothing is dropped (exit 1): the
+    /// partitions stay detached and the next run drops them. Needs a role
+    /// that owns the table.
+    Rotate(RotateArgs),
+}
+
+/// `walcast outbox rotate` arguments.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RotateArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Drop partitions whose whole range is older than this: a number with
+    /// ms, s, m, h or d (`7d`).
+    #[arg(long, value_parser = parse_duration)]
+    older_than: Duration,
+    /// Days after today (UTC) that must already have a partition.
+    #[arg(long, default_value_t = 3)]
+    ahead: u32,
+    /// A libpq-style connection string (`host=… dbname=… user=…`) of a role
+    /// that owns the outbox table. Without TLS.
+    #[arg(long, env = "WALCAST_OUTBOX_DATABASE_URL")]
+    database_url: String,
+    /// The table to rotate (default: every outbox table of the configuration:
+    /// outbox.tables and the [[outbox.route]] tables).
+    #[arg(long)]
+    table: Vec<String>,
+    /// How long to wait for the slot to confirm the position after the detach.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    wait_timeout: Duration,
+    /// lock_timeout of each CREATE, DETACH and DROP (the application's
+    /// writes to the outbox wait behind a DETACH that waits for its lock).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    lock_timeout: Duration,
+    /// Print the SQL it would run and change nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// `walcast outbox prune` arguments.
@@ -32,7 +75,8 @@ pub(crate) struct PruneArgs {
     /// not). Without TLS.
     #[arg(long, env = "WALCAST_OUTBOX_DATABASE_URL")]
     database_url: String,
-    /// The table to prune (default: every table of outbox.tables).
+    /// The table to prune (default: every outbox table of the configuration:
+    /// outbox.tables and the [[outbox.route]] tables).
     #[arg(long)]
     table: Vec<String>,
     /// How long to wait for the slot to confirm the snapshot's position.
@@ -62,24 +106,47 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub(crate) fn run(cmd: OutboxCommand) -> anyhow::Result<()> {
-    let OutboxCommand::Prune(args) = cmd;
-    let cfg = crate::load(&args.config)?;
-    let tables = if args.table.is_empty() {
-        cfg.outbox.tables.clone()
-    } else {
-        args.table.clone()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    match cmd {
+        OutboxCommand::Prune(args) => run_prune(args),
+        OutboxCommand::Rotate(args) => run_rotate(args),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async {
-        let (mut client, conn) = tokio_postgres::connect(&args.database_url, tokio_postgres::NoTls)
-            .await
-            .context("connecting with --database-url")?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        .context("starting the async runtime")
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connecting with --database-url")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// `--table`, or else every outbox table of the configuration
+/// (`outbox.tables` and the routes' tables).
+fn tables(cfg: &walcast_core::config::Config, given: &[String]) -> anyhow::Result<Vec<String>> {
+    if !given.is_empty() {
+        return Ok(given.to_vec());
+    }
+    Ok(cfg
+        .outbox_tables()?
+        .into_iter()
+        .map(|t| format!("{}.{}", t.schema, t.name))
+        .collect())
+}
+
+fn run_prune(args: PruneArgs) -> anyhow::Result<()> {
+    let cfg = crate::load(&args.config)?;
+    let tables = tables(&cfg, &args.table)?;
+    runtime()?.block_on(async {
+        let mut client = connect(&args.database_url).await?;
         for table in tables {
             let opts = walcast_outbox::PruneOptions {
                 table: table.clone(),
@@ -105,6 +172,76 @@ pub(crate) fn run(cmd: OutboxCommand) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn run_rotate(args: RotateArgs) -> anyhow::Result<()> {
+    let cfg = crate::load(&args.config)?;
+    let tables = tables(&cfg, &args.table)?;
+    runtime()?.block_on(async {
+        let mut client = connect(&args.database_url).await?;
+        for table in tables {
+            let opts = walcast_outbox::RotateOptions {
+                table: table.clone(),
+                slot: cfg.postgres.slot.clone(),
+                ahead_days: args.ahead,
+                older_than: args.older_than,
+                wait_timeout: args.wait_timeout,
+                lock_timeout: args.lock_timeout,
+            };
+            if args.dry_run {
+                let plan = walcast_outbox::rotate_plan(&client, &opts)
+                    .await
+                    .map_err(|e| rotate_error(e, &table))?;
+                println!("-- {table}: dry run, nothing changed");
+                for line in plan.sql(&opts.slot) {
+                    println!("{line}");
+                }
+                continue;
+            }
+            match walcast_outbox::rotate(&mut client, &opts).await {
+                Ok(r) => {
+                    let list = |v: &[String]| {
+                        if v.is_empty() {
+                            "none".to_string()
+                        } else {
+                            v.join(", ")
+                        }
+                    };
+                    println!(
+                        "{table}: created {}; detached {}; dropped {}{}",
+                        list(&r.created),
+                        list(&r.detached),
+                        list(&r.dropped),
+                        match (&r.safe_lsn, &r.confirmed_lsn) {
+                            (Some(w), Some(c)) =>
+                                format!(" (safe up to {w}, slot {} confirmed {c})", opts.slot),
+                            _ => String::new(),
+                        }
+                    )
+                }
+                Err(e) => return Err(rotate_error(e, &table)),
+            }
+        }
+        Ok(())
+    })
+}
+
+fn rotate_error(e: walcast_outbox::Error, table: &str) -> anyhow::Error {
+    use walcast_outbox::Error as E;
+    let lock_timeout = matches!(&e, E::Db { source, .. }
+        if source.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+    match e {
+        E::DropPending { .. } => Error::retryable(e.to_string())
+            .with_hint("nothing was dropped; run it again when walcast has caught up")
+            .into(),
+        _ if lock_timeout => Error::retryable(format!("rotating {table}: {e}"))
+            .with_hint("a transaction on the outbox held its lock longer than --lock-timeout; that statement changed nothing; run it again")
+            .into(),
+        E::SlotMissing(_) | E::NotRotatable { .. } | E::InvalidTable(_) => {
+            Error::operator(e.to_string()).into()
+        }
+        e => anyhow::Error::new(e).context(format!("rotating {table}")),
+    }
 }
 
 #[cfg(test)]
