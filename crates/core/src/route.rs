@@ -436,6 +436,33 @@ pub struct RouteSpec {
     pub on_update: OpBehavior,
     /// DELETE behaviour.
     pub on_delete: OpBehavior,
+    /// What happens to a row that can never be published.
+    pub on_permanent_error: OnPermanentError,
+}
+
+/// A route's policy for events that can never be published (its
+/// `on_permanent_error` and `dead_letter_topic`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OnPermanentError {
+    /// The pipeline's (`pipeline.on_permanent_error`).
+    #[default]
+    Inherit,
+    /// Stop at the event.
+    Stop,
+    /// Deliver the event's dead-letter record to this topic instead.
+    DeadLetter(Arc<str>),
+}
+
+impl OnPermanentError {
+    /// The dead-letter topic under this policy, `pipeline` being the
+    /// pipeline's (`None`: stop).
+    pub fn topic(&self, pipeline: Option<&Arc<str>>) -> Option<Arc<str>> {
+        match self {
+            OnPermanentError::Inherit => pipeline.cloned(),
+            OnPermanentError::Stop => None,
+            OnPermanentError::DeadLetter(t) => Some(t.clone()),
+        }
+    }
 }
 
 /// What kind of value a column must hold.
@@ -508,6 +535,7 @@ impl RouteSpec {
             tombstone_on_empty: false,
             on_update: OpBehavior::Warn,
             on_delete: OpBehavior::Ignore,
+            on_permanent_error: OnPermanentError::Inherit,
         }
     }
 
@@ -643,6 +671,8 @@ pub struct MessageRoute {
     pub tombstone_on_empty: bool,
     /// What the record value is.
     pub value: MessageValue,
+    /// What happens to a message that can never be published.
+    pub on_permanent_error: OnPermanentError,
 }
 
 /// Every route, and which table uses which.
@@ -1149,6 +1179,40 @@ impl Router {
     /// The table-less outbox route for a message prefix, if any.
     pub fn message_route(&self, prefix: &str) -> Option<usize> {
         self.messages.iter().position(|m| m.prefix == prefix)
+    }
+
+    /// The policy for rows that can never be published of the route at
+    /// `index` of [`Routes::specs`] ([`OutboxRow::route`]).
+    pub fn row_policy(&self, index: usize) -> &OnPermanentError {
+        self.specs
+            .get(index)
+            .map_or(&OnPermanentError::Inherit, |s| &s.on_permanent_error)
+    }
+
+    /// The policy for messages that can never be published of the message
+    /// route at `index` ([`Router::message_route`]).
+    pub fn message_policy(&self, index: usize) -> &OnPermanentError {
+        self.messages
+            .get(index)
+            .map_or(&OnPermanentError::Inherit, |m| &m.on_permanent_error)
+    }
+
+    /// Every dead-letter topic a route names itself (not inherited).
+    pub fn dead_letter_topics(&self) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = Vec::new();
+        let all = self
+            .specs
+            .iter()
+            .map(|s| &s.on_permanent_error)
+            .chain(self.messages.iter().map(|m| &m.on_permanent_error));
+        for p in all {
+            if let OnPermanentError::DeadLetter(t) = p {
+                if !out.contains(t) {
+                    out.push(t.clone());
+                }
+            }
+        }
+        out
     }
 
     /// Routes a transactional logical decoding message (the table-less
@@ -1699,6 +1763,7 @@ mod tests {
             topic: TopicRule::new("m", DEFAULT_TOPIC_REGEX, "ev.${routedByValue}").unwrap(),
             tombstone_on_empty: false,
             value: MessageValue::Payload,
+            on_permanent_error: OnPermanentError::Inherit,
         }]);
         let mut r = Router::with_routes(&routes, HeaderNames::default());
         assert_eq!(r.message_route("walcast"), Some(0));
