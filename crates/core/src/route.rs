@@ -63,6 +63,19 @@ pub struct TopicTemplate {
     suffix: Option<String>,
 }
 
+/// `s` with the characters that mean something in a regular expression
+/// escaped (topic names only have `.` among them).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if ".^$|()[]{}*+?\\".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn valid_topic_chars(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
@@ -137,6 +150,15 @@ impl TopicTemplate {
             .with_hint("fix the row's routing column (letters, digits, '.', '_', '-') or change the topic template"));
         }
         Ok(topic)
+    }
+
+    /// A regular expression (not anchored) that matches every topic this
+    /// template renders, for subscribing to them (`walcast tail`).
+    pub fn pattern(&self) -> String {
+        match &self.suffix {
+            None => regex_escape(&self.prefix),
+            Some(s) => format!("{}.*{}", regex_escape(&self.prefix), regex_escape(s)),
+        }
     }
 
     /// Whether `topic` is one this template can render (for finding the
@@ -242,6 +264,29 @@ impl TopicRule {
                     .with_hint("fix the row's routing column or the route's route_topic_regex / route_topic_replacement"));
                 }
                 Ok(topic)
+            }
+        }
+    }
+
+    /// A regular expression (not anchored) that matches every topic this
+    /// rule renders from a routing value its regex matches: each group
+    /// reference of the replacement becomes `.*`. (A value the regex does
+    /// not match is the topic itself: any name, not covered.)
+    pub fn pattern(&self) -> String {
+        match self {
+            TopicRule::Template(t) => t.pattern(),
+            TopicRule::Regex { replacement, .. } => {
+                let refs =
+                    regex::Regex::new(r"\$(\{[A-Za-z0-9_]+\}|[A-Za-z0-9_]+)").expect("valid");
+                let mut out = String::new();
+                let mut last = 0;
+                for m in refs.find_iter(replacement) {
+                    out.push_str(&regex_escape(&replacement[last..m.start()]));
+                    out.push_str(".*");
+                    last = m.end();
+                }
+                out.push_str(&regex_escape(&replacement[last..]));
+                out
             }
         }
     }
@@ -702,6 +747,29 @@ impl Routes {
             .iter()
             .map(|(t, i)| (t.clone(), self.specs[*i].required_columns()))
             .collect()
+    }
+}
+
+impl Routes {
+    /// An anchored regular expression that matches every topic the routes in
+    /// use render (each table's route and each message route), for
+    /// subscribing to them (`walcast tail`), in the syntax both librdkafka
+    /// (POSIX extended, no `(?:`) and the `regex` crate read: `^(a|b)$`.
+    pub fn topics_regex(&self) -> String {
+        let mut patterns: Vec<String> = Vec::new();
+        let used = self
+            .specs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.tables.iter().any(|(_, r)| r == i))
+            .map(|(_, s)| s.topic.pattern())
+            .chain(self.messages.iter().map(|m| m.topic.pattern()));
+        for p in used {
+            if !patterns.contains(&p) {
+                patterns.push(p);
+            }
+        }
+        format!("^({})$", patterns.join("|"))
     }
 }
 
@@ -1752,6 +1820,57 @@ mod tests {
         let e = r.route(&t, Lsn::from(7), T, rw).unwrap();
         assert_eq!(e.traceparent.as_deref(), Some(tp.as_bytes()));
         assert_eq!(e.tracestate, None);
+    }
+
+    #[test]
+    fn the_topics_regex_covers_every_route_in_use() {
+        let rule =
+            |replacement: &str| TopicRule::new("r", DEFAULT_TOPIC_REGEX, replacement).unwrap();
+        let mut fixed = spec();
+        fixed.topic = rule("orders.v1");
+        let mut by_regex = spec();
+        by_regex.topic =
+            TopicRule::new("r", "(?<kind>[a-z]+)-(?<region>.*)", "pay.${kind}.$region").unwrap();
+        let mut unused = spec();
+        unused.topic = rule("never.used");
+        let t = |s: &str| TableName::parse(s).unwrap();
+        let routes = Routes {
+            specs: Arc::from(vec![spec(), fixed, by_regex, unused]),
+            tables: vec![
+                (t("public.outbox"), 0),
+                (t("public.orders"), 1),
+                (t("public.pay"), 2),
+            ],
+            messages: Arc::from(vec![MessageRoute {
+                option: "m".into(),
+                prefix: "app".into(),
+                topic: rule("app.${routedByValue}.events"),
+                tombstone_on_empty: false,
+                value: MessageValue::Payload,
+                on_permanent_error: OnPermanentError::Inherit,
+            }]),
+        };
+        let text = routes.topics_regex();
+        let re = regex::Regex::new(&text).unwrap();
+        for topic in [
+            "outbox.event.Order",
+            "orders.v1",
+            "pay.card.eu-west",
+            "app.Order.events",
+        ] {
+            assert!(re.is_match(topic), "{text} should match {topic}");
+        }
+        for topic in [
+            "never.used",
+            "orders.v1x",
+            "ordersxv1",
+            "xorders.v1",
+            "outbox_event.Order",
+            "app.Order.eventsx",
+            "walcast.state",
+        ] {
+            assert!(!re.is_match(topic), "{text} should not match {topic}");
+        }
     }
 
     #[test]
