@@ -309,7 +309,9 @@ pub async fn check_dead_letter_topics(
                 tokio::time::timeout(timeout * 2, admin.create_topics([&new], &validate)).await;
             let verdict = match result {
                 Ok(Ok(mut rs)) => match rs.pop() {
-                    Some(Ok(_)) | Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(()),
+                    Some(Ok(_)) => Ok(true),
+                    // Not in the metadata walcast's principal sees, yet there.
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
                     Some(Err((_, code))) => Err(code.to_string()),
                     None => Err("no answer".into()),
                 },
@@ -317,7 +319,14 @@ pub async fn check_dead_letter_topics(
                 Err(e) => Err(e.to_string()),
             };
             out.push(match verdict {
-                Ok(()) => CheckResult::ok(
+                Ok(false) => CheckResult::warn(
+                    name,
+                    format!(
+                        "dead-letter topic {topic} ({option}) exists, but walcast's principal does not see it in the cluster's metadata"
+                    ),
+                    format!("grant walcast's principal Describe, DescribeConfigs and Write on {topic}"),
+                ),
+                Ok(true) => CheckResult::ok(
                     name,
                     format!(
                         "dead-letter topic {topic} ({option}) does not exist yet; walcast creates it at start (cleanup.policy=delete, the brokers' default partitions and replication), which the brokers accept for walcast's principal"
