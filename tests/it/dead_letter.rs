@@ -590,3 +590,343 @@ async fn a_compacted_dead_letter_topic_is_refused() -> Result<()> {
     drop(client);
     db.drop(env).await
 }
+
+/// Inserts a row into the outbox table `table` (columns as [`insert`]).
+async fn insert_into(
+    c: &Client,
+    table: &str,
+    id: &str,
+    key: Option<&str>,
+    payload: &str,
+) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO {table} (id, aggregatetype, aggregateid, type, payload) VALUES ($1::text::uuid, 'A', $2, 'T', $3::text::jsonb)"),
+        &[&id, &key, &payload],
+    )
+    .await
+    .with_context(|| format!("inserting into {table}"))?;
+    Ok(())
+}
+
+/// Writes one transaction into `table`: `(id, key, payload)` rows (`key`
+/// `None`: NULL); returns it as written and the WAL positions around it.
+async fn write_txn(
+    c: &Client,
+    table: &str,
+    rows: &[(&str, Option<&str>, &str)],
+) -> Result<(WrittenTxn, u64, u64)> {
+    let before = current_wal_lsn(c).await?;
+    c.batch_execute("BEGIN").await?;
+    for (id, key, payload) in rows {
+        insert_into(c, table, id, *key, payload).await?;
+    }
+    c.batch_execute("COMMIT").await?;
+    let after = current_wal_lsn(c).await?;
+    let ids: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(id, key, _)| (*id, key.unwrap_or_default()))
+        .collect();
+    Ok((txn(&ids), before, after))
+}
+
+/// Checks a dead-letter record of the per-route test: its `id` and `type`
+/// headers, walcast's headers (reason, kind, table, original topic, the
+/// LSN of the transaction between `before` and `after`), its value.
+fn check_route_dead_letter(
+    r: &Record,
+    id: &str,
+    reason: &str,
+    table: &str,
+    original_topic: Option<&str>,
+    (before, after): (u64, u64),
+) -> Result<()> {
+    let h = |n: &str| r.header(n);
+    ensure!(h("id").as_deref() == Some(id), "id: {:?}", r.headers);
+    ensure!(h("type").as_deref() == Some("T"), "type: {:?}", r.headers);
+    ensure!(
+        h("walcast.error.reason").as_deref() == Some(reason),
+        "{id}: reason {:?}",
+        h("walcast.error.reason")
+    );
+    ensure!(
+        h("walcast.error.kind").as_deref() == Some("permanent"),
+        "{id}: kind {:?}",
+        h("walcast.error.kind")
+    );
+    ensure!(
+        h("walcast.source.table").as_deref() == Some(table),
+        "{id}: table {:?}",
+        h("walcast.source.table")
+    );
+    ensure!(
+        h("walcast.original.topic").as_deref() == original_topic,
+        "{id}: original topic {:?}",
+        h("walcast.original.topic")
+    );
+    ensure!(
+        h("walcast.error.message").unwrap_or_default().contains(id),
+        "{id}: message {:?}",
+        h("walcast.error.message")
+    );
+    let lsn = h("walcast.source.lsn").unwrap_or_default();
+    let (hi, lo) = lsn.split_once('/').context("LSN header X/Y")?;
+    let lsn = (u64::from_str_radix(hi, 16)? << 32) | u64::from_str_radix(lo, 16)?;
+    ensure!(
+        before < lsn && lsn <= after,
+        "{id}: the LSN header {lsn:X} is not its transaction's commit ({before:X}..{after:X})"
+    );
+    ensure!(
+        h("walcast.failed.at").is_some_and(|at| at.len() == 24 && at.ends_with('Z')),
+        "{id}: failed.at {:?}",
+        h("walcast.failed.at")
+    );
+    Ok(())
+}
+
+/// Issue 12's "dead-letter policy per table": two outbox tables, each with
+/// its own `[[outbox.route]]` policy, under a pipeline whose own policy is
+/// `dead-letter` to a third topic. `public.orders_outbox` says
+/// `dead-letter` to its own topic: a NULL-key row and a 300 kB row (over
+/// its topic's 100 kB limit) land there with their headers, the rows
+/// around them arrive in order, the slot passes them and walcast goes on;
+/// the pipeline's dead-letter topic stays empty. `public.payments_outbox`
+/// says `stop`: the same 300 kB row stops walcast (exit 3), the slot stays
+/// before its transaction, the rows before it are delivered, and nothing of
+/// it reaches any topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_route_follows_its_own_dead_letter_policy() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create_on(env, env.pg_port, "dlq_routes", false).await?;
+    let c = db.admin(env).await?;
+    c.batch_execute(&format!(
+        "CREATE TABLE orders_outbox (seq bigserial, id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb);
+         CREATE TABLE payments_outbox (seq bigserial, id uuid PRIMARY KEY, aggregatetype text, aggregateid text, type text, payload jsonb);
+         CREATE PUBLICATION {} FOR TABLE orders_outbox, payments_outbox WITH (publish = 'insert');",
+        db.publication
+    ))
+    .await?;
+    let p = &db.topic_prefix;
+    let orders = format!("{p}.orders");
+    let payments = format!("{p}.payments");
+    let orders_dlq = format!("{p}-orders-dead-letters");
+    let default_dlq = format!("{p}-dead-letters");
+    create_topics_with(
+        &env.kafka_bootstrap,
+        &[orders.as_str(), payments.as_str()],
+        3,
+        1,
+        &[("max.message.bytes", "100000")],
+    )
+    .await?;
+    let state = tempfile::tempdir()?;
+    let mut cfg = WalcastConfig::for_db(env, &db, state.path())
+        .set("outbox", "tables", "[]")
+        .set("pipeline", "on_permanent_error", "\"dead-letter\"")
+        .set(
+            "pipeline",
+            "dead_letter_topic",
+            &format!("\"{default_dlq}\""),
+        );
+    cfg.toml.push_str(&format!(
+        r#"
+[[outbox.route]]
+table = "public.orders_outbox"
+route_topic_replacement = "{orders}"
+on_permanent_error = "dead-letter"
+dead_letter_topic = "{orders_dlq}"
+
+[[outbox.route]]
+table = "public.payments_outbox"
+route_topic_replacement = "{payments}"
+on_permanent_error = "stop"
+"#
+    ));
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    blocking(|| w.wait_streaming())?;
+
+    // The dead-letter route.
+    let big = format!("\"{}\"", "y".repeat(300_000));
+    let mut txns = Vec::new();
+    for key in ["k1", "k1", "k2"] {
+        txns.push(
+            write_txn(&c, "orders_outbox", &[(&uuid(), Some(key), GOOD)])
+                .await?
+                .0,
+        );
+    }
+    let null_key = uuid();
+    let (t, before_null, after_null) = write_txn(
+        &c,
+        "orders_outbox",
+        &[
+            (&uuid(), Some("k2"), GOOD),
+            (&null_key, None, "{\"n\": 1}"),
+            (&uuid(), Some("k2"), GOOD),
+        ],
+    )
+    .await?;
+    txns.push(t);
+    let oversize = uuid();
+    let (t, before_big, after_big) = write_txn(
+        &c,
+        "orders_outbox",
+        &[
+            (&uuid(), Some("k2"), GOOD),
+            (&oversize, Some("k2"), &big),
+            (&uuid(), Some("k3"), GOOD),
+        ],
+    )
+    .await?;
+    txns.push(t);
+    for key in ["k2", "k3", "k1"] {
+        txns.push(
+            write_txn(&c, "orders_outbox", &[(&uuid(), Some(key), GOOD)])
+                .await?
+                .0,
+        );
+    }
+    let dead: HashSet<String> = [null_key.clone(), oversize.clone()].into();
+    let mut dlq = blocking(|| reader(env, &orders_dlq))?;
+    ensure!(
+        blocking(|| wait_ids(&mut dlq, &dead, Duration::from_secs(60)))?,
+        "the orders route's dead-letter topic {orders_dlq} lacks {dead:?} (has {}):\n{}",
+        dlq.records.len(),
+        tail(&w.log_text(), 30)
+    );
+    let mut main = blocking(|| reader(env, &orders))?;
+    let want: HashSet<String> = txns
+        .iter()
+        .flat_map(|t| t.events.iter().map(|e| e.id.clone()))
+        .filter(|id| !dead.contains(id))
+        .collect();
+    ensure!(
+        blocking(|| wait_ids(&mut main, &want, Duration::from_secs(60)))?,
+        "the orders events around the bad rows did not all arrive:\n{}",
+        tail(&w.log_text(), 30)
+    );
+    ensure!(
+        wait_confirmed(env, &db, after_big, Duration::from_secs(30)).await?,
+        "the slot did not pass the dead-lettered rows' transactions"
+    );
+    ensure!(
+        w.is_running(),
+        "walcast stopped:\n{}",
+        tail(&w.log_text(), 30)
+    );
+    blocking(|| main.read_to_end(Duration::from_secs(20)))?;
+    blocking(|| dlq.read_to_end(Duration::from_secs(20)))?;
+    let report = check_with_dead_letters(
+        &txns,
+        &observed(&main.records),
+        &dead,
+        &observed(&dlq.records),
+        &[],
+    );
+    ensure!(
+        report.is_clean() && report.duplicates == 0 && report.dead_lettered == 2,
+        "{report}"
+    );
+    let record = |id: &str| {
+        dlq.records
+            .iter()
+            .find(|r| r.header("id").as_deref() == Some(id))
+            .cloned()
+            .context("a dead-letter record")
+    };
+    let r = record(&null_key)?;
+    check_route_dead_letter(
+        &r,
+        &null_key,
+        "null_key",
+        "public.orders_outbox",
+        None,
+        (before_null, after_null),
+    )?;
+    ensure!(
+        r.json() == serde_json::json!({"n": 1}),
+        "value {:?}",
+        r.value
+    );
+    let r = record(&oversize)?;
+    check_route_dead_letter(
+        &r,
+        &oversize,
+        "too_large",
+        "public.orders_outbox",
+        Some(&orders),
+        (before_big, after_big),
+    )?;
+    ensure!(
+        r.value.as_deref() == Some(big.as_bytes()) && r.key_str() == "k2",
+        "the oversize row's record: key {:?}, value of {} bytes",
+        r.key_str(),
+        r.value.as_ref().map_or(0, Vec::len)
+    );
+
+    // The stop route: the same oversize row stops walcast at it.
+    let mut before_ids = HashSet::new();
+    for key in ["p1", "p2"] {
+        let (t, _, _) = write_txn(&c, "payments_outbox", &[(&uuid(), Some(key), GOOD)]).await?;
+        before_ids.extend(t.events.iter().map(|e| e.id.clone()));
+    }
+    let stopper = uuid();
+    let (_, _, after_stop) = write_txn(
+        &c,
+        "payments_outbox",
+        &[
+            (&uuid(), Some("p1"), GOOD),
+            (&stopper, Some("p1"), &big),
+            (&uuid(), Some("p1"), GOOD),
+        ],
+    )
+    .await?;
+    write_txn(&c, "payments_outbox", &[(&uuid(), Some("p2"), GOOD)]).await?;
+    let status = blocking(|| w.wait_exit(Duration::from_secs(90)))?;
+    let log = w.log_text();
+    ensure!(
+        status.code() == Some(EXIT_PERMANENT),
+        "the stop route's oversize row: expected exit 3, got {status}:\n{}",
+        tail(&log, 30)
+    );
+    ensure!(
+        log.contains(&stopper),
+        "the error does not name the row {stopper}:\n{}",
+        tail(&log, 30)
+    );
+    let confirmed = db.confirmed_flush_lsn(env).await?.unwrap_or(0);
+    ensure!(
+        confirmed < after_stop,
+        "the slot passed the stop route's row ({confirmed:X} >= {after_stop:X})"
+    );
+    let mut pay = blocking(|| reader(env, &payments))?;
+    ensure!(
+        blocking(|| wait_ids(&mut pay, &before_ids, Duration::from_secs(30)))?,
+        "the payments rows before the bad one were not delivered"
+    );
+    let mut all = blocking(|| reader(env, &default_dlq))?;
+    blocking(|| all.read_to_end(Duration::from_secs(20)))?;
+    ensure!(
+        all.records.is_empty(),
+        "the pipeline's dead-letter topic {default_dlq} got {} record(s) (ids {:?}): each route's own policy must win",
+        all.records.len(),
+        all.records.iter().map(|r| r.header("id")).collect::<Vec<_>>()
+    );
+    blocking(|| pay.read_to_end(Duration::from_secs(10)))?;
+    blocking(|| main.read_to_end(Duration::from_secs(10)))?;
+    blocking(|| dlq.read_to_end(Duration::from_secs(10)))?;
+    for (topic, records) in [
+        (&payments, &pay.records),
+        (&orders, &main.records),
+        (&orders_dlq, &dlq.records),
+    ] {
+        ensure!(
+            !records
+                .iter()
+                .any(|r| r.header("id").as_deref() == Some(stopper.as_str())),
+            "the stop route's row {stopper} reached {topic}"
+        );
+    }
+    drop(c);
+    db.drop(env).await
+}

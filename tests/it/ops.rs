@@ -436,6 +436,135 @@ async fn check_fails_each_kafka_misconfiguration_with_its_fix() -> Result<()> {
     Ok(())
 }
 
+/// Whether the cluster has `topic` (from the metadata of all topics: asking
+/// for the one topic could have the brokers create it).
+fn topic_exists(env: &TestEnv, topic: &str) -> Result<bool> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka_bootstrap)
+        .create()?;
+    let md = c.fetch_metadata(None, Duration::from_secs(10))?;
+    Ok(md.topics().iter().any(|t| t.name() == topic))
+}
+
+/// `walcast check` checks every dead-letter topic in use (the pipeline's and
+/// each route's) as walcast's start treats it: a missing one must be
+/// creatable (asked of the brokers, nothing created), an existing one must
+/// not be compacted, and gets the outbox topics' durability and record
+/// limit checks; each check names the option that sets the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_checks_each_dead_letter_topic() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let dir = tempfile::tempdir()?;
+    let db = TestDb::create(env, "chkdlq").await?;
+    let admin = db.admin(env).await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE orders_outbox (LIKE outbox INCLUDING ALL); ALTER PUBLICATION {} ADD TABLE orders_outbox",
+            db.publication
+        ))
+        .await?;
+    let p = &db.topic_prefix;
+    let missing = format!("{p}-dead-letters");
+    let compacted = format!("{p}-orders-compacted");
+    let good = format!("{p}-orders-dead-letters");
+    create_topics_with(
+        &env.kafka_bootstrap,
+        &[compacted.as_str()],
+        1,
+        1,
+        &[("cleanup.policy", "compact"), ("min.insync.replicas", "2")],
+    )
+    .await?;
+    create_topics_with(&env.kafka_bootstrap, &[good.as_str()], 2, 1, &[]).await?;
+    let cfg = |route_dlq: &str| {
+        let mut c = WalcastConfig::for_db(env, &db, dir.path())
+            .set("pipeline", "on_permanent_error", "\"dead-letter\"")
+            .set("pipeline", "dead_letter_topic", &format!("\"{missing}\""));
+        c.toml.push_str(&format!(
+            "\n[[outbox.route]]\ntable = \"public.orders_outbox\"\nroute_topic_replacement = \"{p}.orders\"\ndead_letter_topic = \"{route_dlq}\"\n"
+        ));
+        c
+    };
+
+    let ran = walcast(dir.path(), Some(&cfg(&compacted)), &["check", "--json"])?;
+    let v = ran.json();
+    let one = |name: &str| -> Value {
+        let found = checks(&v, name);
+        assert_eq!(found.len(), 1, "{name} in:\n{}", ran.stdout);
+        found[0].clone()
+    };
+    // Missing: walcast's principal may create it; check creates nothing.
+    let c = one(&format!("kafka.dead_letter_topic[{missing}]"));
+    assert_eq!(c["status"], "ok", "{c}");
+    let detail = c["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(
+            "(pipeline.dead_letter_topic) does not exist yet; walcast creates it at start"
+        ),
+        "{detail}"
+    );
+    assert!(
+        !topic_exists(env, &missing)?,
+        "walcast check created {missing}"
+    );
+    // Compacted, and min.insync.replicas above its replicas.
+    assert_fails(
+        &ran,
+        &format!("kafka.dead_letter_topic[{compacted}]"),
+        &format!("dead-letter topic {compacted} (outbox.route[public.orders_outbox].dead_letter_topic) has cleanup.policy = \"compact\""),
+        &format!("--entity-name {compacted} --add-config cleanup.policy=delete"),
+    );
+    assert_fails(
+        &ran,
+        &format!("kafka.dead_letter_topic[{compacted}].durability"),
+        "min.insync.replicas = 2: more in-sync replicas required than exist",
+        &format!("--entity-name {compacted} --add-config min.insync.replicas=1"),
+    );
+
+    // A good one: exists, not compacted, the brokers' record limit.
+    let ran = walcast(dir.path(), Some(&cfg(&good)), &["check", "--json"])?;
+    let v = ran.json();
+    let found = checks(&v, &format!("kafka.dead_letter_topic[{good}]"));
+    assert!(
+        found.len() == 1 && found[0]["status"] == "ok",
+        "{}",
+        ran.stdout
+    );
+    let detail = found[0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("(outbox.route[public.orders_outbox].dead_letter_topic) exists (2 partitions, cleanup.policy = delete)"),
+        "{detail}"
+    );
+    let limit = checks(
+        &v,
+        &format!("kafka.dead_letter_topic[{good}].max_message_bytes"),
+    );
+    assert!(
+        limit.len() == 1 && limit[0]["status"] == "ok",
+        "{}",
+        ran.stdout
+    );
+    assert_eq!(
+        checks(&v, &format!("kafka.dead_letter_topic[{good}].durability")).len(),
+        1,
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        v["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .all(|c| c["name"] != format!("kafka.dead_letter_topic[{compacted}]")),
+        "a topic no longer configured is not checked"
+    );
+    drop(admin);
+    db.drop(env).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_the_slot_and_the_relays_view() -> Result<()> {
     let env = TestEnv::get();

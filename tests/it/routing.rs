@@ -840,3 +840,115 @@ async fn a_partitioned_outbox_follows_its_roots_route() -> Result<()> {
     db.drop(env).await?;
     Ok(())
 }
+
+/// `walcast tail` (no `--topic-regex`) follows the topics of every route in
+/// use: the `[outbox]` template, a route's fixed topic and a route's regex
+/// replacement; and only those (a topic that merely shares a prefix is not
+/// read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follows_every_routes_topics() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let (db, admin) = db_with(
+        env,
+        "tailroutes",
+        "CREATE TABLE orders_outbox (LIKE outbox INCLUDING ALL); \
+         CREATE TABLE pay_outbox (LIKE outbox INCLUDING ALL);",
+        &["public.orders_outbox", "public.pay_outbox"],
+    )
+    .await?;
+    let p = &db.topic_prefix;
+    let legacy = format!("{p}.Order");
+    let fixed = format!("{p}-orders");
+    let by_regex = format!("{p}-pay.card");
+    let decoy = format!("{p}-orders-x");
+    create_topics(
+        &env.kafka_bootstrap,
+        &[
+            legacy.as_str(),
+            fixed.as_str(),
+            by_regex.as_str(),
+            decoy.as_str(),
+        ],
+        1,
+    )
+    .await?;
+    let state = tempfile::tempdir()?;
+    let cfg = with_routes(
+        &WalcastConfig::for_db(env, &db, state.path()),
+        &format!(
+            r#"
+[[outbox.route]]
+table = "public.orders_outbox"
+route_topic_replacement = "{fixed}"
+
+[[outbox.route]]
+table = "public.pay_outbox"
+route_topic_regex = "(?<kind>[a-z]+)-(?<region>.*)"
+route_topic_replacement = "{p}-pay.${{kind}}"
+"#
+        ),
+    );
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    tokio::task::block_in_place(|| w.wait_streaming())?;
+    admin
+        .batch_execute(
+            "INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'o1', 'T', '{\"t\": \"legacy\"}');
+             INSERT INTO orders_outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'o2', 'T', '{\"t\": \"fixed\"}');
+             INSERT INTO pay_outbox (aggregatetype, aggregateid, type, payload) VALUES ('card-eu', 'o3', 'T', '{\"t\": \"regex\"}');",
+        )
+        .await?;
+    let mut reader = TopicReader::new(
+        &env.kafka_bootstrap,
+        &[legacy.as_str(), fixed.as_str(), by_regex.as_str()],
+    )?;
+    anyhow::ensure!(
+        tokio::task::block_in_place(|| reader.read_at_least(3, Duration::from_secs(60)))?,
+        "walcast did not relay the three rows: {:?}",
+        reader.records
+    );
+    w.kill9()?;
+    // A record in a topic no route renders.
+    {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &env.kafka_bootstrap)
+            .create()?;
+        producer
+            .send(
+                FutureRecord::to(&decoy)
+                    .key("d")
+                    .payload("{\"t\": \"decoy\"}"),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let ran = tokio::task::block_in_place(|| {
+        crate::ops::walcast(
+            state.path(),
+            Some(&cfg),
+            &["tail", "--max-records", "4", "--idle-timeout-ms", "8000"],
+        )
+    })?;
+    assert_eq!(ran.code, 0, "{}", ran.text());
+    let lines: Vec<&str> = ran
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("topic="))
+        .collect();
+    for topic in [&legacy, &fixed, &by_regex] {
+        assert!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with(&format!("topic={topic} ")))
+                .count()
+                == 1,
+            "tail did not print the record of {topic}:\n{}",
+            ran.text()
+        );
+    }
+    assert_eq!(lines.len(), 3, "tail read other topics:\n{}", ran.stdout);
+    drop(admin);
+    db.drop(env).await
+}

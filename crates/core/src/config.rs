@@ -327,6 +327,13 @@ pub struct MessageRouteConfig {
     /// (the whole envelope, protobuf, with its source position filled in).
     #[serde(default)]
     pub value: crate::route::MessageValue,
+    /// This prefix's policy for messages that can never be published
+    /// (`stop` or `dead-letter`); unset: `pipeline.on_permanent_error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_permanent_error: Option<PermanentErrorPolicy>,
+    /// This prefix's dead-letter topic; unset: `pipeline.dead_letter_topic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// `[outbox.headers]`: the names of the headers walcast puts on every
@@ -418,6 +425,13 @@ pub struct RouteConfig {
     /// Column with a correlation id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id_field: Option<String>,
+    /// This table's policy for events that can never be published (`stop`
+    /// or `dead-letter`); unset: `pipeline.on_permanent_error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_permanent_error: Option<PermanentErrorPolicy>,
+    /// This table's dead-letter topic; unset: `pipeline.dead_letter_topic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
 }
 
 /// `[outbox.columns]`: which column plays which part.
@@ -1001,6 +1015,11 @@ impl Config {
                 tombstone_on_empty: r.route_tombstone_on_empty_payload,
                 on_update: r.table_op_invalid_behavior,
                 on_delete: r.table_op_delete_behavior,
+                on_permanent_error: self.route_policy(
+                    &option,
+                    r.on_permanent_error,
+                    r.dead_letter_topic.as_deref(),
+                )?,
                 option,
             };
             if let Some((_, i)) = tables.iter().find(|(t, _)| *t == table) {
@@ -1034,14 +1053,222 @@ impl Config {
                 prefix: m.prefix.clone(),
                 tombstone_on_empty: m.route_tombstone_on_empty_payload,
                 value: m.value,
+                on_permanent_error: self.route_policy(
+                    &option,
+                    m.on_permanent_error,
+                    m.dead_letter_topic.as_deref(),
+                )?,
                 option,
             });
         }
-        Ok(crate::route::Routes {
+        let routes = crate::route::Routes {
             specs: std::sync::Arc::from(specs),
             tables,
             messages: std::sync::Arc::from(messages),
-        })
+        };
+        self.check_dead_letter_topics(&routes)?;
+        Ok(routes)
+    }
+
+    /// A route's policy for events that can never be published, from its
+    /// `on_permanent_error` and `dead_letter_topic` (`option` names the
+    /// route). Unset, the pipeline's applies; `dead-letter` without a topic
+    /// of its own uses `pipeline.dead_letter_topic`.
+    fn route_policy(
+        &self,
+        option: &str,
+        policy: Option<PermanentErrorPolicy>,
+        topic: Option<&str>,
+    ) -> Result<crate::route::OnPermanentError> {
+        use crate::route::OnPermanentError;
+        let p = &self.pipeline;
+        match (policy.unwrap_or(p.on_permanent_error), topic) {
+            (PermanentErrorPolicy::Stop, Some(t)) => Err(Error::operator(format!(
+                "{option}.dead_letter_topic = {t:?} is set but the route's on_permanent_error is \"stop\"{}, so it would never be used",
+                if policy.is_none() { " (from pipeline.on_permanent_error)" } else { "" }
+            ))
+            .with_hint(format!("set {option}.on_permanent_error = \"dead-letter\" to use it, or remove {option}.dead_letter_topic"))),
+            (PermanentErrorPolicy::Stop, None) if policy.is_none() => Ok(OnPermanentError::Inherit),
+            (PermanentErrorPolicy::Stop, None) => Ok(OnPermanentError::Stop),
+            (PermanentErrorPolicy::DeadLetter, Some(t)) => {
+                Ok(OnPermanentError::DeadLetter(std::sync::Arc::from(t)))
+            }
+            (PermanentErrorPolicy::DeadLetter, None) if policy.is_none() => {
+                Ok(OnPermanentError::Inherit)
+            }
+            (PermanentErrorPolicy::DeadLetter, None) => match &p.dead_letter_topic {
+                Some(t) => Ok(OnPermanentError::DeadLetter(std::sync::Arc::from(t.as_str()))),
+                None => Err(Error::operator(format!(
+                    "{option}.on_permanent_error = \"dead-letter\" needs {option}.dead_letter_topic (or pipeline.dead_letter_topic)"
+                ))
+                .with_hint(format!("set {option}.dead_letter_topic to the topic that receives this route's events that can never be published (for example \"walcast.dead-letter\"), or use on_permanent_error = \"stop\""))),
+            },
+        }
+    }
+
+    /// The routes' dead-letter topics: `(option, topic, own)` for each route
+    /// under the dead-letter policy, `own` when the route names the topic
+    /// itself (else it is `pipeline.dead_letter_topic`).
+    fn route_dead_letter_topics(
+        &self,
+        routes: &crate::route::Routes,
+    ) -> Vec<(String, std::sync::Arc<str>, bool)> {
+        use crate::route::OnPermanentError;
+        // specs[0] is the [outbox] route; specs[i + 1] is outbox.routes[i].
+        let own = self
+            .outbox
+            .routes
+            .iter()
+            .map(|r| r.dead_letter_topic.is_some())
+            .zip(
+                routes
+                    .specs
+                    .iter()
+                    .skip(1)
+                    .map(|s| (&s.option, &s.on_permanent_error)),
+            )
+            .chain(
+                self.outbox
+                    .message_routes
+                    .iter()
+                    .map(|m| m.dead_letter_topic.is_some())
+                    .zip(
+                        routes
+                            .messages
+                            .iter()
+                            .map(|m| (&m.option, &m.on_permanent_error)),
+                    ),
+            );
+        let mut out = Vec::new();
+        for (own_topic, (option, policy)) in own {
+            if let OnPermanentError::DeadLetter(t) = policy {
+                out.push((option.clone(), t.clone(), own_topic));
+            }
+        }
+        out
+    }
+
+    /// Every dead-letter topic in use, each with the option that names it
+    /// (`pipeline.dead_letter_topic`, `outbox.route[t].dead_letter_topic`):
+    /// the pipeline's under its dead-letter policy, and each route's.
+    ///
+    /// # Errors
+    /// As [`Config::routes`].
+    pub fn dead_letter_topics(&self) -> Result<Vec<(String, String)>> {
+        let routes = self.routes()?;
+        let p = &self.pipeline;
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut add = |topic: &str, option: String| {
+            if !out.iter().any(|(t, _)| t == topic) {
+                out.push((topic.to_string(), option));
+            }
+        };
+        if let (PermanentErrorPolicy::DeadLetter, Some(t)) =
+            (p.on_permanent_error, &p.dead_letter_topic)
+        {
+            add(t, "pipeline.dead_letter_topic".into());
+        }
+        for (option, t, own) in self.route_dead_letter_topics(&routes) {
+            add(
+                &t,
+                if own {
+                    format!("{option}.dead_letter_topic")
+                } else {
+                    "pipeline.dead_letter_topic".into()
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Checks the pipeline's dead-letter settings and every dead-letter
+    /// topic: a valid name, not the state topic, and not a topic that an
+    /// outbox route in use can route events to.
+    fn check_dead_letter_topics(&self, routes: &crate::route::Routes) -> Result<()> {
+        use crate::route::TopicRule;
+        let p = &self.pipeline;
+        let inherited = self
+            .outbox
+            .routes
+            .iter()
+            .map(|r| (r.on_permanent_error, &r.dead_letter_topic))
+            .chain(
+                self.outbox
+                    .message_routes
+                    .iter()
+                    .map(|m| (m.on_permanent_error, &m.dead_letter_topic)),
+            )
+            .any(|(policy, topic)| {
+                policy == Some(PermanentErrorPolicy::DeadLetter) && topic.is_none()
+            });
+        match (p.on_permanent_error, &p.dead_letter_topic) {
+            (PermanentErrorPolicy::DeadLetter, None) => {
+                return Err(Error::operator(
+                    "pipeline.on_permanent_error = \"dead-letter\" needs pipeline.dead_letter_topic",
+                )
+                .with_hint("set pipeline.dead_letter_topic to the topic that receives the events that can never be published (for example \"walcast.dead-letter\"), or use on_permanent_error = \"stop\""));
+            }
+            (PermanentErrorPolicy::Stop, Some(t)) if !inherited => {
+                return Err(Error::operator(format!(
+                    "pipeline.dead_letter_topic = {t:?} is set but pipeline.on_permanent_error is \"stop\" and no route with on_permanent_error = \"dead-letter\" lacks a dead_letter_topic of its own, so it would never be used"
+                ))
+                .with_hint("set pipeline.on_permanent_error = \"dead-letter\" to use it, or remove pipeline.dead_letter_topic"));
+            }
+            _ => {}
+        }
+        let mut topics: Vec<(String, std::sync::Arc<str>)> = Vec::new();
+        if let Some(t) = &p.dead_letter_topic {
+            topics.push((
+                "pipeline.dead_letter_topic".into(),
+                std::sync::Arc::from(t.as_str()),
+            ));
+        }
+        for (option, t, own) in self.route_dead_letter_topics(routes) {
+            if own {
+                topics.push((format!("{option}.dead_letter_topic"), t));
+            }
+        }
+        // The topics the routes in use can render, with the option that says so.
+        let mut rules: Vec<(String, &TopicRule)> = Vec::new();
+        for (i, spec) in routes.specs.iter().enumerate() {
+            if routes.tables.iter().any(|(_, r)| *r == i) {
+                let option = if i == 0 {
+                    format!("outbox.topic = {:?}", self.outbox.topic)
+                } else {
+                    format!("{}.route_topic_replacement", spec.option)
+                };
+                rules.push((option, &spec.topic));
+            }
+        }
+        for m in routes.messages.iter() {
+            rules.push((format!("{}.route_topic_replacement", m.option), &m.topic));
+        }
+        for (option, t) in &topics {
+            validate_topic_name(option, t)?;
+            if **t == *p.state_topic {
+                return Err(Error::operator(format!(
+                    "{option} and pipeline.state_topic are both {t:?}"
+                ))
+                .with_hint("the state topic is compacted and holds walcast's slot records: give the dead-letter topic its own name"));
+            }
+            for (rule_option, rule) in &rules {
+                let known = match rule {
+                    TopicRule::Template(tpl) => tpl.matches(t),
+                    // A replacement without group references is a fixed
+                    // topic; other regex routes' topics depend on the rows.
+                    TopicRule::Regex { replacement, .. } => {
+                        !replacement.contains('$') && replacement.as_str() == &**t
+                    }
+                };
+                if known {
+                    return Err(Error::operator(format!(
+                        "{option} = {t:?} is a topic {rule_option} can route events to"
+                    ))
+                    .with_hint("give the dead-letter topic a name outside the outbox topics, so dead letters never mix with events"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The record header names (`[outbox.headers]`).
@@ -1204,39 +1431,6 @@ impl Config {
             ));
         }
         validate_topic_name("pipeline.state_topic", &p.state_topic)?;
-        match (p.on_permanent_error, &p.dead_letter_topic) {
-            (PermanentErrorPolicy::DeadLetter, None) => {
-                return Err(Error::operator(
-                    "pipeline.on_permanent_error = \"dead-letter\" needs pipeline.dead_letter_topic",
-                )
-                .with_hint("set pipeline.dead_letter_topic to the topic that receives the events that can never be published (for example \"walcast.dead-letter\"), or use on_permanent_error = \"stop\""));
-            }
-            (PermanentErrorPolicy::Stop, Some(t)) => {
-                return Err(Error::operator(format!(
-                    "pipeline.dead_letter_topic = {t:?} is set but pipeline.on_permanent_error is \"stop\", so it would never be used"
-                ))
-                .with_hint("set pipeline.on_permanent_error = \"dead-letter\" to use it, or remove pipeline.dead_letter_topic"));
-            }
-            (PermanentErrorPolicy::DeadLetter, Some(t)) => {
-                validate_topic_name("pipeline.dead_letter_topic", t)?;
-                if *t == p.state_topic {
-                    return Err(Error::operator(format!(
-                        "pipeline.dead_letter_topic and pipeline.state_topic are both {t:?}"
-                    ))
-                    .with_hint("the state topic is compacted and holds walcast's slot records: give the dead-letter topic its own name"));
-                }
-                if crate::route::TopicTemplate::parse(&self.outbox.topic)
-                    .is_ok_and(|tpl| tpl.matches(t))
-                {
-                    return Err(Error::operator(format!(
-                        "pipeline.dead_letter_topic = {t:?} is a topic outbox.topic = {:?} can route events to",
-                        self.outbox.topic
-                    ))
-                    .with_hint("give the dead-letter topic a name outside the outbox topics, so dead letters never mix with events"));
-                }
-            }
-            (PermanentErrorPolicy::Stop, None) => {}
-        }
         if p.state_dir
             .as_ref()
             .is_some_and(|d| d.as_os_str().is_empty())
@@ -1796,6 +1990,134 @@ mod tests {
         assert_eq!(
             ok.pipeline.dead_letter_topic.as_deref(),
             Some("walcast.dead-letters")
+        );
+    }
+
+    #[test]
+    fn each_route_may_have_its_own_dead_letter_policy() {
+        use crate::route::OnPermanentError;
+        use std::sync::Arc;
+        let with = |pipeline: &str, routes: &str| {
+            Config::from_toml(&format!("{MIN}\n[pipeline]\n{pipeline}\n{routes}\n"))
+        };
+        const TWO: &str = r#"
+            [[outbox.route]]
+            table = "public.a"
+            route_topic_replacement = "orders"
+            on_permanent_error = "dead-letter"
+            dead_letter_topic = "orders.dlq"
+            [[outbox.route]]
+            table = "public.b"
+            route_topic_replacement = "payments"
+            on_permanent_error = "stop"
+            [[outbox.route]]
+            table = "public.c"
+            route_topic_replacement = "refunds"
+        "#;
+        let c = with("", TWO).unwrap();
+        let routes = c.routes().unwrap();
+        let policy = |i: usize| routes.specs[i].on_permanent_error.clone();
+        assert_eq!(policy(0), OnPermanentError::Inherit);
+        assert_eq!(
+            policy(1),
+            OnPermanentError::DeadLetter(Arc::from("orders.dlq"))
+        );
+        assert_eq!(policy(2), OnPermanentError::Stop);
+        assert_eq!(
+            policy(3),
+            OnPermanentError::Inherit,
+            "unset: the pipeline's"
+        );
+        assert_eq!(
+            c.dead_letter_topics().unwrap(),
+            vec![(
+                "orders.dlq".to_string(),
+                "outbox.route[public.a].dead_letter_topic".to_string()
+            )]
+        );
+        // The pipeline's dead-letter policy: inherited by public.c, not by public.b.
+        let c = with(
+            "on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"all.dlq\"",
+            TWO,
+        )
+        .unwrap();
+        let routes = c.routes().unwrap();
+        assert_eq!(routes.specs[2].on_permanent_error, OnPermanentError::Stop);
+        let all: Arc<str> = Arc::from("all.dlq");
+        assert_eq!(
+            routes.specs[3].on_permanent_error.topic(Some(&all)),
+            Some(all.clone())
+        );
+        assert_eq!(routes.specs[2].on_permanent_error.topic(Some(&all)), None);
+        assert_eq!(c.dead_letter_topics().unwrap().len(), 2);
+        // "dead-letter" without a topic anywhere names the route's key.
+        let no_topic = TWO.replace("dead_letter_topic = \"orders.dlq\"", "");
+        let err = with("", &no_topic).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("outbox.route[public.a].on_permanent_error = \"dead-letter\" needs outbox.route[public.a].dead_letter_topic"),
+            "{err}"
+        );
+        // ... the pipeline's topic serves it (and is then not unused).
+        let c = with("dead_letter_topic = \"all.dlq\"", &no_topic).unwrap();
+        assert_eq!(
+            c.routes().unwrap().specs[1].on_permanent_error,
+            OnPermanentError::DeadLetter(all.clone())
+        );
+        assert_eq!(
+            c.dead_letter_topics().unwrap(),
+            vec![(
+                "all.dlq".to_string(),
+                "pipeline.dead_letter_topic".to_string()
+            )]
+        );
+        // A route's topic under "stop" would never be used.
+        let unused = TWO.replace(
+            "on_permanent_error = \"stop\"",
+            "dead_letter_topic = \"x.dlq\"",
+        );
+        let err = with("", &unused).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("outbox.route[public.b].dead_letter_topic"),
+            "{err}"
+        );
+        // A dead-letter topic that is a route's topic, the default route's, the
+        // state topic, or invalid.
+        for (topic, names) in [
+            ("payments", "outbox.route[public.b].route_topic_replacement"),
+            ("walcast.state", "pipeline.state_topic"),
+            ("a b", "outbox.route[public.a].dead_letter_topic"),
+        ] {
+            let bad = TWO.replace("orders.dlq", topic);
+            let err = with("", &bad).unwrap_err();
+            assert!(err.to_string().contains(names), "{topic}: {err}");
+        }
+        let err = Config::from_toml(&format!(
+            "{MIN}\n[outbox]\ntables = [\"public.outbox\"]\n{}",
+            TWO.replace("orders.dlq", "outbox.event.x")
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("outbox.topic"), "{err}");
+        // Table-less routes too.
+        let err = with(
+            "",
+            "[[outbox.message_route]]\nprefix = \"app\"\non_permanent_error = \"dead-letter\"",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("outbox.message_route[\"app\"].dead_letter_topic"),
+            "{err}"
+        );
+        let c = with(
+            "",
+            "[[outbox.message_route]]\nprefix = \"app\"\non_permanent_error = \"dead-letter\"\ndead_letter_topic = \"app.dlq\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.routes().unwrap().messages[0].on_permanent_error,
+            OnPermanentError::DeadLetter(Arc::from("app.dlq"))
         );
     }
 

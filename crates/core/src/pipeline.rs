@@ -318,7 +318,8 @@ pub struct Pipeline {
     progress: Arc<Progress>,
     failpoints: Option<Arc<Failpoints>>,
     observer: Box<dyn PipelineObserver>,
-    /// `pipeline.dead_letter_topic` under the dead-letter policy.
+    /// `pipeline.dead_letter_topic` under the dead-letter policy: for the
+    /// routes that inherit the pipeline's policy.
     dead_letter: Option<Arc<str>>,
     /// Events Kafka refused for good in an earlier run (dead-letter policy).
     known_rejections: Vec<dead_letter::KnownRejection>,
@@ -362,11 +363,13 @@ impl Pipeline {
     }
 
     /// Turns on the dead-letter policy (`pipeline.on_permanent_error =
-    /// "dead-letter"`): an event that can never be published (its error
-    /// carries a [`dead_letter::Rejected`]) is replaced by its dead-letter
-    /// record for `topic`, which takes the event's place in the ack tracker.
-    /// Nothing more is read from the stream until that record is
-    /// acknowledged, so no later event reaches Kafka before it. `None`: stop.
+    /// "dead-letter"`) for the routes that inherit the pipeline's policy
+    /// ([`crate::route::OnPermanentError::Inherit`]; a route's own policy
+    /// wins): an event that can never be published (its error carries a
+    /// [`dead_letter::Rejected`]) is replaced by its dead-letter record for
+    /// `topic`, which takes the event's place in the ack tracker. Nothing
+    /// more is read from the stream until that record is acknowledged, so no
+    /// later event reaches Kafka before it. `None`: stop.
     pub fn with_dead_letter(mut self, topic: Option<Arc<str>>) -> Self {
         self.dead_letter = topic;
         self
@@ -433,9 +436,11 @@ impl Pipeline {
         let dead_letter_topic = self.dead_letter.clone();
         self.known_rejections
             .retain(|k| k.rejected.source_lsn >= start);
-        if let Some(dlq) = &dead_letter_topic {
-            // Learn the dead-letter topic's limit now, so a dead-letter record
-            // can be handed over at once when an event is refused.
+        let mut dead_letter_topics = self.router.dead_letter_topics();
+        dead_letter_topics.extend(dead_letter_topic.clone());
+        for dlq in &dead_letter_topics {
+            // Learn each dead-letter topic's limit now, so a dead-letter
+            // record can be handed over at once when an event is refused.
             sink.prepare(&dead_letter::probe(dlq))
                 .await
                 .map_err(|e| e.or_origin(Origin::Kafka))?;
@@ -470,11 +475,14 @@ impl Pipeline {
                       // this pass, not one per turn of the loop (the next
                       // turn polls `deliveries` again with this task's waker).
                       let mut next = Some(done);
-                      while let Some(Done { ticket, size, topic, commit_time, dead_letter, result }) = next.take() {
+                      while let Some(Done { ticket, size, topic, commit_time, dead_letter, dead_letter_topic: dlq, result }) = next.take() {
                         if let Err(e) = result {
                             delivery_failed = true;
                             let e = match &dead_letter {
                                 Some(dl) => dl.failed(e),
+                                // Its route stops at such an event: nothing
+                                // to dead-letter after a restart either.
+                                None if dlq.is_none() => e.without_rejected(),
                                 None => e,
                             };
                             self.observer.delivery_failed(&e);
@@ -505,7 +513,7 @@ impl Pipeline {
                         }) {
                             if let Some((ticket, commit_time, outgoing)) = waiting.take() {
                                 self.observer.event_sent(ticket, &outgoing.event);
-                                let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
+                                let (delivery, size, dead) = hand_over(sink, &mut tracker, ticket, commit_time, outgoing)
                                     .inspect_err(|e| self.observer.delivery_failed(e))?;
                                 deliveries.push(delivery);
                                 bytes_in_flight += size;
@@ -534,7 +542,8 @@ impl Pipeline {
                         // An event read from the stream (an outbox INSERT or a
                         // routed transactional message), handed on below in
                         // stream order.
-                        let mut routed: Option<Result<OutboxEvent>> = None;
+                        // With the dead-letter topic of its route (`None`: stop).
+                        let mut routed: Option<(Result<OutboxEvent>, Option<Arc<str>>)> = None;
                         match event {
                             SourceEvent::Begin { final_lsn, commit_time_micros, xid } => {
                                 let ticket = tracker.begin().map_err(protocol_error)?;
@@ -549,7 +558,8 @@ impl Pipeline {
                                         let (_, commit_lsn, commit_time) = open.ok_or_else(|| {
                                             protocol_error("an INSERT arrived outside a transaction")
                                         })?;
-                                        routed = Some(self.router.route(&table, commit_lsn, commit_time, row));
+                                        let policy = self.router.row_policy(row.route).topic(dead_letter_topic.as_ref());
+                                        routed = Some((self.router.route(&table, commit_lsn, commit_time, row), policy));
                                     }
                                     Row::Skipped { reason, table, behavior } => {
                                         if behavior == OpBehavior::Stop {
@@ -601,9 +611,10 @@ impl Pipeline {
                                     let (_, commit_lsn, commit_time) = open.ok_or_else(|| {
                                         protocol_error("a transactional message arrived outside a transaction")
                                     })?;
-                                    routed = Some(self.router.route_message(
+                                    let policy = self.router.message_policy(route).topic(dead_letter_topic.as_ref());
+                                    routed = Some((self.router.route_message(
                                         route, lsn, commit_lsn, open_xid, commit_time, &content,
-                                    ));
+                                    ), policy));
                                 } else {
                                     // Not events: they still count towards
                                     // acknowledgement through their transaction.
@@ -629,7 +640,7 @@ impl Pipeline {
                                 tracker.server_position(wal_end);
                             }
                         }
-                        if let Some(routed) = routed {
+                        if let Some((routed, dlq)) = routed {
                             let (ticket, _, commit_time) = open.ok_or_else(|| {
                                 protocol_error("an event arrived outside a transaction")
                             })?;
@@ -638,10 +649,10 @@ impl Pipeline {
                             // under the dead-letter policy, or stops walcast.
                             let outgoing = match routed {
                                 Ok(event) => match self.known_rejections.iter().find(|k| k.matches(&event)) {
-                                    Some(known) => DeadLetter::replace(dead_letter_topic.as_ref(), known.error_for(&event))?,
-                                    None => Outgoing { event, dead_letter: None },
+                                    Some(known) => DeadLetter::replace(dlq, known.error_for(&event))?,
+                                    None => Outgoing { event, dead_letter: None, dead_letter_topic: dlq },
                                 },
-                                Err(e) => DeadLetter::replace(dead_letter_topic.as_ref(), e)?,
+                                Err(e) => DeadLetter::replace(dlq, e)?,
                             };
                             let size = outgoing.event.size_bytes();
                             sink.prepare(&outgoing.event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
@@ -651,7 +662,7 @@ impl Pipeline {
                                 waiting = Some((ticket, commit_time, outgoing));
                             } else {
                                 self.observer.event_sent(ticket, &outgoing.event);
-                                let (delivery, size, dead) = hand_over(sink, &mut tracker, dead_letter_topic.as_ref(), ticket, commit_time, outgoing)
+                                let (delivery, size, dead) = hand_over(sink, &mut tracker, ticket, commit_time, outgoing)
                                     .inspect_err(|e| self.observer.delivery_failed(e))?;
                                 bytes_in_flight += size;
                                 dead_letters_in_flight += u64::from(dead);
@@ -757,6 +768,7 @@ impl Pipeline {
                     commit_time,
                     dead_letter,
                     result,
+                    ..
                 })) => {
                     if let Err(e) = result {
                         self.observer.delivery_failed(&e);
@@ -828,13 +840,15 @@ impl Pipeline {
 }
 
 /// A finished delivery: the event's ticket, size, topic and commit time,
-/// whether it was a dead-letter record, and the result.
+/// whether it was a dead-letter record, its route's dead-letter topic
+/// (`None`: the route stops at such events), and the result.
 struct Done {
     ticket: TxnTicket,
     size: u64,
     topic: Arc<str>,
     commit_time: i64,
     dead_letter: Option<DeadLetter>,
+    dead_letter_topic: Option<Arc<str>>,
     result: Result<()>,
 }
 
@@ -848,20 +862,22 @@ struct DeadLetter {
 }
 
 /// What the loop hands to the sink: an event, or a dead-letter record in
-/// its place.
+/// its place; with the dead-letter topic of the event's route (`None`: the
+/// route stops at an event that can never be published).
 #[derive(Debug)]
 struct Outgoing {
     event: OutboxEvent,
     dead_letter: Option<DeadLetter>,
+    dead_letter_topic: Option<Arc<str>>,
 }
 
 impl DeadLetter {
     /// The dead-letter record replacing the event `refused` refused, when
-    /// the dead-letter policy is on (`topic`) and the error carries the
-    /// event; else `refused` itself.
-    fn replace(topic: Option<&Arc<str>>, refused: Error) -> Result<Outgoing> {
-        let (Some(topic), Some(rejected)) = (topic, refused.rejected()) else {
-            return Err(refused);
+    /// the event's route is under the dead-letter policy (`topic`) and the
+    /// error carries the event; else `refused` itself.
+    fn replace(topic: Option<Arc<str>>, refused: Error) -> Result<Outgoing> {
+        let (Some(topic), Some(rejected)) = (topic.as_ref(), refused.rejected()) else {
+            return Err(refused.without_rejected());
         };
         if refused.kind() == crate::ErrorKind::Retryable {
             return Err(refused);
@@ -881,13 +897,14 @@ impl DeadLetter {
         tracing::warn!(
             reason = dl.reason.as_str(),
             dead_letter_topic = %topic,
-            "{}; it goes to the dead-letter topic {topic} instead (pipeline.on_permanent_error = \"dead-letter\")",
+            "{}; it goes to the dead-letter topic {topic} instead (on_permanent_error = \"dead-letter\")",
             refused.message()
         );
         let event = dead_letter::record(topic, rejected, &refused, std::time::SystemTime::now());
         Ok(Outgoing {
             event,
             dead_letter: Some(dl),
+            dead_letter_topic: Some(topic.clone()),
         })
     }
 
@@ -898,7 +915,7 @@ impl DeadLetter {
         let hint = match kind {
             crate::ErrorKind::Retryable => "walcast restarts from the slot's confirmed position and dead-letters the event again; nothing is skipped".to_string(),
             _ => format!(
-                "{}. walcast stops without moving the slot past the event; fix the dead-letter topic (pipeline.dead_letter_topic) and restart",
+                "{}. walcast stops without moving the slot past the event; fix the dead-letter topic (the route's dead_letter_topic, or pipeline.dead_letter_topic) and restart",
                 e.hint().unwrap_or("check the dead-letter topic")
             ),
         };
@@ -916,28 +933,31 @@ impl DeadLetter {
 }
 
 /// Hands `outgoing` of the open transaction `ticket` (committed at
-/// `commit_time`) to the sink. Under the dead-letter policy (`dlq`), an
-/// event the sink refuses for good before producing it is replaced by its
-/// dead-letter record, and a dead-letter record too large for its topic is
-/// sent without its value. Returns the delivery, the bytes it holds in
-/// flight, and whether it is a dead-letter record.
+/// `commit_time`) to the sink. When the event's route is under the
+/// dead-letter policy, an event the sink refuses for good before producing
+/// it is replaced by its dead-letter record, and a dead-letter record too
+/// large for its topic is sent without its value. Returns the delivery, the
+/// bytes it holds in flight, and whether it is a dead-letter record.
 #[allow(clippy::type_complexity)]
 fn hand_over<K: EventSink>(
     sink: &mut K,
     tracker: &mut AckTracker,
-    dlq: Option<&Arc<str>>,
     ticket: TxnTicket,
     commit_time: i64,
     outgoing: Outgoing,
 ) -> Result<(impl std::future::Future<Output = Done> + use<K>, u64, bool)> {
-    let Outgoing { event, dead_letter } = outgoing;
+    let Outgoing {
+        event,
+        dead_letter,
+        dead_letter_topic: dlq,
+    } = outgoing;
     let (record, dl) = match dead_letter {
         None => {
             let size = event.size_bytes();
-            match dispatch(sink, tracker, ticket, commit_time, event, None) {
+            match dispatch(sink, tracker, ticket, commit_time, event, None, dlq.clone()) {
                 Ok(d) => return Ok((d, size, false)),
                 Err(refused) => {
-                    let o = DeadLetter::replace(dlq, refused)?;
+                    let o = DeadLetter::replace(dlq.clone(), refused)?;
                     (o.event, o.dead_letter.unwrap_or_else(|| unreachable!()))
                 }
             }
@@ -946,7 +966,15 @@ fn hand_over<K: EventSink>(
     };
     let size = record.size_bytes();
     let keep = (!record.payload.is_empty()).then(|| record.clone());
-    match dispatch(sink, tracker, ticket, commit_time, record, Some(dl.clone())) {
+    match dispatch(
+        sink,
+        tracker,
+        ticket,
+        commit_time,
+        record,
+        Some(dl.clone()),
+        dlq.clone(),
+    ) {
         Ok(d) => Ok((d, size, true)),
         Err(e) if keep.is_some() && e.rejected().is_some_and(|r| r.reason == Reason::TooLarge) => {
             // The value does not fit the dead-letter topic either: send the
@@ -958,9 +986,17 @@ fn hand_over<K: EventSink>(
                 dead_letter::HEADER_VALUE_OMITTED
             );
             let size = record.size_bytes();
-            dispatch(sink, tracker, ticket, commit_time, record, Some(dl.clone()))
-                .map(|d| (d, size, true))
-                .map_err(|e| dl.failed(e))
+            dispatch(
+                sink,
+                tracker,
+                ticket,
+                commit_time,
+                record,
+                Some(dl.clone()),
+                dlq,
+            )
+            .map(|d| (d, size, true))
+            .map_err(|e| dl.failed(e))
         }
         Err(e) => Err(dl.failed(e)),
     }
@@ -968,6 +1004,7 @@ fn hand_over<K: EventSink>(
 
 /// Hands `event` of the open transaction `ticket` (committed at
 /// `commit_time`) to the sink; the returned future resolves to its [`Done`].
+/// `dead_letter_topic` is the event's route's (`None`: stop).
 fn dispatch<K: EventSink>(
     sink: &mut K,
     tracker: &mut AckTracker,
@@ -975,6 +1012,7 @@ fn dispatch<K: EventSink>(
     commit_time: i64,
     event: OutboxEvent,
     dead_letter: Option<DeadLetter>,
+    dead_letter_topic: Option<Arc<str>>,
 ) -> Result<impl std::future::Future<Output = Done> + use<K>> {
     let size = event.size_bytes();
     let topic = event.topic.clone();
@@ -986,6 +1024,7 @@ fn dispatch<K: EventSink>(
         topic,
         commit_time,
         dead_letter,
+        dead_letter_topic,
         result,
     }))
 }

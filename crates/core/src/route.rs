@@ -63,6 +63,19 @@ pub struct TopicTemplate {
     suffix: Option<String>,
 }
 
+/// `s` with the characters that mean something in a regular expression
+/// escaped (topic names only have `.` among them).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if ".^$|()[]{}*+?\\".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn valid_topic_chars(s: &str) -> bool {
     s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
@@ -137,6 +150,15 @@ impl TopicTemplate {
             .with_hint("fix the row's routing column (letters, digits, '.', '_', '-') or change the topic template"));
         }
         Ok(topic)
+    }
+
+    /// A regular expression (not anchored) that matches every topic this
+    /// template renders, for subscribing to them (`walcast tail`).
+    pub fn pattern(&self) -> String {
+        match &self.suffix {
+            None => regex_escape(&self.prefix),
+            Some(s) => format!("{}.*{}", regex_escape(&self.prefix), regex_escape(s)),
+        }
     }
 
     /// Whether `topic` is one this template can render (for finding the
@@ -242,6 +264,29 @@ impl TopicRule {
                     .with_hint("fix the row's routing column or the route's route_topic_regex / route_topic_replacement"));
                 }
                 Ok(topic)
+            }
+        }
+    }
+
+    /// A regular expression (not anchored) that matches every topic this
+    /// rule renders from a routing value its regex matches: each group
+    /// reference of the replacement becomes `.*`. (A value the regex does
+    /// not match is the topic itself: any name, not covered.)
+    pub fn pattern(&self) -> String {
+        match self {
+            TopicRule::Template(t) => t.pattern(),
+            TopicRule::Regex { replacement, .. } => {
+                let refs =
+                    regex::Regex::new(r"\$(\{[A-Za-z0-9_]+\}|[A-Za-z0-9_]+)").expect("valid");
+                let mut out = String::new();
+                let mut last = 0;
+                for m in refs.find_iter(replacement) {
+                    out.push_str(&regex_escape(&replacement[last..m.start()]));
+                    out.push_str(".*");
+                    last = m.end();
+                }
+                out.push_str(&regex_escape(&replacement[last..]));
+                out
             }
         }
     }
@@ -436,6 +481,33 @@ pub struct RouteSpec {
     pub on_update: OpBehavior,
     /// DELETE behaviour.
     pub on_delete: OpBehavior,
+    /// What happens to a row that can never be published.
+    pub on_permanent_error: OnPermanentError,
+}
+
+/// A route's policy for events that can never be published (its
+/// `on_permanent_error` and `dead_letter_topic`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OnPermanentError {
+    /// The pipeline's (`pipeline.on_permanent_error`).
+    #[default]
+    Inherit,
+    /// Stop at the event.
+    Stop,
+    /// Deliver the event's dead-letter record to this topic instead.
+    DeadLetter(Arc<str>),
+}
+
+impl OnPermanentError {
+    /// The dead-letter topic under this policy, `pipeline` being the
+    /// pipeline's (`None`: stop).
+    pub fn topic(&self, pipeline: Option<&Arc<str>>) -> Option<Arc<str>> {
+        match self {
+            OnPermanentError::Inherit => pipeline.cloned(),
+            OnPermanentError::Stop => None,
+            OnPermanentError::DeadLetter(t) => Some(t.clone()),
+        }
+    }
 }
 
 /// What kind of value a column must hold.
@@ -508,6 +580,7 @@ impl RouteSpec {
             tombstone_on_empty: false,
             on_update: OpBehavior::Warn,
             on_delete: OpBehavior::Ignore,
+            on_permanent_error: OnPermanentError::Inherit,
         }
     }
 
@@ -643,6 +716,8 @@ pub struct MessageRoute {
     pub tombstone_on_empty: bool,
     /// What the record value is.
     pub value: MessageValue,
+    /// What happens to a message that can never be published.
+    pub on_permanent_error: OnPermanentError,
 }
 
 /// Every route, and which table uses which.
@@ -672,6 +747,29 @@ impl Routes {
             .iter()
             .map(|(t, i)| (t.clone(), self.specs[*i].required_columns()))
             .collect()
+    }
+}
+
+impl Routes {
+    /// An anchored regular expression that matches every topic the routes in
+    /// use render (each table's route and each message route), for
+    /// subscribing to them (`walcast tail`), in the syntax both librdkafka
+    /// (POSIX extended, no `(?:`) and the `regex` crate read: `^(a|b)$`.
+    pub fn topics_regex(&self) -> String {
+        let mut patterns: Vec<String> = Vec::new();
+        let used = self
+            .specs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.tables.iter().any(|(_, r)| r == i))
+            .map(|(_, s)| s.topic.pattern())
+            .chain(self.messages.iter().map(|m| m.topic.pattern()));
+        for p in used {
+            if !patterns.contains(&p) {
+                patterns.push(p);
+            }
+        }
+        format!("^({})$", patterns.join("|"))
     }
 }
 
@@ -1171,6 +1269,40 @@ impl Router {
     /// The table-less outbox route for a message prefix, if any.
     pub fn message_route(&self, prefix: &str) -> Option<usize> {
         self.messages.iter().position(|m| m.prefix == prefix)
+    }
+
+    /// The policy for rows that can never be published of the route at
+    /// `index` of [`Routes::specs`] ([`OutboxRow::route`]).
+    pub fn row_policy(&self, index: usize) -> &OnPermanentError {
+        self.specs
+            .get(index)
+            .map_or(&OnPermanentError::Inherit, |s| &s.on_permanent_error)
+    }
+
+    /// The policy for messages that can never be published of the message
+    /// route at `index` ([`Router::message_route`]).
+    pub fn message_policy(&self, index: usize) -> &OnPermanentError {
+        self.messages
+            .get(index)
+            .map_or(&OnPermanentError::Inherit, |m| &m.on_permanent_error)
+    }
+
+    /// Every dead-letter topic a route names itself (not inherited).
+    pub fn dead_letter_topics(&self) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = Vec::new();
+        let all = self
+            .specs
+            .iter()
+            .map(|s| &s.on_permanent_error)
+            .chain(self.messages.iter().map(|m| &m.on_permanent_error));
+        for p in all {
+            if let OnPermanentError::DeadLetter(t) = p {
+                if !out.contains(t) {
+                    out.push(t.clone());
+                }
+            }
+        }
+        out
     }
 
     /// Routes a transactional logical decoding message (the table-less
@@ -1713,6 +1845,57 @@ mod tests {
     }
 
     #[test]
+    fn the_topics_regex_covers_every_route_in_use() {
+        let rule =
+            |replacement: &str| TopicRule::new("r", DEFAULT_TOPIC_REGEX, replacement).unwrap();
+        let mut fixed = spec();
+        fixed.topic = rule("orders.v1");
+        let mut by_regex = spec();
+        by_regex.topic =
+            TopicRule::new("r", "(?<kind>[a-z]+)-(?<region>.*)", "pay.${kind}.$region").unwrap();
+        let mut unused = spec();
+        unused.topic = rule("never.used");
+        let t = |s: &str| TableName::parse(s).unwrap();
+        let routes = Routes {
+            specs: Arc::from(vec![spec(), fixed, by_regex, unused]),
+            tables: vec![
+                (t("public.outbox"), 0),
+                (t("public.orders"), 1),
+                (t("public.pay"), 2),
+            ],
+            messages: Arc::from(vec![MessageRoute {
+                option: "m".into(),
+                prefix: "app".into(),
+                topic: rule("app.${routedByValue}.events"),
+                tombstone_on_empty: false,
+                value: MessageValue::Payload,
+                on_permanent_error: OnPermanentError::Inherit,
+            }]),
+        };
+        let text = routes.topics_regex();
+        let re = regex::Regex::new(&text).unwrap();
+        for topic in [
+            "outbox.event.Order",
+            "orders.v1",
+            "pay.card.eu-west",
+            "app.Order.events",
+        ] {
+            assert!(re.is_match(topic), "{text} should match {topic}");
+        }
+        for topic in [
+            "never.used",
+            "orders.v1x",
+            "ordersxv1",
+            "xorders.v1",
+            "outbox_event.Order",
+            "app.Order.eventsx",
+            "walcast.state",
+        ] {
+            assert!(!re.is_match(topic), "{text} should not match {topic}");
+        }
+    }
+
+    #[test]
     fn table_less_messages_become_events() {
         let mut routes = Routes::single(spec(), []);
         routes.messages = Arc::from(vec![MessageRoute {
@@ -1721,6 +1904,7 @@ mod tests {
             topic: TopicRule::new("m", DEFAULT_TOPIC_REGEX, "ev.${routedByValue}").unwrap(),
             tombstone_on_empty: false,
             value: MessageValue::Payload,
+            on_permanent_error: OnPermanentError::Inherit,
         }]);
         let mut r = Router::with_routes(&routes, HeaderNames::default());
         assert_eq!(r.message_route("walcast"), Some(0));

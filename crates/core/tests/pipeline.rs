@@ -17,7 +17,9 @@ use walcast_core::config::{OutboxColumns, TableName};
 use walcast_core::dead_letter::{Reason, Rejected};
 use walcast_core::outbox::OutboxFilter;
 use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
-use walcast_core::route::{OutboxEvent, Router, TopicTemplate};
+use walcast_core::route::{
+    HeaderNames, OnPermanentError, OutboxEvent, RouteSpec, Router, Routes, TopicRule, TopicTemplate,
+};
 use walcast_core::sink::EventSink;
 use walcast_core::source::{ReplicationSource, SourceEvent};
 use walcast_core::{Error, Lsn, Result};
@@ -202,6 +204,46 @@ fn start_full(
     delivery_timeout: Duration,
     dead_letter: Option<Arc<str>>,
 ) -> Harness {
+    start_routed(
+        max_events,
+        max_bytes,
+        delivery_timeout,
+        dead_letter,
+        OnPermanentError::Inherit,
+    )
+}
+
+/// A pipeline whose one route (for `public.outbox`) has its own policy
+/// `route`, beside the pipeline's `dead_letter` topic.
+fn start_policy(dead_letter: Option<Arc<str>>, route: OnPermanentError) -> Harness {
+    start_routed(100, 1 << 20, Duration::from_secs(600), dead_letter, route)
+}
+
+fn start_routed(
+    max_events: u64,
+    max_bytes: u64,
+    delivery_timeout: Duration,
+    dead_letter: Option<Arc<str>>,
+    route: OnPermanentError,
+) -> Harness {
+    let template = TopicTemplate::parse("outbox.event.${routedByValue}").unwrap();
+    let (filter, router) = if route == OnPermanentError::Inherit {
+        (
+            OutboxFilter::new(
+                [TableName::parse("public.outbox").unwrap()],
+                OutboxColumns::default(),
+            ),
+            Router::new(template),
+        )
+    } else {
+        let mut spec = RouteSpec::legacy(&OutboxColumns::default(), TopicRule::Template(template));
+        spec.on_permanent_error = route;
+        let routes = Routes::single(spec, [TableName::parse("public.outbox").unwrap()]);
+        (
+            OutboxFilter::with_routes(&routes),
+            Router::with_routes(&routes, HeaderNames::default()),
+        )
+    };
     let source = SourceState::default();
     let pending: Pending = Arc::default();
     let (stop, stop_rx) = watch::channel(false);
@@ -214,11 +256,8 @@ fn start_full(
             stall_warning_after: Duration::from_secs(60),
             delivery_timeout,
         },
-        OutboxFilter::new(
-            [TableName::parse("public.outbox").unwrap()],
-            OutboxColumns::default(),
-        ),
-        Router::new(TopicTemplate::parse("outbox.event.${routedByValue}").unwrap()),
+        filter,
+        router,
         progress.clone(),
     )
     .with_dead_letter(dead_letter);
@@ -769,4 +808,78 @@ async fn a_failed_dead_letter_record_stops_without_passing_the_row() {
     assert!(err.to_string().contains("dead-letter record"), "{err}");
     assert!(err.rejected().is_none(), "never dead-lettered in turn");
     assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+}
+
+/// A route's own policy wins over the pipeline's: a route that says `stop`
+/// stops at a NULL-key row although the pipeline dead-letters; a route that
+/// dead-letters to its own topic does so although the pipeline stops.
+#[tokio::test]
+async fn a_routes_own_policy_wins_over_the_pipelines() {
+    let h = start_policy(Some(Arc::from("pipeline-dlq")), OnPermanentError::Stop);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(null_key("b1")));
+    h.source.push(commit(200));
+    let err = tokio::time::timeout(Duration::from_secs(5), h.task)
+        .await
+        .expect("the stop route stops the pipeline")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Permanent);
+    assert!(
+        h.pending.lock().unwrap().is_empty(),
+        "nothing dead-lettered"
+    );
+    assert!(
+        err.rejected().is_none(),
+        "a stop route's event is never kept for dead-lettering"
+    );
+
+    let h = start_policy(None, OnPermanentError::DeadLetter(Arc::from(DLQ)));
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(null_key("b1")));
+    h.source.push(commit(200));
+    settle().await;
+    assert_eq!(pending_ids(&h), ["dlq:b1"]);
+    deliver(&h, "dlq:b1", Ok(()));
+    settle().await;
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    let _ = h.stop.send(true);
+    h.task.await.unwrap().unwrap();
+}
+
+/// A broker's refusal of a produced event ends the run either way; the
+/// refused event stays attached (so the supervisor restarts and
+/// dead-letters it) only when its route dead-letters.
+#[tokio::test]
+async fn a_broker_refusal_is_kept_for_dead_lettering_only_under_its_routes_dead_letter_policy() {
+    for (route, kept) in [
+        (OnPermanentError::Stop, false),
+        (OnPermanentError::DeadLetter(Arc::from(DLQ)), true),
+    ] {
+        let h = start_policy(None, route.clone());
+        h.source.push(begin(150));
+        h.source.push(data(relation()));
+        h.source.push(data(insert("a1", "a", 10)));
+        h.source.push(commit(200));
+        settle().await;
+        let event = OutboxEvent::new(
+            Arc::from("outbox.event.Order"),
+            Bytes::from_static(b"a"),
+            Bytes::new(),
+            Vec::new(),
+            Lsn::new(142),
+            Arc::from("public.outbox"),
+        );
+        deliver(
+            &h,
+            "a1",
+            Err(Error::permanent("the broker refused it")
+                .with_rejected(Rejected::event(Reason::TooLarge, &event))),
+        );
+        let err = h.task.await.unwrap().unwrap_err();
+        assert_eq!(err.rejected().is_some(), kept, "{route:?}");
+        assert_eq!(h.source.last_confirmed(), None);
+    }
 }

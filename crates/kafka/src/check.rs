@@ -8,7 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminOptions, ResourceSpecifier};
+use rdkafka::admin::{AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::error::RDKafkaErrorCode;
 use walcast_core::check::CheckResult;
 use walcast_core::config::KafkaConfig;
 use walcast_core::route::TopicMatcher;
@@ -252,6 +253,188 @@ pub async fn check(
                 producer_max,
                 batch_size_for(cfg, limits.get(topic).map(|l| l.bytes)),
             ));
+        }
+    }
+    out
+}
+
+/// Checks each dead-letter topic `(topic, option)` (the option that sets
+/// it, e.g. `pipeline.dead_letter_topic`) as walcast's start treats it
+/// ([`crate::dead_letter::ensure_topic`]): an existing one must not be
+/// compacted, and gets the outbox topics' durability and record limit
+/// checks; a missing one must be creatable by walcast's principal (asked of
+/// the brokers with a validate-only CreateTopics: nothing is created). Never
+/// fails: a check that cannot run is a failed check.
+pub async fn check_dead_letter_topics(
+    cfg: &KafkaConfig,
+    topics: &[(String, String)],
+    timeout: Duration,
+) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    if topics.is_empty() {
+        return out;
+    }
+    let admin = match create_admin(cfg) {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            out.push(CheckResult::from_error("kafka.dead_letter_topics", &e));
+            return out;
+        }
+    };
+    let md = match limits::fetch_metadata(&admin, &cfg.bootstrap_servers, timeout).await {
+        Ok(md) => md,
+        Err(e) => {
+            out.push(CheckResult::from_error("kafka.dead_letter_topics", &e));
+            return out;
+        }
+    };
+    let producer_max = producer_message_max_bytes(cfg);
+    let bootstrap = &cfg.bootstrap_servers;
+    let opts = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .operation_timeout(Some(timeout));
+    let limits = TopicLimits::default();
+    for (topic, option) in topics {
+        let name = format!("kafka.dead_letter_topic[{topic}]");
+        let Some(found) = md.topics().iter().find(|t| t.name() == topic) else {
+            // Missing: walcast creates it at start; ask the brokers whether
+            // it may (authorization, policies) without creating it.
+            let new = NewTopic::new(topic, -1, TopicReplication::Fixed(-1))
+                .set("cleanup.policy", "delete");
+            let validate = AdminOptions::new()
+                .request_timeout(Some(timeout))
+                .operation_timeout(Some(timeout))
+                .validate_only(true);
+            let result =
+                tokio::time::timeout(timeout * 2, admin.create_topics([&new], &validate)).await;
+            let verdict = match result {
+                Ok(Ok(mut rs)) => match rs.pop() {
+                    Some(Ok(_)) => Ok(true),
+                    // Not in the metadata walcast's principal sees, yet there.
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
+                    Some(Err((_, code))) => Err(code.to_string()),
+                    None => Err("no answer".into()),
+                },
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            out.push(match verdict {
+                Ok(false) => CheckResult::warn(
+                    name,
+                    format!(
+                        "dead-letter topic {topic} ({option}) exists, but walcast's principal does not see it in the cluster's metadata"
+                    ),
+                    format!("grant walcast's principal Describe, DescribeConfigs and Write on {topic}"),
+                ),
+                Ok(true) => CheckResult::ok(
+                    name,
+                    format!(
+                        "dead-letter topic {topic} ({option}) does not exist yet; walcast creates it at start (cleanup.policy=delete, the brokers' default partitions and replication), which the brokers accept for walcast's principal"
+                    ),
+                ),
+                Err(why) => CheckResult::fail(
+                    name,
+                    format!(
+                        "dead-letter topic {topic} ({option}) does not exist and walcast cannot create it: {why}; walcast would refuse to start (exit 2)"
+                    ),
+                    format!(
+                        "create it as a Kafka administrator: kafka-topics.sh --bootstrap-server {bootstrap} --create --topic {topic} --config cleanup.policy=delete; and grant walcast's principal Describe, DescribeConfigs and Write on it"
+                    ),
+                ),
+            });
+            continue;
+        };
+        let partitions = found.partitions().len();
+        let rf = found
+            .partitions()
+            .iter()
+            .map(|p| p.replicas().len() as i64)
+            .min()
+            .unwrap_or(0);
+        let described = tokio::time::timeout(
+            timeout * 2,
+            admin.describe_configs([&ResourceSpecifier::Topic(topic)], &opts),
+        )
+        .await;
+        let config = match described {
+            Ok(Ok(mut rs)) => match rs.pop() {
+                Some(Ok(res)) => Ok(res),
+                Some(Err(code)) if is_denied(code) => Err(None),
+                Some(Err(code)) => Err(Some(code.to_string())),
+                None => Err(Some("no answer".into())),
+            },
+            Ok(Err(e)) => Err(Some(e.to_string())),
+            Err(e) => Err(Some(e.to_string())),
+        };
+        let res = match config {
+            Ok(res) => res,
+            Err(None) => {
+                out.push(CheckResult::warn(
+                    name,
+                    format!("dead-letter topic {topic} ({option}) exists, but walcast's principal may not read its configuration: walcast cannot tell whether it is compacted"),
+                    format!("grant walcast's principal DescribeConfigs on {topic} (and Describe and Write)"),
+                ));
+                continue;
+            }
+            Err(Some(why)) => {
+                out.push(CheckResult::fail(
+                    name,
+                    format!("cannot read the configuration of dead-letter topic {topic} ({option}): {why}"),
+                    "check the brokers and that walcast's principal may DescribeConfigs on the topic",
+                ));
+                continue;
+            }
+        };
+        let policy = res
+            .get("cleanup.policy")
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default();
+        if policy.split(',').any(|p| p.trim() == "compact") {
+            out.push(CheckResult::fail(
+                name,
+                format!("dead-letter topic {topic} ({option}) has cleanup.policy = {policy:?}: compaction would drop dead-letter records of the same key, so walcast refuses to start (exit 2)"),
+                format!("kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=delete; or another {option}"),
+            ));
+        } else {
+            out.push(CheckResult::ok(
+                name,
+                format!("dead-letter topic {topic} ({option}) exists ({partitions} partitions, cleanup.policy = {policy})"),
+            ));
+        }
+        let min_isr = res
+            .get("min.insync.replicas")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.trim().parse::<i64>().ok());
+        out.push(durability(
+            &format!("kafka.dead_letter_topic[{topic}].durability"),
+            &format!("dead-letter topic {topic} ({partitions} partitions, replication factor {rf})"),
+            rf,
+            min_isr,
+            &|n| format!("kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics --entity-name {topic} --add-config min.insync.replicas={n}"),
+            "add replicas with kafka-reassign-partitions.sh",
+        ));
+        // A dead-letter record over the topic's limit is sent without its
+        // value (README "Dead-letter topic"): a warning, not a failure.
+        let limit_name = format!("kafka.dead_letter_topic[{topic}].max_message_bytes");
+        match limits::read_topic_limit(&admin, topic, &limits, timeout).await {
+            Ok(l) if l.source == LimitSource::Topic && l.bytes < producer_max => {
+                out.push(CheckResult::warn(
+                    limit_name,
+                    format!("dead-letter topic {topic} takes record batches of at most {} bytes (max.message.bytes), less than walcast's producer limit of {producer_max}: the dead-letter record of a larger event is sent without its value (walcast.value.omitted.bytes)", l.bytes),
+                    format!("kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes={producer_max}"),
+                ));
+            }
+            Ok(l) => {
+                let mut c = record_limit(
+                    topic,
+                    Some(l),
+                    producer_max,
+                    batch_size_for(cfg, Some(l.bytes)),
+                );
+                c.name = limit_name;
+                out.push(c);
+            }
+            Err(e) => out.push(CheckResult::from_error(limit_name, &e)),
         }
     }
     out

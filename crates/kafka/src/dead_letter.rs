@@ -1,5 +1,6 @@
-//! The dead-letter topic (`pipeline.dead_letter_topic`): checked, or created
-//! when missing, before walcast streams under the dead-letter policy.
+//! The dead-letter topics (`pipeline.dead_letter_topic`, a route's
+//! `dead_letter_topic`): checked, or created when missing, before walcast
+//! streams under the dead-letter policy.
 
 use std::time::Duration;
 
@@ -19,7 +20,8 @@ fn create_command(bootstrap: &str, topic: &str) -> String {
     )
 }
 
-/// Makes sure the dead-letter topic exists and keeps every record (not
+/// Makes sure the dead-letter topic `topic` (set by the option `option`,
+/// e.g. `pipeline.dead_letter_topic`) exists and keeps every record (not
 /// compacted: dead-letter records of one key must not replace each other).
 /// A missing topic is created with the brokers' default partitions and
 /// replication, `cleanup.policy=delete`.
@@ -28,7 +30,7 @@ fn create_command(bootstrap: &str, topic: &str) -> String {
 /// An operator error when the topic is compacted, or missing and walcast may
 /// not create it (the message gives the `kafka-topics.sh` command); a
 /// retryable one when Kafka does not answer.
-pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<()> {
+pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str, option: &str) -> Result<()> {
     let admin: Admin = crate::admin_config(cfg)
         .create()
         .map_err(crate::rejected_config)?;
@@ -38,7 +40,7 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<()> {
     let bootstrap = &cfg.bootstrap_servers;
     let unavailable = |e: rdkafka::error::KafkaError| {
         Error::retryable(format!(
-            "cannot read the dead-letter topic {topic:?} (pipeline.dead_letter_topic) at {bootstrap}"
+            "cannot read the dead-letter topic {topic:?} ({option}) at {bootstrap}"
         ))
         .with_source(e)
         .with_hint("walcast retries with backoff; check the brokers and kafka.bootstrap_servers")
@@ -72,10 +74,10 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<()> {
                         .unwrap_or_default();
                     if policy.split(',').any(|p| p.trim() == "compact") {
                         return Err(Error::operator(format!(
-                            "the dead-letter topic {topic:?} (pipeline.dead_letter_topic) has cleanup.policy = {policy:?}: compaction would drop dead-letter records of the same key"
+                            "the dead-letter topic {topic:?} ({option}) has cleanup.policy = {policy:?}: compaction would drop dead-letter records of the same key"
                         ))
                         .with_hint(format!(
-                            "use a topic with cleanup.policy=delete (kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=delete), or another pipeline.dead_letter_topic"
+                            "use a topic with cleanup.policy=delete (kafka-configs.sh --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=delete), or another {option}"
                         )));
                     }
                 }
@@ -104,10 +106,7 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<()> {
     for r in results {
         match r {
             Ok(_) => {
-                tracing::info!(
-                    topic,
-                    "created the dead-letter topic (pipeline.dead_letter_topic)"
-                );
+                tracing::info!(topic, "created the dead-letter topic ({option})");
                 // Wait (bounded) until the brokers describe the new topic's
                 // max.message.bytes, so walcast checks dead-letter records
                 // against it rather than an assumed limit.
@@ -136,7 +135,7 @@ pub async fn ensure_topic(cfg: &KafkaConfig, topic: &str) -> Result<()> {
                 return Err(Error::new(
                     kind,
                     format!(
-                        "the dead-letter topic {topic:?} (pipeline.dead_letter_topic) does not exist and walcast cannot create it: {code}"
+                        "the dead-letter topic {topic:?} ({option}) does not exist and walcast cannot create it: {code}"
                     ),
                 )
                 .with_hint(format!(

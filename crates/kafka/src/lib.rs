@@ -242,9 +242,9 @@ pub struct KafkaSink {
     shared: Arc<Shared>,
     /// A topic this sink produces to, for [`KafkaProbe`].
     probe_topic: Arc<std::sync::Mutex<Option<Arc<str>>>>,
-    /// `pipeline.dead_letter_topic`: its records are checked against an
-    /// assumed limit too (see [`KafkaSink::with_dead_letter_topic`]).
-    dead_letter_topic: Option<Arc<str>>,
+    /// The dead-letter topics: their records are checked against an
+    /// assumed limit too (see [`KafkaSink::with_dead_letter_topics`]).
+    dead_letter_topics: Vec<Arc<str>>,
 }
 
 /// Checks that the Kafka cluster answers, with the sink's admin client (the
@@ -353,16 +353,17 @@ impl KafkaSink {
             batch_size,
             lookup_timeout,
             probe_topic: Arc::default(),
-            dead_letter_topic: None,
+            dead_letter_topics: Vec::new(),
         })
     }
 
-    /// Names the dead-letter topic. A dead-letter record is checked against
-    /// the topic's limit even when walcast could only assume it (the
-    /// brokers' default): a dead-letter record the broker refused would stop
-    /// walcast, while one refused here is sent again without its value.
-    pub fn with_dead_letter_topic(mut self, topic: Option<Arc<str>>) -> Self {
-        self.dead_letter_topic = topic;
+    /// Names the dead-letter topics (the pipeline's and the routes'). A
+    /// dead-letter record is checked against its topic's limit even when
+    /// walcast could only assume it (the brokers' default): a dead-letter
+    /// record the broker refused would stop walcast, while one refused here
+    /// is sent again without its value.
+    pub fn with_dead_letter_topics(mut self, topics: Vec<Arc<str>>) -> Self {
+        self.dead_letter_topics = topics;
         self
     }
 
@@ -810,7 +811,7 @@ impl EventSink for KafkaSink {
         // topic may accept more than walcast may read; the broker judges.
         .filter(|l| {
             l.source != LimitSource::Assumed
-                || self.dead_letter_topic.as_deref() == Some(&*event.topic)
+                || self.dead_letter_topics.iter().any(|t| **t == *event.topic)
         });
         if estimate
             > topic_limit

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use walcast_core::config::Config;
+use walcast_core::config::{Config, PermanentErrorPolicy};
 use walcast_core::dead_letter::KnownRejection;
 use walcast_core::failpoint::Failpoints;
 use walcast_core::outbox::OutboxFilter;
@@ -337,6 +337,7 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
     // Events a broker refused for good (dead-letter policy): the next run
     // dead-letters them instead of producing them again.
     let mut known_rejections: Vec<KnownRejection> = Vec::new();
+    let dead_letter_in_use = !cfg.dead_letter_topics()?.is_empty();
     loop {
         if *stop_rx.borrow() {
             return Ok(());
@@ -371,7 +372,7 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
                 // Only a delivery's verdict (origin Kafka), once per event:
                 // refused again after the restart, walcast stops.
                 Decision::Exit
-                    if cfg.pipeline.dead_letter_topic.is_some()
+                    if dead_letter_in_use
                         && e.origin() == Some(Origin::Kafka)
                         && known_rejections.len() < MAX_KNOWN_REJECTIONS
                         && KnownRejection::of(&e).is_some_and(|new| {
@@ -379,7 +380,7 @@ async fn run(cfg: &Config, shared: &Shared, stop_rx: watch::Receiver<bool>) -> R
                         }) =>
                 {
                     tracing::warn!(
-                        "{e} (under pipeline.on_permanent_error = \"dead-letter\" walcast restarts from the slot with a new producer and sends this event to the dead-letter topic when it reads it again)"
+                        "{e} (under on_permanent_error = \"dead-letter\" walcast restarts from the slot with a new producer and sends this event to the dead-letter topic when it reads it again)"
                     );
                     known_rejections.extend(KnownRejection::of(&e));
                     backoff = initial;
@@ -426,6 +427,7 @@ async fn run_once(
 ) -> Result<PipelineExit> {
     let progress = &shared.progress;
     let routes = cfg.routes()?;
+    let dead_letter_topics = cfg.dead_letter_topics()?;
     let sink = KafkaSink::connect(
         &cfg.kafka,
         QueueLimits {
@@ -438,10 +440,15 @@ async fn run_once(
     )
     .await
     .map_err(|e| e.or_origin(Origin::Kafka))?
-    .with_dead_letter_topic(cfg.pipeline.dead_letter_topic.as_deref().map(Arc::from));
+    .with_dead_letter_topics(
+        dead_letter_topics
+            .iter()
+            .map(|(t, _)| Arc::from(t.as_str()))
+            .collect(),
+    );
     if opts.is_none() {
-        if let Some(topic) = &cfg.pipeline.dead_letter_topic {
-            walcast_kafka::dead_letter::ensure_topic(&cfg.kafka, topic)
+        for (topic, option) in &dead_letter_topics {
+            walcast_kafka::dead_letter::ensure_topic(&cfg.kafka, topic, option)
                 .await
                 .map_err(|e| e.or_origin(Origin::Kafka))?;
         }
@@ -489,7 +496,13 @@ async fn run_once(
         progress.clone(),
     )
     .with_failpoints(failpoints.clone())
-    .with_dead_letter(cfg.pipeline.dead_letter_topic.as_deref().map(Arc::from))
+    // The pipeline's policy, for the routes that inherit it.
+    .with_dead_letter(match cfg.pipeline.on_permanent_error {
+        PermanentErrorPolicy::DeadLetter => {
+            cfg.pipeline.dead_letter_topic.as_deref().map(Arc::from)
+        }
+        PermanentErrorPolicy::Stop => None,
+    })
     .with_known_rejections(known_rejections.to_vec())
     .with_observer(Box::new(
         RelayObserver::new(shared.metrics.clone()).with_traces(shared.traces.get()),

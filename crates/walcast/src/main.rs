@@ -55,7 +55,9 @@ enum Command {
     Tail {
         #[command(flatten)]
         config: ConfigArgs,
-        /// Topics to read, as a regex (default: derived from outbox.topic).
+        /// Topics to read, as a regex (default: every topic the configured
+        /// routes render: outbox.topic for outbox.tables, each
+        /// [[outbox.route]]'s and [[outbox.message_route]]'s topic or template).
         #[arg(long)]
         topic_regex: Option<String>,
         /// Stop after this many records.
@@ -216,13 +218,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             idle_timeout_ms,
         } => {
             let cfg = load(&config)?;
-            let regex = topic_regex.unwrap_or_else(|| {
-                let t = &cfg.outbox.topic;
-                format!(
-                    "^{}$",
-                    t.replace('.', "\\.").replace("${routedByValue}", ".+")
-                )
-            });
+            let regex = match topic_regex {
+                Some(r) => r,
+                None => cfg.routes()?.topics_regex(),
+            };
             tail(
                 &cfg,
                 &regex,

@@ -25,23 +25,26 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<()> {
     let cfg = crate::load(&args.config)?;
     let opts = crate::tool_options(&cfg)?;
     let template = cfg.routes()?;
+    let dead_letter_topics = cfg.dead_letter_topics()?;
     let queue = QueueLimits {
         max_in_flight_events: cfg.pipeline.max_in_flight_events,
         max_in_flight_bytes: cfg.pipeline.max_in_flight_bytes,
     };
     let rt = super::runtime()?;
-    let (mut results, kafka) = rt.block_on(async {
+    let kafka_timeout = Duration::from_millis(args.kafka_timeout_ms);
+    let (mut results, kafka, dead_letters) = rt.block_on(async {
         tokio::join!(
             walcast_postgres::check::check(&opts),
-            walcast_kafka::check::check(
+            walcast_kafka::check::check(&cfg.kafka, &template, queue, kafka_timeout),
+            walcast_kafka::check::check_dead_letter_topics(
                 &cfg.kafka,
-                &template,
-                queue,
-                Duration::from_millis(args.kafka_timeout_ms),
+                &dead_letter_topics,
+                kafka_timeout
             )
         )
     });
     results.extend(kafka);
+    results.extend(dead_letters);
     if let Some(listen) = &cfg.metrics.listen {
         results.push(CheckResult::ok(
             "metrics.listen",
