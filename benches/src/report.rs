@@ -478,7 +478,7 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                 y2: Some((
                     "events in flight".into(),
                     vec![Series {
-                        name: "events in flight".into(),
+                        name: "in flight".into(),
                         points: flight,
                     }],
                 )),
@@ -807,7 +807,7 @@ mod tests {
                 .any(|(f, _)| f == "backlog-200b-txn10-timeline.svg"),
             "{files:?}"
         );
-        assert!(svg.contains("events in flight (right)"), "{svg}");
+        assert!(svg.contains("in flight (right)"), "{svg}");
     }
 
     #[test]

@@ -49,9 +49,9 @@ pub fn color_for(name: &str) -> &'static str {
         "pg-recvlogical" => COLORS[4],
         "pg-drain" => COLORS[5],
         "debezium-heartbeat" => COLORS[6],
-        // timeline plots
+        // timeline plots (short names: the legend is 200 px wide)
         "acks per 10 ms" => COLORS[0],
-        "events in flight" => COLORS[3],
+        "in flight" => COLORS[3],
         _ => COLORS[7],
     }
 }
@@ -355,13 +355,13 @@ mod tests {
             y2: Some((
                 "right".into(),
                 vec![Series {
-                    name: "events in flight".into(),
+                    name: "in flight".into(),
                     points: vec![(0.0, 10_000.0), (1.0, 10_000.0)],
                 }],
             )),
         };
         let svg = c.render();
-        assert!(svg.contains("events in flight (right)"), "{svg}");
+        assert!(svg.contains("in flight (right)"), "{svg}");
         assert!(svg.contains(">10k<"), "right ticks: {svg}");
         // Both lines reach near the top: each axis has its own scale.
         let tops: Vec<f64> = svg
