@@ -359,6 +359,7 @@ async fn run(cfg: Config) -> Result<(), Error> {
                     path.display(),
                     timeline::TIMELINE_ENV
                 ))
+                .with_hint("name a file in a writable directory, or unset the variable")
                 .with_source(e)
             })?;
             tracing::info!(path = %path.display(), "writing the counters' timeline every 10 ms");
