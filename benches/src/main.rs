@@ -88,7 +88,8 @@ struct RunArgs {
     /// [default txn: 1 up to 1000/s, else 10].
     #[arg(long, value_delimiter = ',', default_value = "1000,10000,max")]
     rates: Vec<String>,
-    /// Seconds per steady rate [default: 20, quick: 5].
+    /// Seconds of every steady rate [default: 60 at 10000/s (long enough to
+    /// catch periodic stalls), 20 at the others; quick: 5].
     #[arg(long)]
     steady_secs: Option<u64>,
     /// Payload of the steady load, bytes.
@@ -107,6 +108,11 @@ struct RunArgs {
     /// Workloads to run: backlog, steady, idle.
     #[arg(long, value_delimiter = ',', default_value = "backlog,steady,idle")]
     workloads: Vec<String>,
+    /// walcast's backlog drains write the pipeline's counters every 10 ms
+    /// (WALCAST_DEBUG_TIMELINE) to work/backlog-<payload>-txn<N>-timeline.csv;
+    /// the report plots acks per 10 ms and events in flight.
+    #[arg(long)]
+    timeline: bool,
     /// Report directory [default: <repo>/bench-report/<date>-<time>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -256,7 +262,6 @@ async fn run(args: RunArgs) -> Result<()> {
     let events = args
         .events
         .unwrap_or(if args.quick { 10_000 } else { 200_000 });
-    let steady = Duration::from_secs(args.steady_secs.unwrap_or(if args.quick { 5 } else { 20 }));
     let idle = Duration::from_secs(args.idle_secs.unwrap_or(if args.quick { 8 } else { 30 }));
     let rates = args
         .rates
@@ -285,7 +290,9 @@ async fn run(args: RunArgs) -> Result<()> {
         payloads: args.payloads.clone(),
         txn_sizes: args.txn_sizes.clone(),
         rates,
-        steady,
+        steady_secs: args.steady_secs,
+        quick: args.quick,
+        timeline: args.timeline,
         steady_payload: args.steady_payload,
         idle,
         systems: args.systems.clone(),
@@ -409,6 +416,9 @@ async fn run(args: RunArgs) -> Result<()> {
             group(FULL_EVENTS)
         ));
     }
+    if plan.timeline && plan.backlog && plan.has(System::Walcast) {
+        meta.notes.push("walcast's backlog drains ran with `--timeline` (WALCAST_DEBUG_TIMELINE): one more task waking every 10 ms to copy its counters and a thread writing them to a file.".into());
+    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -416,7 +426,7 @@ async fn run(args: RunArgs) -> Result<()> {
         "Everything (PostgreSQL, Kafka, the system under test, the writer and the consumer) shares the same {cores} cores, so a system's rate includes the cost of its neighbours; the `limits` run alone with the services."
     ));
     println!(
-        "walcast-bench: run {run_id}, report in {}\n  {}\n  workloads: {}; systems: {}; backlog {} events{} × payload {:?} × txn {:?}; steady {:?} for {}s; idle {}s",
+        "walcast-bench: run {run_id}, report in {}\n  {}\n  workloads: {}; systems: {}; backlog {} events{} × payload {:?} × txn {:?}; steady {}; idle {}s",
         out.display(),
         meta.machine,
         args.workloads.join(","),
@@ -428,8 +438,11 @@ async fn run(args: RunArgs) -> Result<()> {
         },
         plan.payloads,
         plan.txn_sizes,
-        plan.rates.iter().map(RateSpec::label).collect::<Vec<_>>(),
-        steady.as_secs(),
+        plan.rates
+            .iter()
+            .map(|r| format!("{} for {}s", r.label(), plan.steady_for(r).as_secs()))
+            .collect::<Vec<_>>()
+            .join(", "),
         idle.as_secs()
     );
     let estimates = plan.estimates();

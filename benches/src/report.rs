@@ -368,6 +368,48 @@ fn throughput_series(runs: impl Iterator<Item = (System, Vec<f64>)>) -> Vec<Seri
         .collect()
 }
 
+/// Points of a line: `(x, y)`.
+type Points = Vec<(f64, f64)>;
+
+/// Acks per 10 ms and events in flight, each over seconds since walcast
+/// started, from its counter timeline (`WALCAST_DEBUG_TIMELINE` CSV; the
+/// columns are found by name). Acks are the growth of `events_delivered`
+/// between two rows, scaled to 10 ms (a late sample does not look like a
+/// burst). Rows that do not parse (a line cut off by a kill) are skipped.
+pub fn timeline_series(csv: &str) -> Result<(Points, Points)> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().context("empty timeline")?.split(',').collect();
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .with_context(|| format!("the timeline has no column {name}"))
+    };
+    let (t, delivered, in_flight) = (
+        col("t_ms")?,
+        col("events_delivered")?,
+        col("in_flight_events")?,
+    );
+    let (mut acks, mut flight) = (Vec::new(), Vec::new());
+    let mut prev: Option<(f64, f64)> = None;
+    for line in lines {
+        let v: Vec<&str> = line.split(',').collect();
+        let num = |c: usize| v.get(c).and_then(|x| x.parse::<f64>().ok());
+        let (Some(t_ms), Some(d), Some(f)) = (num(t), num(delivered), num(in_flight)) else {
+            continue;
+        };
+        if let Some((pt, pd)) = prev {
+            if t_ms <= pt {
+                continue;
+            }
+            acks.push((t_ms / 1000.0, (d - pd).max(0.0) * 10.0 / (t_ms - pt)));
+        }
+        flight.push((t_ms / 1000.0, f));
+        prev = Some((t_ms, d));
+    }
+    Ok((acks, flight))
+}
+
 /// Writes every plot into `dir`; returns `(file, caption)` pairs.
 pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
     let mut files = Vec::new();
@@ -395,6 +437,51 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                 y_label: "events/s into Kafka".into(),
                 x_log: false,
                 series: throughput_series(b.runs.iter().map(|x| (x.system, x.throughput.clone()))),
+                y2: None,
+            },
+        )?;
+        let Some(csv) = b.run(System::Walcast).and_then(|w| w.timeline.as_deref()) else {
+            continue;
+        };
+        let series = std::fs::read_to_string(dir.join(csv))
+            .map_err(anyhow::Error::from)
+            .and_then(|text| timeline_series(&text));
+        let (acks, flight) = match series {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "walcast-bench: no timeline plot for {}: {csv}: {e:#}",
+                    b.label()
+                );
+                continue;
+            }
+        };
+        write(
+            format!(
+                "backlog-{}-txn{}-timeline.svg",
+                size_label(b.payload).to_lowercase(),
+                b.txn
+            ),
+            format!(
+                "Backlog {}: walcast's acks per 10 ms and events in flight ([CSV]({csv}))",
+                b.label()
+            ),
+            Chart {
+                title: format!("walcast's drain timeline, {}", b.label()),
+                x_label: "seconds since walcast started".into(),
+                y_label: "acks per 10 ms".into(),
+                x_log: false,
+                series: vec![Series {
+                    name: "acks per 10 ms".into(),
+                    points: acks,
+                }],
+                y2: Some((
+                    "events in flight".into(),
+                    vec![Series {
+                        name: "in flight".into(),
+                        points: flight,
+                    }],
+                )),
             },
         )?;
     }
@@ -429,6 +516,7 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                         points: s.latency.cdf.clone(),
                     })
                     .collect(),
+                y2: None,
             },
         )?;
         write(
@@ -454,6 +542,7 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                             .collect(),
                     })
                     .collect(),
+                y2: None,
             },
         )?;
         write(
@@ -468,6 +557,7 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                 y_label: "events/s into Kafka".into(),
                 x_log: false,
                 series: throughput_series(runs.iter().map(|s| (s.system, s.throughput.clone()))),
+                y2: None,
             },
         )?;
     }
@@ -492,6 +582,7 @@ pub fn plots(r: &Results, dir: &Path) -> Result<Vec<(String, String)>> {
                             .collect(),
                     })
                     .collect(),
+                y2: None,
             },
         )?;
     }
@@ -594,6 +685,7 @@ mod tests {
             drain_cpu_s_per_mevent: cpu,
             pg_cpu_s_per_mevent: 1.0,
             throughput: vec![10.0, 20.0],
+            timeline: None,
             note: None,
         }
     }
@@ -675,6 +767,47 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), all, "a plot is listed twice: {files:?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn timeline_rows_become_acks_per_10_ms_and_in_flight() {
+        let csv = "t_ms,events_sent,events_delivered,in_flight_events,in_flight_bytes\n\
+                   10.000,100,0,100,20000\n\
+                   20.000,200,50,150,30000\n\
+                   40.000,200,200,0,0\n\
+                   50.0";
+        let (acks, flight) = timeline_series(csv).unwrap();
+        // 50 acks in 10 ms; 150 in 20 ms = 75 per 10 ms; the cut-off row is skipped.
+        assert_eq!(acks, vec![(0.02, 50.0), (0.04, 75.0)]);
+        assert_eq!(flight, vec![(0.01, 100.0), (0.02, 150.0), (0.04, 0.0)]);
+        assert!(timeline_series("t_ms,events_sent\n1,2").is_err());
+    }
+
+    #[test]
+    fn a_walcast_timeline_is_plotted() {
+        let dir = std::env::temp_dir().join(format!("walcast-bench-tl-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("work")).unwrap();
+        std::fs::write(
+            dir.join("work/backlog-200b-txn10-timeline.csv"),
+            "t_ms,events_sent,events_delivered,in_flight_events\n10.0,5,0,5\n20.0,9,9,0\n",
+        )
+        .unwrap();
+        let mut r = sample();
+        for run in &mut r.backlog[0].runs {
+            if run.system == System::Walcast {
+                run.timeline = Some("work/backlog-200b-txn10-timeline.csv".into());
+            }
+        }
+        let files = plots(&r, &dir).unwrap();
+        let svg = std::fs::read_to_string(dir.join("backlog-200b-txn10-timeline.svg")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|(f, _)| f == "backlog-200b-txn10-timeline.svg"),
+            "{files:?}"
+        );
+        assert!(svg.contains("in flight (right)"), "{svg}");
     }
 
     #[test]

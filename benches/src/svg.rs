@@ -25,6 +25,8 @@ pub struct Chart {
     pub x_log: bool,
     /// Lines.
     pub series: Vec<Series>,
+    /// Lines on a second y axis (right), with its label.
+    pub y2: Option<(String, Vec<Series>)>,
 }
 
 const W: f64 = 880.0;
@@ -47,6 +49,9 @@ pub fn color_for(name: &str) -> &'static str {
         "pg-recvlogical" => COLORS[4],
         "pg-drain" => COLORS[5],
         "debezium-heartbeat" => COLORS[6],
+        // timeline plots (short names: the legend is 200 px wide)
+        "acks per 10 ms" => COLORS[0],
+        "in flight" => COLORS[3],
         _ => COLORS[7],
     }
 }
@@ -105,13 +110,28 @@ fn esc(s: &str) -> String {
 impl Chart {
     /// Renders the chart as a standalone SVG document.
     pub fn render(&self) -> String {
-        let pts = self.series.iter().flat_map(|s| s.points.iter());
+        let y2_series: &[Series] = self.y2.as_ref().map_or(&[], |(_, s)| s.as_slice());
+        let pts = self
+            .series
+            .iter()
+            .chain(y2_series)
+            .flat_map(|s| s.points.iter());
         let xs: Vec<f64> = pts
             .clone()
             .map(|p| p.0)
             .filter(|x| !self.x_log || *x > 0.0)
             .collect();
-        let ys: Vec<f64> = pts.map(|p| p.1).collect();
+        let ys: Vec<f64> = self
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .collect();
+        let y2_max = y2_series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.05;
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -170,6 +190,7 @@ impl Chart {
             }
         };
         let sy = |y: f64| -> f64 { TOP + ph - (y - y0) / (y1 - y0) * ph };
+        let sy2 = |y: f64| -> f64 { TOP + ph - y / y2_max * ph };
         // grid and ticks
         for t in &x_ticks {
             let x = sx(*t);
@@ -210,13 +231,41 @@ impl Chart {
             TOP + ph / 2.0,
             esc(&self.y_label)
         );
-        for (i, s) in self.series.iter().enumerate() {
+        // the second axis: ticks and label right of the plot, the legend further right
+        let mut legend_x = LEFT + pw + 15.0;
+        if let Some((label, _)) = &self.y2 {
+            for t in nice_ticks(0.0, y2_max, 6) {
+                let _ = writeln!(
+                    out,
+                    r#"<text x="{:.1}" y="{:.1}">{}</text>"#,
+                    LEFT + pw + 6.0,
+                    sy2(t) + 4.0,
+                    short(t)
+                );
+            }
+            let (x, y) = (LEFT + pw + 50.0, TOP + ph / 2.0);
+            let _ = writeln!(
+                out,
+                r#"<text x="{x}" y="{y}" text-anchor="middle" transform="rotate(-90 {x} {y})">{}</text>"#,
+                esc(label)
+            );
+            legend_x = LEFT + pw + 60.0;
+        }
+        let lines = self
+            .series
+            .iter()
+            .map(|s| (s, false))
+            .chain(y2_series.iter().map(|s| (s, true)));
+        for (i, (s, right)) in lines.enumerate() {
             let color = color_for(&s.name);
             let path: Vec<String> = s
                 .points
                 .iter()
                 .filter(|p| !self.x_log || p.0 > 0.0)
-                .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+                .map(|(x, y)| {
+                    let y = if right { sy2(*y) } else { sy(*y) };
+                    format!("{:.1},{y:.1}", sx(*x))
+                })
                 .collect();
             if !path.is_empty() {
                 let _ = writeln!(
@@ -226,14 +275,19 @@ impl Chart {
                 );
             }
             let ly = TOP + 10.0 + i as f64 * 20.0;
-            let lx = LEFT + pw + 15.0;
+            let name = if right && self.y2.is_some() {
+                format!("{} (right)", s.name)
+            } else {
+                s.name.clone()
+            };
+            let lx = legend_x;
             let _ = writeln!(
                 out,
                 r#"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
                 lx + 20.0,
                 lx + 26.0,
                 ly + 4.0,
-                esc(&s.name)
+                esc(&name)
             );
         }
         out.push_str("</svg>\n");
@@ -273,6 +327,7 @@ mod tests {
                 name: "walcast".into(),
                 points: vec![(0.5, 0.1), (3.0, 0.5), (40.0, 1.0)],
             }],
+            y2: None,
         };
         let svg = c.render();
         assert!(svg.starts_with("<svg"));
@@ -284,5 +339,40 @@ mod tests {
             ..c
         };
         assert!(empty.render().contains("no data"));
+    }
+
+    #[test]
+    fn a_second_axis_scales_its_own_lines() {
+        let c = Chart {
+            title: "t".into(),
+            x_label: "x".into(),
+            y_label: "left".into(),
+            x_log: false,
+            series: vec![Series {
+                name: "acks per 10 ms".into(),
+                points: vec![(0.0, 10.0), (1.0, 10.0)],
+            }],
+            y2: Some((
+                "right".into(),
+                vec![Series {
+                    name: "in flight".into(),
+                    points: vec![(0.0, 10_000.0), (1.0, 10_000.0)],
+                }],
+            )),
+        };
+        let svg = c.render();
+        assert!(svg.contains("in flight (right)"), "{svg}");
+        assert!(svg.contains(">10k<"), "right ticks: {svg}");
+        // Both lines reach near the top: each axis has its own scale.
+        let tops: Vec<f64> = svg
+            .lines()
+            .filter(|l| l.starts_with("<polyline"))
+            .map(|l| {
+                let pts = l.split("points=\"").nth(1).unwrap();
+                pts.split([',', ' ']).nth(1).unwrap().parse().unwrap()
+            })
+            .collect();
+        assert_eq!(tops.len(), 2, "{svg}");
+        assert!(tops.iter().all(|y| (*y - tops[0]).abs() < 1.0), "{tops:?}");
     }
 }

@@ -116,6 +116,8 @@ pub struct Spec {
     pub payload: u32,
     /// Stop position (pg_recvlogical).
     pub end_lsn: Option<String>,
+    /// walcast only: the counter timeline's CSV file (`WALCAST_DEBUG_TIMELINE`).
+    pub timeline: Option<PathBuf>,
 }
 
 impl Spec {
@@ -363,6 +365,10 @@ fn command(env: &BenchEnv, tuning: &Tuning, spec: &Spec) -> Result<Command> {
             std::fs::write(&cfg, walcast_toml(env, spec))?;
             let mut c = Command::new(&tuning.walcast_bin);
             c.arg("run").arg("--config").arg(cfg).env_remove("RUST_LOG");
+            match &spec.timeline {
+                Some(file) => c.env("WALCAST_DEBUG_TIMELINE", file),
+                None => c.env_remove("WALCAST_DEBUG_TIMELINE"),
+            };
             c
         }
         System::Debezium | System::DebeziumHeartbeat => {
@@ -631,6 +637,7 @@ mod tests {
             events: 10,
             payload: 200,
             end_lsn: None,
+            timeline: None,
         }
     }
 
@@ -645,6 +652,34 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.postgres.slot, "s1");
         assert_eq!(cfg.outbox.topic, "bench.t.walcast.${routedByValue}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn walcast_gets_the_timeline_variable_only_when_asked() {
+        let dir = std::env::temp_dir().join(format!("walcast-bench-tl-{}", std::process::id()));
+        let tuning = Tuning {
+            walcast_bin: "/bin/true".into(),
+            self_exe: "/bin/true".into(),
+            debezium_libs: "/nonexistent".into(),
+            java: "java".into(),
+            pg_bindir: "/nonexistent".into(),
+            poll_batch: 1,
+            poll_interval_ms: 1,
+        };
+        let var = |spec: &Spec| {
+            command(&env(), &tuning, spec)
+                .unwrap()
+                .get_envs()
+                .find(|(k, _)| *k == "WALCAST_DEBUG_TIMELINE")
+                .map(|(_, v)| v.map(|v| v.to_os_string()))
+        };
+        let mut s = spec(System::Walcast);
+        s.dir = dir.clone();
+        // Removed (not inherited from the harness's environment) when off.
+        assert_eq!(var(&s), Some(None));
+        s.timeline = Some(dir.join("t.csv"));
+        assert_eq!(var(&s), Some(Some(dir.join("t.csv").into_os_string())));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -20,6 +20,26 @@ use crate::systems::{Proc, Spec, System, Tuning, Usage};
 /// Width of the throughput-over-time buckets.
 pub const BUCKET: Duration = Duration::from_millis(500);
 
+/// Seconds of a steady window by default.
+pub const STEADY_SECS: u64 = 20;
+
+/// The rate (events/s) whose steady window is [`LONG_STEADY_SECS`] by default.
+pub const LONG_STEADY_RATE: u64 = 10_000;
+
+/// Seconds of the [`LONG_STEADY_RATE`] window by default: long enough to
+/// catch periodic stalls (issue 14).
+pub const LONG_STEADY_SECS: u64 = 60;
+
+/// `backlog-200b-txn10-timeline.csv`: walcast's counter timeline of a
+/// backlog configuration, in the work dir (the plot takes the same name
+/// with `.svg`).
+pub fn timeline_file_name(payload: u32, txn: u32) -> String {
+    format!(
+        "backlog-{}-txn{txn}-timeline.csv",
+        size_label(payload).to_lowercase()
+    )
+}
+
 /// A steady-load rate: events/s, or `None` for as fast as the writer goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RateSpec {
@@ -54,8 +74,13 @@ pub struct Plan {
     pub txn_sizes: Vec<u32>,
     /// Steady rates.
     pub rates: Vec<RateSpec>,
-    /// Steady window per rate.
-    pub steady: Duration,
+    /// Steady window of every rate (`--steady-secs`); `None`: [`Plan::steady_for`]'s defaults.
+    pub steady_secs: Option<u64>,
+    /// Small sizes and short windows.
+    pub quick: bool,
+    /// walcast's backlog drains write a 10 ms counter timeline
+    /// (`WALCAST_DEBUG_TIMELINE`) into the work dir.
+    pub timeline: bool,
     /// Steady payload.
     pub steady_payload: u32,
     /// Idle window.
@@ -110,6 +135,30 @@ impl Plan {
         .into_iter()
         .filter(|s| self.has(*s))
         .collect()
+    }
+
+    /// The steady window of a rate: `--steady-secs` if given, else 5 s in
+    /// quick mode, else [`LONG_STEADY_SECS`] at [`LONG_STEADY_RATE`] (long
+    /// enough to catch periodic stalls) and [`STEADY_SECS`] at other rates.
+    pub fn steady_for(&self, r: &RateSpec) -> Duration {
+        Duration::from_secs(match self.steady_secs {
+            Some(s) => s,
+            None if self.quick => 5,
+            None if r.rate == Some(LONG_STEADY_RATE) => LONG_STEADY_SECS,
+            None => STEADY_SECS,
+        })
+    }
+
+    /// The file walcast's timeline of a backlog configuration goes to (in
+    /// the work dir), when `--timeline` is on.
+    pub fn timeline_file(
+        &self,
+        work_dir: &std::path::Path,
+        payload: u32,
+        txn: u32,
+    ) -> Option<PathBuf> {
+        self.timeline
+            .then(|| work_dir.join(timeline_file_name(payload, txn)))
     }
 
     /// Relays of the steady workload.
@@ -169,7 +218,12 @@ impl Plan {
         if self.steady_load {
             for s in self.steady_systems() {
                 let startup = if s == System::Debezium { 15.0 } else { 3.0 };
-                v.push(startup + self.rates.len() as f64 * (self.steady.as_secs_f64() + 5.0));
+                let windows: f64 = self
+                    .rates
+                    .iter()
+                    .map(|r| self.steady_for(r).as_secs_f64() + 5.0)
+                    .sum();
+                v.push(startup + windows);
             }
         }
         if self.idle_load {
@@ -232,6 +286,10 @@ pub struct DrainRun {
     pub pg_cpu_s_per_mevent: f64,
     /// Records per second in [`BUCKET`]s since spawn.
     pub throughput: Vec<f64>,
+    /// walcast with `--timeline`: its counter timeline (CSV), relative to
+    /// the report's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<String>,
     /// Anything odd.
     pub note: Option<String>,
 }
@@ -303,6 +361,7 @@ pub async fn warm_up_kafka(ctx: &mut Ctx, events: u64) -> Result<()> {
         events,
         payload: 200,
         end_lsn: None,
+        timeline: None,
     };
     let topic = spec.topic();
     kafka::create_topics(&ctx.env.kafka_bootstrap, std::slice::from_ref(&topic)).await?;
@@ -395,7 +454,11 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
     for s in systems {
         ctx.progress
             .phase(&format!("{label}: {} drains the backlog", s.name()));
-        let run = drain(ctx, s, &tag, payload, n, &end_lsn, wal0, wal1).await;
+        let timeline = match s {
+            System::Walcast => ctx.plan.timeline_file(&ctx.work_dir, payload, txn),
+            _ => None,
+        };
+        let run = drain(ctx, s, &tag, payload, n, &end_lsn, wal0, wal1, timeline).await;
         if s.uses_slot() {
             db::drop_slot_named(&ctx.env, &slot_name("b", s)).await?;
         }
@@ -457,6 +520,7 @@ fn failed_drain(system: System, note: String) -> DrainRun {
         drain_cpu_s_per_mevent: 0.0,
         pg_cpu_s_per_mevent: 0.0,
         throughput: Vec::new(),
+        timeline: None,
         note: Some(note),
     }
 }
@@ -476,7 +540,11 @@ async fn drain(
     end_lsn: &str,
     wal0: u64,
     wal1: u64,
+    timeline: Option<PathBuf>,
 ) -> Result<DrainRun> {
+    if let Some(file) = &timeline {
+        let _ = std::fs::remove_file(file);
+    }
     let prefix = format!("bench.{}.{tag}.{}", ctx.run_id, system.name());
     let spec = Spec {
         system,
@@ -486,6 +554,7 @@ async fn drain(
         events: n,
         payload,
         end_lsn: Some(end_lsn.to_string()),
+        timeline: timeline.clone(),
     };
     let topic = spec.topic();
     let consumer = if system.produces() {
@@ -654,6 +723,10 @@ async fn drain(
         pg_cpu_s_per_mevent: per_mevent(usage.pg_cpu_s, events),
         usage,
         throughput,
+        timeline: timeline.filter(|f| f.exists()).and_then(|f| {
+            f.file_name()
+                .map(|n| format!("work/{}", n.to_string_lossy()))
+        }),
         note,
     })
 }
@@ -749,6 +822,7 @@ async fn start_relay(
         events: 0,
         payload: 0,
         end_lsn: None,
+        timeline: None,
     };
     db::reset_outbox(&ctx.env, system == System::Polling).await?;
     if system.uses_slot() {
@@ -786,15 +860,14 @@ async fn stop_relay(
 /// Steady load: one relay, every rate in turn on the same running process.
 pub async fn steady(ctx: &mut Ctx, system: System) -> Result<Vec<SteadyRun>> {
     ctx.progress.phase(&format!(
-        "steady load: {} at {}, {}s each",
+        "steady load: {} at {}",
         system.name(),
         ctx.plan
             .rates
             .iter()
-            .map(RateSpec::label)
+            .map(|r| format!("{} for {}s", r.label(), ctx.plan.steady_for(r).as_secs()))
             .collect::<Vec<_>>()
             .join(", "),
-        ctx.plan.steady.as_secs()
     ));
     let (spec, consumer, mut proc, ready) = start_relay(ctx, system, "steady", "st").await?;
     let mut runs = Vec::new();
@@ -803,13 +876,14 @@ pub async fn steady(ctx: &mut Ctx, system: System) -> Result<Vec<SteadyRun>> {
     // (first seq, commits, window start, writer stop, usage at start)
     let mut windows = Vec::new();
     for r in &rates {
+        let window = ctx.plan.steady_for(r);
         let u0 = proc.usage();
         let live = Arc::new(WriterLive::default());
         let pace = Pace {
             rate: r.rate,
             txn: r.txn,
             payload: ctx.plan.steady_payload,
-            duration: ctx.plan.steady,
+            duration: window,
             conns: ctx.plan.writer_conns,
         };
         let start_ns = clock::now_ns();
@@ -835,7 +909,7 @@ pub async fn steady(ctx: &mut Ctx, system: System) -> Result<Vec<SteadyRun>> {
                     rate(committed as f64 / secs.max(1e-9)),
                     group(delivered),
                     group(committed.saturating_sub(delivered)),
-                    (ctx.plan.steady.as_secs_f64() - secs).max(0.0).round()
+                    (window.as_secs_f64() - secs).max(0.0).round()
                 ));
             }
         }
@@ -845,7 +919,7 @@ pub async fn steady(ctx: &mut Ctx, system: System) -> Result<Vec<SteadyRun>> {
         let last_seq = next_seq + written - 1;
         let backlog_at_end = written - (consumer.distinct() - base).min(written);
         // catch up: wait until everything written is in Kafka
-        let catch_deadline = Instant::now() + ctx.plan.steady.max(Duration::from_secs(30));
+        let catch_deadline = Instant::now() + window.max(Duration::from_secs(30));
         while consumer.distinct() - base < written && Instant::now() < catch_deadline {
             if proc.exited().is_some() {
                 break;
@@ -1051,4 +1125,59 @@ pub async fn idle(ctx: &mut Ctx, system: System) -> Result<IdleRun> {
         usage,
         note: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(steady_secs: Option<u64>, quick: bool) -> Plan {
+        Plan {
+            events: 10,
+            headline: None,
+            payloads: vec![200],
+            txn_sizes: vec![10],
+            rates: Vec::new(),
+            steady_secs,
+            quick,
+            timeline: true,
+            steady_payload: 200,
+            idle: Duration::from_secs(1),
+            systems: vec![System::Walcast],
+            backlog: true,
+            steady_load: true,
+            idle_load: false,
+            fill_conns: 1,
+            writer_conns: 1,
+        }
+    }
+
+    #[test]
+    fn the_10k_rate_runs_a_minute_by_default() {
+        let rate = |r: Option<u64>| RateSpec { rate: r, txn: 10 };
+        let p = plan(None, false);
+        assert_eq!(p.steady_for(&rate(Some(10_000))), Duration::from_secs(60));
+        assert_eq!(p.steady_for(&rate(Some(1_000))), Duration::from_secs(20));
+        assert_eq!(p.steady_for(&rate(None)), Duration::from_secs(20));
+        // --steady-secs overrides every rate; quick mode keeps short windows.
+        let p = plan(Some(7), false);
+        assert_eq!(p.steady_for(&rate(Some(10_000))), Duration::from_secs(7));
+        let p = plan(None, true);
+        assert_eq!(p.steady_for(&rate(Some(10_000))), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn timeline_files_are_per_configuration_in_the_work_dir() {
+        let p = plan(None, false);
+        let w = std::path::Path::new("/r/work");
+        assert_eq!(
+            p.timeline_file(w, 2048, 100),
+            Some(PathBuf::from("/r/work/backlog-2kb-txn100-timeline.csv"))
+        );
+        let off = Plan {
+            timeline: false,
+            ..p
+        };
+        assert_eq!(off.timeline_file(w, 200, 1), None);
+    }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use rand::Rng;
 use walcast_tests::checker::{check, Outcome};
 use walcast_tests::pg::TestDb;
@@ -140,6 +140,77 @@ async fn an_idle_slot_does_not_pin_wal() -> Result<()> {
     );
     assert!(lag < 64 * 1024, "lag stayed at {lag} bytes");
     w.kill9()?;
+    drop(client);
+    db.drop(env).await?;
+    Ok(())
+}
+
+/// Issue 14: `WALCAST_DEBUG_TIMELINE` makes `walcast run` write the
+/// pipeline's counters every 10 ms as CSV, with a last row at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debug_timeline_records_the_counters() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create(env, "timeline").await?;
+    let mut reader = reader(env, &db).await?;
+    let state = tempfile::tempdir()?;
+    let file = state.path().join("timeline.csv");
+    let mut w = Walcast::start_with(
+        &bin(),
+        state.path(),
+        &WalcastConfig::for_db(env, &db, state.path()),
+        &[("WALCAST_DEBUG_TIMELINE", file.to_str().unwrap())],
+    )?;
+    w.wait_streaming()?;
+    let mut client = db.admin(env).await?;
+    let mut writer = Writer::new(&client).await?;
+    let mut rng = rng("timeline");
+    for _ in 0..20 {
+        writer.txn(&mut client, &mut rng, 10, 50, false).await?;
+    }
+    assert!(
+        wait_all(&mut reader, &writer, Duration::from_secs(60))?,
+        "not every event arrived:\n{}",
+        w.log_text()
+    );
+    // Let the sampler see the acks, then stop gracefully (the last row is
+    // written and the file flushed at exit).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    w.terminate()?;
+    assert!(w.wait_exit(Duration::from_secs(30))?.success());
+
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("reading the timeline {}", file.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    assert_eq!(
+        header[..5],
+        [
+            "t_ms",
+            "events_sent",
+            "events_delivered",
+            "in_flight_events",
+            "in_flight_bytes"
+        ],
+        "{text}"
+    );
+    let rows: Vec<Vec<f64>> = lines
+        .map(|l| l.split(',').map(|v| v.parse().unwrap()).collect())
+        .collect();
+    assert!(rows.len() >= 10, "few rows:\n{text}");
+    for pair in rows.windows(2) {
+        assert!(pair[0][0] < pair[1][0], "t_ms does not increase: {pair:?}");
+        assert!(
+            pair[0][2] <= pair[1][2],
+            "events_delivered decreases: {pair:?}"
+        );
+    }
+    let last = rows.last().unwrap();
+    assert_eq!((last[1], last[2], last[3]), (200.0, 200.0, 0.0), "{text}");
+    assert!(
+        rows.iter().any(|r| r[2] == 0.0),
+        "the timeline starts before the first event"
+    );
     drop(client);
     db.drop(env).await?;
     Ok(())

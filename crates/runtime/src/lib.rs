@@ -16,6 +16,7 @@
 mod events;
 mod http;
 pub mod telemetry;
+pub mod timeline;
 pub mod traces;
 
 use std::future::Future;

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use walcast_core::config::{Config, LogFormat};
 use walcast_core::{Error, ErrorKind};
 use walcast_postgres::ConnectOptions;
-use walcast_runtime::Relay;
+use walcast_runtime::{timeline, Relay};
 
 mod debezium;
 mod ops;
@@ -358,7 +358,33 @@ async fn run(cfg: Config) -> Result<(), Error> {
         tracing::info!("signal received: stopping (outstanding deliveries are awaited)");
         let _ = stop_tx.send(true);
     });
-    Relay::new(cfg).run(stop_rx).await
+    let relay = Relay::new(cfg);
+    // A hidden debugging aid (issue 14): the pipeline's counters every 10 ms as CSV.
+    let timeline = match std::env::var_os(timeline::TIMELINE_ENV) {
+        Some(path) if !path.is_empty() => {
+            let path = PathBuf::from(path);
+            let t = timeline::Timeline::start(&path, relay.progress()).map_err(|e| {
+                Error::operator(format!(
+                    "cannot write the timeline file {} ({})",
+                    path.display(),
+                    timeline::TIMELINE_ENV
+                ))
+                .with_hint("name a file in a writable directory, or unset the variable")
+                .with_source(e)
+            })?;
+            tracing::info!(path = %path.display(), "writing the counters' timeline every 10 ms");
+            Some(t)
+        }
+        _ => None,
+    };
+    let result = relay.run(stop_rx).await;
+    if let Some(t) = timeline {
+        let path = t.path().display().to_string();
+        if let Err(e) = t.finish().await {
+            tracing::warn!(path, error = %e, "the timeline file is incomplete");
+        }
+    }
+    result
 }
 
 async fn wait_for_signal() {
