@@ -36,10 +36,6 @@ use crate::route::{OpBehavior, OutboxEvent, Router};
 use crate::sink::EventSink;
 use crate::source::{ReplicationSource, SourceEvent};
 
-/// Source events handled in one pass of the relay loop when more are already
-/// read ahead (the loop then looks at deliveries, shutdown and its ticker).
-const READ_BATCH: usize = 256;
-
 /// Flow-control and shutdown settings.
 #[derive(Debug, Clone)]
 pub struct PipelineSettings {
@@ -459,7 +455,7 @@ impl Pipeline {
         // The loop runs in a block so that an error ends the block, not the
         // function: a non-retryable error first drains (below).
         let result: Result<Option<PipelineExit>> = async {
-            Ok('relay: loop {
+            Ok(loop {
                 // The tracker's queue counts too: transactions whose events
                 // were delivered behind a stuck one wait there (empty ones are
                 // merged, so only transactions that had events count).
@@ -470,12 +466,7 @@ impl Pipeline {
                     && bytes_in_flight < self.settings.max_in_flight_bytes;
                 tokio::select! {
                     biased;
-                    Some(done) = deliveries.next(), if !deliveries.is_empty() => {
-                      // Every delivery that already finished is handled in
-                      // this pass, not one per turn of the loop (the next
-                      // turn polls `deliveries` again with this task's waker).
-                      let mut next = Some(done);
-                      while let Some(Done { ticket, size, topic, commit_time, dead_letter, dead_letter_topic: dlq, result }) = next.take() {
+                    Some(Done { ticket, size, topic, commit_time, dead_letter, dead_letter_topic: dlq, result }) = deliveries.next(), if !deliveries.is_empty() => {
                         if let Err(e) = result {
                             delivery_failed = true;
                             let e = match &dead_letter {
@@ -521,8 +512,6 @@ impl Pipeline {
                                 self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        next = deliveries.next().now_or_never().flatten();
-                      }
                     }
                     changed = shutdown.changed() => {
                         if changed.is_err() || *shutdown.borrow() {
@@ -530,14 +519,8 @@ impl Pipeline {
                         }
                     }
                     event = source.recv(), if has_room => {
-                      // Events already read ahead are handled in this pass
-                      // while there is room (at most READ_BATCH), not one
-                      // per turn of the loop.
-                      let mut read = event;
-                      let mut batch = 0usize;
-                      loop {
-                        let Some(event) = read.map_err(|e| e.or_origin(Origin::Postgres))? else {
-                            break 'relay Some(PipelineExit::SourceEnded { confirmed });
+                        let Some(event) = event.map_err(|e| e.or_origin(Origin::Postgres))? else {
+                            break Some(PipelineExit::SourceEnded { confirmed });
                         };
                         // An event read from the stream (an outbox INSERT or a
                         // routed transactional message), handed on below in
@@ -673,20 +656,6 @@ impl Pipeline {
                                 self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        batch += 1;
-                        let room = waiting.is_none()
-                            && dead_letters_in_flight == 0
-                            && tracker.in_flight_events() < self.settings.max_in_flight_events
-                            && (tracker.pending_transactions() as u64) <= self.settings.max_in_flight_events
-                            && bytes_in_flight < self.settings.max_in_flight_bytes;
-                        if !room || batch >= READ_BATCH {
-                            break;
-                        }
-                        match source.recv().now_or_never() {
-                            Some(r) => read = r,
-                            None => break,
-                        }
-                      }
                     }
                     _ = ticker.tick() => {
                         if let Some(depth) = sink.queue_depth() {

@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::FutureExt;
-
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 use walcast_core::source::{ReplicationSource, SourceEvent};
 use walcast_core::{Error, Result};
@@ -155,28 +153,12 @@ impl ReplicationSource for PgSource {
             if let Some(e) = self.gate.take_failure() {
                 return Err(e);
             }
-            // A message already read ahead needs no timer, clock reads or
-            // gate wait (the connection is not silent).
-            let ready =
-                match self.client.recv().now_or_never() {
-                    Some(received) => {
-                        self.silent_for = Duration::ZERO;
-                        Some(received.map_err(|e| {
-                            classify(e, "the replication stream failed", &self.user)
-                        })?)
-                    }
-                    None => None,
-                };
             let gate = self.gate.clone();
-            let ev = if let Some(ev) = ready {
-                ev
-            } else {
-                tokio::select! {
-                    biased;
-                    // The record's bound rose while we wait: report the held position now.
-                    _ = gate.raised() => continue,
-                    ev = self.next_event() => ev?,
-                }
+            let ev = tokio::select! {
+                biased;
+                // The record's bound rose while we wait: report the held position now.
+                _ = gate.raised() => continue,
+                ev = self.next_event() => ev?,
             };
             let Some(ev) = ev else {
                 return Ok(None);
