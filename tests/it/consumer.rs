@@ -627,3 +627,127 @@ async fn consumer_redrive_and_rewind_replay_without_second_side_effects() -> Res
     db.drop(env).await?;
     Ok(())
 }
+
+/// Holds every record with a `hold` header until `released` is set.
+#[derive(Debug, Default)]
+struct Gated {
+    released: Arc<std::sync::atomic::AtomicBool>,
+    held: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Handler for Gated {
+    async fn handle(&self, tx: &Transaction<'_>, e: &Delivery) -> Result<(), HandlerError> {
+        if e.header("hold").is_some() {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            while !self.released.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Effects::default().handle(tx, e).await
+    }
+}
+
+/// A slow partition does not hold up the others: partition 0's handler is
+/// stuck with its queue (capacity 1) full, yet partition 1's records are
+/// all handled meanwhile; once released, partition 0's records are handled
+/// once each, in offset order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_a_stuck_partition_does_not_hold_up_the_others() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = consumer_db(env, "chol").await?;
+    let (topic, dlq, _) = names(&db);
+    create_topics(&env.kafka_bootstrap, &[topic.as_str(), dlq.as_str()], 2).await?;
+    let p = producer(env)?;
+    let send = |partition: i32, key: String, id: String, seq: String, hold: bool| {
+        let p = p.clone();
+        let topic = topic.clone();
+        async move {
+            let mut h = OwnedHeaders::new()
+                .insert(Header {
+                    key: "id",
+                    value: Some(&id),
+                })
+                .insert(Header {
+                    key: "seq",
+                    value: Some(&seq),
+                });
+            if hold {
+                h = h.insert(Header {
+                    key: "hold",
+                    value: Some("1"),
+                });
+            }
+            p.send(
+                FutureRecord::to(&topic)
+                    .partition(partition)
+                    .key(&key)
+                    .payload("{}")
+                    .headers(h),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))
+        }
+    };
+    for s in 1..=6 {
+        send(0, "slow".into(), format!("s-{s}"), s.to_string(), true).await?;
+    }
+    let mut cfg = config(env, &db);
+    cfg.queue_capacity = 1;
+    let gated = Gated::default();
+    let (released, held) = (gated.released.clone(), gated.held.clone());
+    let (_stats, stop, j) = spawn(cfg, gated)?;
+    assert!(
+        wait_for(Duration::from_secs(60), || held.load(Ordering::SeqCst) >= 1).await,
+        "the consumer never reached partition 0's first record"
+    );
+    // Give the consumer time to read partition 0's other records (one fits
+    // the queue, the next finds it full).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for s in 1..=20 {
+        send(1, "fast".into(), format!("f-{s}"), s.to_string(), false).await?;
+    }
+    let c = db.admin(env).await?;
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut fast = 0;
+    while Instant::now() < end {
+        fast = c
+            .query_one("SELECT count(*) FROM effects WHERE key = 'fast'", &[])
+            .await?
+            .get::<_, i64>(0);
+        if fast == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        fast, 20,
+        "partition 1 was held up by partition 0's full queue: {fast} of 20 handled in 30 s"
+    );
+    released.store(true, Ordering::SeqCst);
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut slow: Vec<i64> = Vec::new();
+    while Instant::now() < end {
+        slow = c
+            .query("SELECT seq FROM effects WHERE key = 'slow' ORDER BY n", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if slow.len() >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        slow,
+        (1..=6).collect::<Vec<i64>>(),
+        "partition 0 after release"
+    );
+    let _ = stop.send(());
+    j.await??;
+    drop(c);
+    db.drop(env).await?;
+    Ok(())
+}

@@ -222,7 +222,9 @@ pub struct ConsumerConfig {
     pub processed_table: String,
     /// How often done offsets are committed (default 1 s).
     pub commit_interval: Duration,
-    /// Records queued per partition before the consumer waits (default 256).
+    /// Records queued per partition (default 256). When a partition's queue
+    /// is full, fetching that partition pauses until its worker catches up;
+    /// the other partitions go on.
     pub queue_capacity: usize,
     /// How long shutdown waits for records in flight (default 30 s).
     pub shutdown_timeout: Duration,
@@ -356,6 +358,16 @@ struct Ctx {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // A partition paused for a full queue before it was revoked must not
+        // come back paused.
+        if let Rebalance::Assign(assigned) = rebalance {
+            if let Err(e) = consumer.resume(assigned) {
+                warn!(error = %e, "resuming newly assigned partitions failed");
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
@@ -533,11 +545,43 @@ impl<H: Handler> Consumer<H> {
                 });
                 w.tx.clone()
             };
-            tokio::select! {
-                _ = &mut shutdown => break,
-                r = sender.send(m) => if r.is_err() {
+            match sender.try_send(m) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => {
                     debug!(topic = %tp.0, partition = tp.1, "record of a revoked partition dropped");
-                },
+                }
+                // This partition's worker is behind (a slow handler, retries
+                // with backoff): stop fetching the partition instead of
+                // waiting here, so the other partitions go on. The record is
+                // handed over when the queue has room (waiters are served in
+                // order, before any later try_send), then the partition
+                // resumes from the position after it.
+                Err(mpsc::error::TrySendError::Full(m)) => {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&tp.0, tp.1);
+                    match consumer.pause(&tpl) {
+                        Ok(()) => {
+                            debug!(topic = %tp.0, partition = tp.1, "partition queue full: fetching paused");
+                            let c = consumer.clone();
+                            tokio::spawn(async move {
+                                if sender.send(m).await.is_ok() {
+                                    if let Err(e) = c.resume(&tpl) {
+                                        warn!(error = %e, "resuming a paused partition failed; it resumes at the next rebalance");
+                                    }
+                                }
+                            });
+                        }
+                        Err(e) => {
+                            warn!(error = %e, topic = %tp.0, partition = tp.1, "pausing a partition with a full queue failed; waiting for its worker instead");
+                            tokio::select! {
+                                _ = &mut shutdown => break,
+                                r = sender.send(m) => if r.is_err() {
+                                    debug!(topic = %tp.0, partition = tp.1, "record of a revoked partition dropped");
+                                },
+                            }
+                        }
+                    }
+                }
             }
         }
         // Graceful shutdown: start nothing new, let records in flight finish.
