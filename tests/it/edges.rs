@@ -284,6 +284,20 @@ async fn a_change_walcast_cannot_attribute_stops_it() -> Result<()> {
         wait_ids(&mut reader, &want, Duration::from_secs(30))?,
         "the event before the rename was not delivered"
     );
+    // A restart does not get past it either: walcast stops again before
+    // streaming (the configured table is gone), and the slot stays before
+    // the change.
+    let (code, out) = run_to_exit(dir.path(), &cfg)?;
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
+    assert!(
+        out.contains("outbox table public.outbox does not exist"),
+        "the restart names the missing table: {out}"
+    );
+    let confirmed = db.confirmed_flush_lsn(env).await?.unwrap_or(0);
+    assert!(
+        confirmed <= lsn_before,
+        "a restart passed the unattributed change: {confirmed:X} > {lsn_before:X}"
+    );
     drop(c);
     db.drop(env).await?;
     Ok(())
