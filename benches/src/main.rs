@@ -550,11 +550,19 @@ fn main() {
     // the harness clock starts with the process (contestants report times on it)
     clock::now_ns();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // pg-drain measures walcast's read side, so it runs on the runtime
+    // `walcast run` uses (one thread); the harness itself uses two.
+    let built = if matches!(cli.command, Cmd::PgDrain(_)) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("walcast-bench: {e}");

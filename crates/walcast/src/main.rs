@@ -203,7 +203,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             // replication reader hand every message to each other, and on one
             // thread that is a function call, not a cross-thread wake-up
             // (librdkafka keeps its own threads; blocking work goes to the
-            // blocking pool). See benches/README.md, "Runtime".
+            // blocking pool). Measured: docs/performance.md.
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -234,12 +234,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             let cfg = load(&args)?;
             init_logging(&cfg);
-            // One thread for the relay's tasks: the pipeline and the
-            // replication reader hand every message to each other, and on one
-            // thread that is a function call, not a cross-thread wake-up
-            // (librdkafka keeps its own threads; blocking work goes to the
-            // blocking pool). See benches/README.md, "Runtime".
-            let rt = tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
