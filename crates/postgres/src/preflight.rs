@@ -892,6 +892,25 @@ fn judge_holder(
     HolderAction::Usual
 }
 
+/// What to do when the slot is still active but `pg_stat_replication` has
+/// no row for its holder: while walcast watches its previous, silent
+/// session, that is the server ending it (a walsender leaves
+/// `pg_stat_replication` a moment before it releases the slot), so keep
+/// waiting for the slot to come free instead of counting it as another
+/// instance.
+fn holder_gone(
+    watch: Option<&StaleWatch>,
+    now: tokio::time::Instant,
+    wal_sender_timeout: Duration,
+) -> HolderAction {
+    match watch {
+        Some(w) if !w.alive && now < w.since + wal_sender_timeout + STALE_MARGIN => {
+            HolderAction::WaitForServer
+        }
+        _ => HolderAction::Usual,
+    }
+}
+
 /// Positions on the slot (creating it when allowed and nothing speaks
 /// against it); returns the start LSN and whether it was created.
 ///
@@ -1036,7 +1055,7 @@ async fn ensure_slot(
                 };
                 let now = tokio::time::Instant::now();
                 let action = match &holder {
-                    None => HolderAction::Usual,
+                    None => holder_gone(watch.as_ref(), now, wal_sender_timeout),
                     Some(h) => {
                         let previous = (h.application_name == pg.application_name
                             && records.iter().any(|r| r.walsender.as_ref() == Some(&h.id)))
@@ -1323,6 +1342,40 @@ mod tests {
                 t + Duration::from_secs(1),
                 WST
             ),
+            HolderAction::Usual
+        );
+    }
+
+    #[test]
+    fn a_watched_session_leaving_pg_stat_replication_is_waited_for() {
+        let t = tokio::time::Instant::now();
+        let p = id(1);
+        // Nothing watched: a holder without a row is someone else.
+        assert_eq!(holder_gone(None, t, WST), HolderAction::Usual);
+        let mut w = None;
+        let silent = look(Some("1"), Some(3_000), "0/1");
+        judge_holder(false, Some(&p), &silent, &mut w, t, WST);
+        // The watched silent session is going away: wait for the slot.
+        assert_eq!(
+            holder_gone(w.as_ref(), t + Duration::from_secs(9), WST),
+            HolderAction::WaitForServer
+        );
+        // Not beyond the margin.
+        assert_eq!(
+            holder_gone(w.as_ref(), t + WST + STALE_MARGIN, WST),
+            HolderAction::Usual
+        );
+        // A session that showed life is another instance.
+        judge_holder(
+            false,
+            Some(&p),
+            &look(Some("2"), Some(10), "0/1"),
+            &mut w,
+            t + Duration::from_secs(1),
+            WST,
+        );
+        assert_eq!(
+            holder_gone(w.as_ref(), t + Duration::from_secs(2), WST),
             HolderAction::Usual
         );
     }
