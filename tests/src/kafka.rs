@@ -82,21 +82,37 @@ pub async fn create_topics_with<S: AsRef<str>>(
             n
         })
         .collect();
-    let results = admin
-        .create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        )
-        .await
-        .context("create_topics")?;
-    for r in results {
-        if let Err((topic, code)) = r {
-            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                bail!("creating topic {topic}: {code}");
+    // A cluster that was just started may not have registered all of its
+    // brokers yet: a replication factor above the brokers seen so far is
+    // refused with InvalidReplicationFactor until they are (up to 60 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let results = admin
+            .create_topics(
+                &new,
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            )
+            .await
+            .context("create_topics")?;
+        let mut retry = false;
+        for r in results {
+            if let Err((topic, code)) = r {
+                match code {
+                    rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists => {}
+                    rdkafka::types::RDKafkaErrorCode::InvalidReplicationFactor
+                        if replication > 1 && std::time::Instant::now() < deadline =>
+                    {
+                        retry = true;
+                    }
+                    _ => bail!("creating topic {topic}: {code}"),
+                }
             }
         }
+        if !retry {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(())
 }
 
 fn admin(bootstrap: &str) -> Result<AdminClient<DefaultClientContext>> {
