@@ -385,7 +385,15 @@ impl IdReader {
                         Err(e) if Instant::now() >= deadline => {
                             return Err(e).with_context(|| format!("watermarks of {t}/{p}"))
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(250)),
+                        Err(_) => {
+                            // A cached view from while the brokers were
+                            // away may lack the partition ("Unknown
+                            // partition"): ask for fresh metadata.
+                            let _ = self
+                                .consumer
+                                .fetch_metadata(Some(&t), Duration::from_secs(5));
+                            std::thread::sleep(Duration::from_millis(250))
+                        }
                     }
                 };
                 high.insert((t.clone(), p), h);
