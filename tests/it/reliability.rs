@@ -599,8 +599,8 @@ async fn brokers_paused() -> Result<()> {
     blocking(|| env.control(&["resume", "kafka"]));
     let (max_confirmed, pid_during, confirmed) = result?;
     let observation = async {
-        let mut snap = IdReader::new(&env.kafka_bootstrap, &rig.topics)?;
-        blocking(|| snap.read_to_end(Duration::from_secs(60)))?;
+        let mut snap = blocking(|| IdReader::new(&env.kafka_bootstrap, &rig.topics))?;
+        blocking(|| snap.read_to_end(Duration::from_secs(120)))?;
         anyhow::Ok(KillObservation {
             confirmed_lsn: confirmed,
             ids_in_kafka: snap.ids_appended_by(resumed_at),

@@ -261,6 +261,11 @@ impl IdReader {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.max.bytes", "52428800")
+            // Right after a broker pause or restart, a connection whose
+            // request the broker never answered is given up after 10 s and
+            // reopened (the default, 60 s, is as long as the whole wait).
+            .set("socket.timeout.ms", "10000")
+            .set("socket.connection.setup.timeout.ms", "10000")
             .create()
             .context("creating the consumer")?;
         let mut tpl = TopicPartitionList::new();
@@ -383,7 +388,9 @@ impl IdReader {
                     {
                         Ok((_, h)) => break h,
                         Err(e) if Instant::now() >= deadline => {
-                            return Err(e).with_context(|| format!("watermarks of {t}/{p}"))
+                            return Err(e).with_context(|| {
+                                format!("watermarks of {t}/{p}\n{}", kafka_diagnostics())
+                            })
                         }
                         Err(_) => {
                             // A cached view from while the brokers were
@@ -407,7 +414,10 @@ impl IdReader {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("could not read to the high watermarks {high:?} in time");
+                bail!(
+                    "could not read to the high watermarks {high:?} in time\n{}",
+                    kafka_diagnostics()
+                );
             }
             self.poll_once(Duration::from_millis(100));
         }
@@ -417,15 +427,27 @@ impl IdReader {
 fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
     // The checker reads while brokers are paused, killed or just resumed: a
     // transport failure is retried for a while, not taken as the answer.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(180);
     let md = loop {
         match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
             Ok(md) => break md,
             Err(e) if Instant::now() < deadline => {
-                eprintln!("metadata for {topic}: {e}; retrying");
+                eprintln!(
+                    "metadata for {topic}: {e}; retrying ({:.1} s so far)",
+                    started.elapsed().as_secs_f64()
+                );
                 std::thread::sleep(Duration::from_millis(500));
             }
-            Err(e) => return Err(e).with_context(|| format!("metadata for {topic}")),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "metadata for {topic} (no broker answered for {:.0} s)\n{}",
+                        started.elapsed().as_secs_f64(),
+                        kafka_diagnostics()
+                    )
+                })
+            }
         }
     };
     let n = md
@@ -437,6 +459,39 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
         bail!("topic {topic} has no partitions (does it exist?)");
     }
     Ok(n as i32)
+}
+
+/// What the environment's Kafka looked like: `scripts/dev env status` and
+/// the tail of each node's server log (for a checker that cannot reach it).
+pub fn kafka_diagnostics() -> String {
+    let repo = crate::env::repo_dir();
+    let mut out = String::new();
+    if let Ok(o) = std::process::Command::new(repo.join("scripts/dev"))
+        .args(["env", "status"])
+        .current_dir(&repo)
+        .output()
+    {
+        out.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    let dev = crate::env::TestEnv::get()
+        .var("WALCAST_DEV_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| repo.join(".walcast"));
+    if let Ok(nodes) = std::fs::read_dir(dev.join("kafka")) {
+        for node in nodes.flatten() {
+            let log = node.path().join("logs/server.log");
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                let lines: Vec<&str> = text.lines().collect();
+                let from = lines.len().saturating_sub(40);
+                out.push_str(&format!("--- last lines of {}\n", log.display()));
+                for l in &lines[from..] {
+                    out.push_str(&l.chars().take(300).collect::<String>());
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Waits until no connection holds the test's slot.
