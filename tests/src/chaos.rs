@@ -238,6 +238,7 @@ pub struct IdReader {
     /// topics use `message.timestamp.type = LogAppendTime`).
     appended: HashMap<String, i64>,
     next: HashMap<(String, i32), i64>,
+    bootstrap: String,
 }
 
 impl std::fmt::Debug for IdReader {
@@ -252,37 +253,44 @@ impl std::fmt::Debug for IdReader {
 impl IdReader {
     /// Assigns every partition of `topics` (which must exist) from the beginning.
     pub fn new(bootstrap: &str, topics: &[String]) -> Result<IdReader> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set(
-                "group.id",
-                format!("walcast-chaos-{}", uuid::Uuid::new_v4()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.max.bytes", "52428800")
-            // Right after a broker pause or restart, a connection whose
-            // request the broker never answered is given up after 10 s and
-            // reopened (the default, 60 s, is as long as the whole wait).
-            .set("socket.timeout.ms", "10000")
-            .set("socket.connection.setup.timeout.ms", "10000")
-            .create()
-            .context("creating the consumer")?;
-        let mut tpl = TopicPartitionList::new();
-        for t in topics {
-            for p in 0..partitions(&consumer, t)? {
-                tpl.add_partition_offset(t, p, Offset::Beginning)?;
-            }
-        }
-        consumer.assign(&tpl).context("assign")?;
-        Ok(IdReader {
-            consumer,
+        let mut r = IdReader {
+            consumer: checker_client(bootstrap)?,
             topics: topics.to_vec(),
             observed: Vec::new(),
             seen: HashSet::new(),
             appended: HashMap::new(),
             next: HashMap::new(),
-        })
+            bootstrap: bootstrap.to_string(),
+        };
+        r.assign()?;
+        Ok(r)
+    }
+
+    /// Assigns every partition of the topics, each from the offset after the
+    /// last record read (the beginning when none was).
+    fn assign(&mut self) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for t in &self.topics {
+            for p in 0..partitions(&self.consumer, t)? {
+                let offset = match self.next.get(&(t.clone(), p)) {
+                    Some(&o) => Offset::Offset(o),
+                    None => Offset::Beginning,
+                };
+                tpl.add_partition_offset(t, p, offset)?;
+            }
+        }
+        self.consumer.assign(&tpl).context("assign")?;
+        Ok(())
+    }
+
+    /// Replaces the client with a new one that goes on where this one is.
+    /// Seen after a broker pause: one client kept answering "Unknown
+    /// partition" for minutes while the broker served everyone else, even
+    /// after metadata refreshes. A new client asks the broker afresh.
+    fn reconnect(&mut self) -> Result<()> {
+        eprintln!("checker: replacing its Kafka client (no progress with the old one)");
+        self.consumer = checker_client(&self.bootstrap)?;
+        self.assign()
     }
 
     /// Polls one record; returns its id when one arrived.
@@ -381,6 +389,7 @@ impl IdReader {
             for p in 0..partitions(&self.consumer, &t)? {
                 // Right after a broker restart or pause, leaders may be
                 // unavailable for a few seconds: retry until the deadline.
+                let mut failures = 0u32;
                 let h = loop {
                     match self
                         .consumer
@@ -392,13 +401,20 @@ impl IdReader {
                                 format!("watermarks of {t}/{p}\n{}", kafka_diagnostics())
                             })
                         }
-                        Err(_) => {
+                        Err(e) => {
                             // A cached view from while the brokers were
                             // away may lack the partition ("Unknown
-                            // partition"): ask for fresh metadata.
-                            let _ = self
-                                .consumer
-                                .fetch_metadata(Some(&t), Duration::from_secs(5));
+                            // partition"): ask for fresh metadata, and
+                            // after a few failures start a new client.
+                            failures += 1;
+                            eprintln!("checker: watermarks of {t}/{p}: {e} (attempt {failures})");
+                            if failures.is_multiple_of(8) {
+                                self.reconnect()?;
+                            } else {
+                                let _ = self
+                                    .consumer
+                                    .fetch_metadata(Some(&t), Duration::from_secs(5));
+                            }
                             std::thread::sleep(Duration::from_millis(250))
                         }
                     }
@@ -406,6 +422,7 @@ impl IdReader {
                 high.insert((t.clone(), p), h);
             }
         }
+        let mut progress = Instant::now();
         loop {
             let done = high
                 .iter()
@@ -419,9 +436,34 @@ impl IdReader {
                     kafka_diagnostics()
                 );
             }
-            self.poll_once(Duration::from_millis(100));
+            if self.poll_once(Duration::from_millis(100)).is_some() {
+                progress = Instant::now();
+            } else if progress.elapsed() >= Duration::from_secs(15) {
+                self.reconnect()?;
+                progress = Instant::now();
+            }
         }
     }
+}
+
+/// The checker's consumer: no group membership, offsets assigned by hand.
+fn checker_client(bootstrap: &str) -> Result<BaseConsumer> {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("walcast-chaos-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.max.bytes", "52428800")
+        // Right after a broker pause or restart, a connection whose
+        // request the broker never answered is given up after 10 s and
+        // reopened (the default, 60 s, is as long as the whole wait).
+        .set("socket.timeout.ms", "10000")
+        .set("socket.connection.setup.timeout.ms", "10000")
+        .create()
+        .context("creating the consumer")
 }
 
 fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
