@@ -110,7 +110,9 @@ struct RunArgs {
     workloads: Vec<String>,
     /// walcast's backlog drains write the pipeline's counters every 10 ms
     /// (WALCAST_DEBUG_TIMELINE) to work/backlog-<payload>-txn<N>-timeline.csv;
-    /// the report plots acks per 10 ms and events in flight.
+    /// the report plots acks per 10 ms and events in flight. Its steady run
+    /// writes work/steady-timeline.csv (every rate; results.json has each
+    /// window's start in walcast's time, `window_start_s`).
     #[arg(long)]
     timeline: bool,
     /// Report directory [default: <repo>/bench-report/<date>-<time>].
@@ -416,8 +418,8 @@ async fn run(args: RunArgs) -> Result<()> {
             group(FULL_EVENTS)
         ));
     }
-    if plan.timeline && plan.backlog && plan.has(System::Walcast) {
-        meta.notes.push("walcast's backlog drains ran with `--timeline` (WALCAST_DEBUG_TIMELINE): one more task waking every 10 ms to copy its counters and a thread writing them to a file.".into());
+    if plan.timeline && plan.has(System::Walcast) {
+        meta.notes.push("walcast's backlog drains and steady run ran with `--timeline` (WALCAST_DEBUG_TIMELINE): one more task waking every 10 ms to copy its counters and a thread writing them to a file.".into());
     }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())

@@ -826,6 +826,7 @@ mod tests {
             cpu_s_per_mevent: 1.0,
             throughput: vec![1000.0],
             ready_s: 0.5,
+            window_start_s: 1.0,
             note: None,
         };
         Results {

@@ -764,6 +764,11 @@ pub struct SteadyRun {
     pub throughput: Vec<f64>,
     /// Seconds from spawn until the probe event was in Kafka.
     pub ready_s: f64,
+    /// Seconds from the relay's spawn to the start of this window: second
+    /// `i` of `latency_per_second` is at `t_ms / 1000 - window_start_s` of
+    /// walcast's `--timeline` CSV (`work/steady-timeline.csv`).
+    #[serde(default)]
+    pub window_start_s: f64,
     /// Anything odd.
     pub note: Option<String>,
 }
@@ -807,6 +812,9 @@ async fn wait_ready(consumer: &TopicConsumer, proc: &mut Proc, timeout: Duration
     Ok(clock::secs(proc.spawned_ns, clock::now_ns()))
 }
 
+/// walcast's counter timeline of the steady workload (`--timeline`), in the work dir.
+pub const STEADY_TIMELINE: &str = "steady-timeline.csv";
+
 /// Starts a relay on a fresh slot and topic, and waits until it delivered the probe.
 async fn start_relay(
     ctx: &mut Ctx,
@@ -822,7 +830,9 @@ async fn start_relay(
         events: 0,
         payload: 0,
         end_lsn: None,
-        timeline: None,
+        // The steady process runs every rate: one timeline for all of them.
+        timeline: (ctx.plan.timeline && system == System::Walcast && tag == "steady")
+            .then(|| ctx.work_dir.join(STEADY_TIMELINE)),
     };
     db::reset_outbox(&ctx.env, system == System::Polling).await?;
     if system.uses_slot() {
@@ -870,6 +880,7 @@ pub async fn steady(ctx: &mut Ctx, system: System) -> Result<Vec<SteadyRun>> {
             .join(", "),
     ));
     let (spec, consumer, mut proc, ready) = start_relay(ctx, system, "steady", "st").await?;
+    let spawned_ns = proc.spawned_ns;
     let mut runs = Vec::new();
     let mut next_seq = 1u64;
     let rates = ctx.plan.rates.clone();
@@ -1018,6 +1029,7 @@ pub async fn steady(ctx: &mut Ctx, system: System) -> Result<Vec<SteadyRun>> {
             usage,
             throughput,
             ready_s: ready,
+            window_start_s: clock::secs(spawned_ns, start_ns),
             note: (missing > 0)
                 .then(|| format!("{missing} events not in Kafka after the catch-up wait")),
         });
