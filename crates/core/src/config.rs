@@ -36,6 +36,38 @@ pub struct Config {
     /// OpenTelemetry traces (off unless `otlp_endpoint` is set).
     #[serde(default)]
     pub tracing: TracingConfig,
+    /// `[[pipelines]]`: several pipelines in one process, each with its own
+    /// slot and publication over its own outbox tables. Empty (the default):
+    /// one pipeline on `postgres.slot` and `postgres.publication`. See
+    /// [`Config::pipeline_configs`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pipelines: Vec<SlotPipelineConfig>,
+}
+
+/// `[[pipelines]]`: one pipeline of several in one process. Each has its own
+/// replication slot (one walsender decoding in parallel with the others),
+/// publication, Kafka producer, in-flight window (`[pipeline]`'s limits
+/// apply to each) and slot record; they share the process, the metrics
+/// endpoint and the configuration of everything else. Events of one table
+/// keep their order: a table belongs to exactly one pipeline.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotPipelineConfig {
+    /// The pipeline's replication slot (`[a-z0-9_]`, at most 63 bytes; also
+    /// its name in metrics, the `pipeline` label).
+    pub slot: String,
+    /// The pipeline's publication (`[a-z0-9_]`, at most 63 bytes).
+    pub publication: String,
+    /// The outbox tables this pipeline relays (`schema.table`): a subset of
+    /// `outbox.tables` and the `[[outbox.route]]` tables. Every outbox table
+    /// belongs to exactly one pipeline.
+    pub tables: Vec<String>,
+    /// This pipeline also relays the table-less events of
+    /// `[[outbox.message_route]]` (exactly one pipeline must when there are
+    /// message routes: every slot receives every logical decoding message,
+    /// and only one may publish them).
+    #[serde(default)]
+    pub messages: bool,
 }
 
 /// `[tracing]`: OpenTelemetry traces, one span per relayed transaction,
@@ -1438,7 +1470,152 @@ impl Config {
             return Err(Error::operator("pipeline.state_dir is empty")
                 .with_hint("remove it to use the default, or set a persistent directory"));
         }
+        self.pipeline_configs()?;
         Ok(())
+    }
+
+    /// The configuration of each pipeline this process runs: itself when
+    /// `[[pipelines]]` is empty; otherwise one per entry, with that entry's
+    /// slot and publication, only that entry's outbox tables (and their
+    /// routes), and the message routes only on the entry with `messages`.
+    /// Everything else is shared.
+    ///
+    /// # Errors
+    /// An operator error naming the entry at fault: an invalid or repeated
+    /// slot or publication, a table that is no outbox table, in no pipeline
+    /// or in two, an entry with no tables, message routes on no entry or on
+    /// two, or `postgres.slot`/`postgres.publication` set beside
+    /// `[[pipelines]]` (they would be ignored).
+    pub fn pipeline_configs(&self) -> Result<Vec<Config>> {
+        if self.pipelines.is_empty() {
+            return Ok(vec![self.clone()]);
+        }
+        let fix = "every outbox table (outbox.tables and the [[outbox.route]] tables) belongs to exactly one [[pipelines]] entry";
+        if self.postgres.slot != default_slot()
+            || self.postgres.publication != default_publication()
+        {
+            return Err(Error::operator(
+                "postgres.slot or postgres.publication is set beside [[pipelines]], which name their own slots and publications",
+            )
+            .with_hint("remove postgres.slot and postgres.publication; set slot and publication in each [[pipelines]] entry"));
+        }
+        let all = self.outbox_tables()?;
+        let mut owner: BTreeMap<TableName, usize> = BTreeMap::new();
+        let mut slots = std::collections::HashSet::new();
+        let mut publications = std::collections::HashSet::new();
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let at = format!("pipelines[{i}]");
+            validate_pg_name(&format!("{at}.slot"), &p.slot)?;
+            validate_pg_name(&format!("{at}.publication"), &p.publication)?;
+            if !slots.insert(p.slot.as_str()) {
+                return Err(Error::operator(format!(
+                    "{at}.slot = {:?} is the slot of another pipeline",
+                    p.slot
+                ))
+                .with_hint("give every pipeline its own slot: one slot is one stream"));
+            }
+            if !publications.insert(p.publication.as_str()) {
+                return Err(Error::operator(format!(
+                    "{at}.publication = {:?} is the publication of another pipeline",
+                    p.publication
+                ))
+                .with_hint("give every pipeline its own publication, holding only its tables"));
+            }
+            if p.tables.is_empty() {
+                return Err(Error::operator(format!("{at}.tables is empty")).with_hint(
+                    "list the outbox tables this pipeline relays, or remove the entry",
+                ));
+            }
+            for t in &p.tables {
+                let t = TableName::parse(t)?;
+                if !all.contains(&t) {
+                    return Err(Error::operator(format!(
+                        "{at}.tables lists {t}, which is not an outbox table"
+                    ))
+                    .with_hint(format!("add it to outbox.tables (or an [[outbox.route]]), or remove it here; {fix}")));
+                }
+                if let Some(j) = owner.insert(t.clone(), i) {
+                    return Err(Error::operator(format!(
+                        "{t} is in pipelines[{j}].tables and in {at}.tables"
+                    ))
+                    .with_hint(format!(
+                        "{fix}: one table's events keep their order only on one slot"
+                    )));
+                }
+            }
+        }
+        if let Some(t) = all.iter().find(|t| !owner.contains_key(*t)) {
+            return Err(Error::operator(format!(
+                "outbox table {t} is in no [[pipelines]] entry: its events would never be relayed"
+            ))
+            .with_hint(fix));
+        }
+        let with_messages: Vec<usize> = (0..self.pipelines.len())
+            .filter(|&i| self.pipelines[i].messages)
+            .collect();
+        let has_message_routes = !self.outbox.message_routes.is_empty();
+        match (has_message_routes, with_messages.as_slice()) {
+            (true, []) => {
+                return Err(Error::operator(
+                    "[[outbox.message_route]] is set but no [[pipelines]] entry has messages = true: its events would never be relayed",
+                )
+                .with_hint("set messages = true on exactly one pipeline"))
+            }
+            (true, [_]) => {}
+            (true, [..]) => {
+                return Err(Error::operator(format!(
+                    "messages = true on {} pipelines: each would publish every table-less event",
+                    with_messages.len()
+                ))
+                .with_hint("set messages = true on exactly one pipeline"))
+            }
+            (false, [i, ..]) => {
+                return Err(Error::operator(format!(
+                    "pipelines[{i}].messages = true, but there is no [[outbox.message_route]]"
+                ))
+                .with_hint("remove messages = true, or add the message routes"))
+            }
+            (false, []) => {}
+        }
+        let mut out = Vec::with_capacity(self.pipelines.len());
+        for p in &self.pipelines {
+            let mine: Vec<TableName> = p
+                .tables
+                .iter()
+                .map(|t| TableName::parse(t))
+                .collect::<Result<_>>()?;
+            let mut c = self.clone();
+            c.pipelines = Vec::new();
+            c.postgres.slot = p.slot.clone();
+            c.postgres.publication = p.publication.clone();
+            let default_tables: Vec<TableName> =
+                if self.outbox.tables.is_empty() && self.outbox.routes.is_empty() {
+                    vec![TableName::parse("public.outbox")?]
+                } else {
+                    self.outbox
+                        .tables
+                        .iter()
+                        .map(|t| TableName::parse(t))
+                        .collect::<Result<_>>()?
+                };
+            c.outbox.tables = default_tables
+                .into_iter()
+                .filter(|t| mine.contains(t))
+                .map(|t| t.to_string())
+                .collect();
+            let mut routes = Vec::new();
+            for r in &self.outbox.routes {
+                if mine.contains(&TableName::parse(&r.table)?) {
+                    routes.push(r.clone());
+                }
+            }
+            c.outbox.routes = routes;
+            if !p.messages {
+                c.outbox.message_routes = Vec::new();
+            }
+            out.push(c);
+        }
+        Ok(out)
     }
 
     /// The state directory: `pipeline.state_dir` when set (a relative path
@@ -1690,6 +1867,152 @@ mod tests {
         assert_eq!(
             c.postgres.heartbeat_interval_ms, 10_000,
             "heartbeats are on"
+        );
+    }
+
+    const PIPELINES: &str = r#"
+        [outbox]
+        tables = ["public.outbox", "billing.outbox"]
+        [[outbox.route]]
+        table = "public.orders_outbox"
+        route_topic_replacement = "orders"
+        [[outbox.message_route]]
+        prefix = "walcast"
+        [[pipelines]]
+        slot = "walcast_a"
+        publication = "walcast_a"
+        tables = ["public.outbox", "public.orders_outbox"]
+        [[pipelines]]
+        slot = "walcast_b"
+        publication = "walcast_b"
+        tables = ["billing.outbox"]
+        messages = true
+    "#;
+
+    #[test]
+    fn pipelines_split_the_tables_and_the_message_routes() {
+        let c = Config::from_toml(&format!("{MIN}\n{PIPELINES}")).unwrap();
+        let split = c.pipeline_configs().unwrap();
+        assert_eq!(split.len(), 2);
+        let tables = |c: &Config| -> Vec<String> {
+            c.outbox_tables()
+                .unwrap()
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        let (a, b) = (&split[0], &split[1]);
+        assert_eq!(
+            (a.postgres.slot.as_str(), a.postgres.publication.as_str()),
+            ("walcast_a", "walcast_a")
+        );
+        assert_eq!(tables(a), ["public.outbox", "public.orders_outbox"]);
+        assert_eq!(a.outbox.routes.len(), 1);
+        assert!(a.outbox.message_routes.is_empty(), "only b relays messages");
+        assert_eq!(b.postgres.slot, "walcast_b");
+        assert_eq!(tables(b), ["billing.outbox"]);
+        assert!(b.outbox.routes.is_empty());
+        assert_eq!(b.outbox.message_routes.len(), 1);
+        for p in &split {
+            assert!(p.pipelines.is_empty());
+            p.validate().unwrap();
+        }
+        // Without [[pipelines]]: the configuration itself.
+        let one = Config::from_toml(MIN).unwrap().pipeline_configs().unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].postgres.slot, "walcast");
+        // The default outbox table can be given to a pipeline.
+        let c = Config::from_toml(&format!(
+            "{MIN}\n[[pipelines]]\nslot = \"a\"\npublication = \"a\"\ntables = [\"outbox\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(tables(&c.pipeline_configs().unwrap()[0]), ["public.outbox"]);
+    }
+
+    #[test]
+    fn pipelines_that_would_lose_or_repeat_events_are_refused() {
+        let bad = |edit: &dyn Fn(&str) -> String, needle: &str| {
+            let text = edit(&format!("{MIN}\n{PIPELINES}"));
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}\n{text}");
+        };
+        // A table in two pipelines, or in none.
+        bad(
+            &|t| {
+                t.replace(
+                    r#"tables = ["billing.outbox"]"#,
+                    r#"tables = ["public.outbox"]"#,
+                )
+            },
+            "public.outbox is in pipelines[0].tables and in pipelines[1].tables",
+        );
+        bad(
+            &|t| {
+                t.replace(
+                    r#"tables = ["public.outbox", "public.orders_outbox"]"#,
+                    r#"tables = ["public.outbox"]"#,
+                )
+            },
+            "outbox table public.orders_outbox is in no [[pipelines]] entry",
+        );
+        bad(
+            &|t| {
+                t.replace(
+                    r#"tables = ["billing.outbox"]"#,
+                    r#"tables = ["billing.outbox", "x.y"]"#,
+                )
+            },
+            "pipelines[1].tables lists x.y, which is not an outbox table",
+        );
+        bad(
+            &|t| t.replace(r#"tables = ["billing.outbox"]"#, "tables = []"),
+            "pipelines[1].tables is empty",
+        );
+        // Table-less events on no slot, or on two.
+        bad(
+            &|t| t.replace("messages = true", ""),
+            "no [[pipelines]] entry has messages = true",
+        );
+        bad(
+            &|t| {
+                t.replace(
+                    r#"slot = "walcast_a""#,
+                    "slot = \"walcast_a\"\nmessages = true",
+                )
+            },
+            "messages = true on 2 pipelines",
+        );
+        bad(
+            &|t| t.replace("[[outbox.message_route]]\n        prefix = \"walcast\"", ""),
+            "pipelines[1].messages = true, but there is no [[outbox.message_route]]",
+        );
+        // One slot or publication for two pipelines.
+        bad(
+            &|t| t.replace(r#"slot = "walcast_b""#, r#"slot = "walcast_a""#),
+            "pipelines[1].slot = \"walcast_a\" is the slot of another pipeline",
+        );
+        bad(
+            &|t| {
+                t.replace(
+                    r#"publication = "walcast_b""#,
+                    r#"publication = "walcast_a""#,
+                )
+            },
+            "is the publication of another pipeline",
+        );
+        bad(
+            &|t| t.replace(r#"slot = "walcast_b""#, r#"slot = "Walcast-B""#),
+            "pipelines[1].slot",
+        );
+        // postgres.slot beside [[pipelines]] would be ignored.
+        bad(
+            &|t| t.replace("user = \"walcast\"", "user = \"walcast\"\nslot = \"other\""),
+            "postgres.slot or postgres.publication is set beside [[pipelines]]",
+        );
+        // Unknown keys in an entry are refused like everywhere else.
+        bad(
+            &|t| t.replace("messages = true", "messages = true\nlsot = \"x\""),
+            "unknown field",
         );
     }
 
