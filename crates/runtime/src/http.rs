@@ -10,14 +10,14 @@ use axum::routing::get;
 use axum::Router;
 use walcast_core::{Error, Result};
 
-use crate::Shared;
+use crate::Hub;
 
 /// Binds `listen` (before the relay starts, so a taken port is an error at
 /// start) and returns the server future: it serves until it is dropped (when
 /// the relay returns), so `/healthz` answers during a graceful shutdown too.
 pub(crate) async fn bind(
     listen: &str,
-    shared: Arc<Shared>,
+    hub: Arc<Hub>,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let addr: SocketAddr = listen.parse().map_err(|_| {
         Error::operator(format!(
@@ -38,7 +38,7 @@ pub(crate) async fn bind(
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(shared);
+        .with_state(hub);
     Ok(async move {
         let served = axum::serve(listener, app).await;
         if let Err(e) = served {
@@ -47,9 +47,8 @@ pub(crate) async fn bind(
     })
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    shared.refresh();
-    let body = shared.metrics.render().unwrap_or_default();
+async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
+    let body = hub.render().unwrap_or_default();
     (
         [(
             header::CONTENT_TYPE,
@@ -63,8 +62,8 @@ async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, "ok\n")
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    match shared.readiness() {
+async fn readyz(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
+    match hub.readiness() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tracing::Instrument;
 use walcast_core::config::{Config, PermanentErrorPolicy};
 use walcast_core::dead_letter::KnownRejection;
 use walcast_core::failpoint::Failpoints;
@@ -39,7 +40,7 @@ use walcast_kafka::{KafkaProbe, KafkaRecordStore, KafkaSink, QueueLimits, TopicL
 use walcast_postgres::{ConnectOptions, FileStore, ServerReport, SlotState, WatchSettings};
 
 use crate::events::SlotWatch;
-use crate::telemetry::{RelayMetrics, RelayObserver};
+use crate::telemetry::{MetricsRegistry, RelayMetrics, RelayObserver};
 use crate::traces::Traces;
 
 /// At most this many broker refusals are remembered for the dead-letter
@@ -119,52 +120,104 @@ impl Drop for Streaming<'_> {
     }
 }
 
-/// The relay: one pipeline from a slot to Kafka, supervised.
+/// The relay: one pipeline from a slot to Kafka, or several (`[[pipelines]]`),
+/// each supervised on its own.
 #[derive(Debug)]
 pub struct Relay {
     cfg: Config,
-    shared: Arc<Shared>,
+    pipelines: Vec<(Config, Arc<Shared>)>,
+    hub: Arc<Hub>,
+}
+
+/// What the HTTP handlers see: every pipeline and the metrics they share.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    pub(crate) pipelines: Vec<Arc<Shared>>,
+    pub(crate) registry: MetricsRegistry,
+}
+
+impl Hub {
+    /// `Ok` when every pipeline is ready; else the first reason, naming the
+    /// pipeline when there are several.
+    pub(crate) fn readiness(&self) -> std::result::Result<(), String> {
+        let several = self.pipelines.len() > 1;
+        for p in &self.pipelines {
+            if let Err(why) = p.readiness() {
+                return Err(if several {
+                    format!("pipeline {}: {why}", p.slot)
+                } else {
+                    why
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Refreshes every pipeline's gauges and renders them.
+    pub(crate) fn render(&self) -> Option<String> {
+        for p in &self.pipelines {
+            p.refresh();
+        }
+        self.registry.render()
+    }
 }
 
 impl Relay {
     /// A relay for a validated configuration. No I/O yet.
-    pub fn new(cfg: Config) -> Self {
-        let metrics = Arc::new(RelayMetrics::new(
-            &cfg.postgres.slot,
-            cfg.metrics.listen.is_some(),
-        ));
-        let shared = Arc::new(Shared {
-            progress: Arc::new(Progress::default()),
-            metrics,
-            streaming: AtomicBool::new(false),
-            kafka_reachable: AtomicBool::new(false),
-            probe: Mutex::new(None),
-            ready_stall: Duration::from_millis(cfg.metrics.ready_stall_ms),
-            slot: cfg.postgres.slot.clone(),
-            slot_watch: Mutex::default(),
-            traces: std::sync::OnceLock::new(),
+    ///
+    /// # Errors
+    /// An operator error when `[[pipelines]]` is invalid (see
+    /// [`Config::pipeline_configs`]).
+    pub fn new(cfg: Config) -> Result<Self> {
+        let registry = MetricsRegistry::new(cfg.metrics.listen.is_some());
+        let pipelines: Vec<(Config, Arc<Shared>)> = cfg
+            .pipeline_configs()?
+            .into_iter()
+            .map(|c| {
+                let shared = Arc::new(Shared {
+                    progress: Arc::new(Progress::default()),
+                    metrics: Arc::new(RelayMetrics::in_registry(&c.postgres.slot, &registry)),
+                    streaming: AtomicBool::new(false),
+                    kafka_reachable: AtomicBool::new(false),
+                    probe: Mutex::new(None),
+                    ready_stall: Duration::from_millis(c.metrics.ready_stall_ms),
+                    slot: c.postgres.slot.clone(),
+                    slot_watch: Mutex::default(),
+                    traces: std::sync::OnceLock::new(),
+                });
+                (c, shared)
+            })
+            .collect();
+        let hub = Arc::new(Hub {
+            pipelines: pipelines.iter().map(|(_, s)| s.clone()).collect(),
+            registry,
         });
-        Relay { cfg, shared }
+        Ok(Relay {
+            cfg,
+            pipelines,
+            hub,
+        })
     }
 
-    /// The pipeline's counters (shared across restarts).
+    /// The counters of the first pipeline (the only one without
+    /// `[[pipelines]]`), shared across restarts.
     pub fn progress(&self) -> Arc<Progress> {
-        self.shared.progress.clone()
+        self.pipelines[0].1.progress.clone()
     }
 
-    /// `Ok` when the relay is ready (what `/readyz` answers), else why not.
+    /// `Ok` when every pipeline is ready (what `/readyz` answers), else why
+    /// not.
     ///
     /// # Errors
     /// The one-line reason it is not ready.
     pub fn readiness(&self) -> std::result::Result<(), String> {
-        self.shared.readiness()
+        self.hub.readiness()
     }
 
     /// The Prometheus text of the relay's metrics (`None` when `[metrics]
     /// listen` is unset).
     pub fn render_metrics(&self) -> Option<String> {
-        self.shared.refresh();
-        self.shared.metrics.render()
+        self.hub.render()
     }
 
     /// Runs until `stop` turns true (then stops reading, waits for
@@ -173,43 +226,130 @@ impl Relay {
     /// Retryable errors restart the pipeline from the slot with backoff.
     /// Serves `[metrics] listen` meanwhile.
     ///
+    /// With several pipelines, each restarts on its own; an error that stops
+    /// one stops the others too (gracefully, as on a signal) and is returned.
+    ///
     /// # Errors
     /// An error whose decision is [`Decision::Exit`]: an operator error (the
     /// setup is wrong, the listener cannot bind) or a permanent one (an event
     /// that can never be published).
     pub async fn run(self, stop: watch::Receiver<bool>) -> Result<()> {
-        let shared = self.shared.clone();
-        if let Some(traces) = Traces::start(&self.cfg.tracing, &self.cfg.postgres.slot)? {
-            tracing::info!(
-                otlp_url = self.cfg.tracing.traces_url().unwrap_or_default(),
-                "exporting a span per relayed transaction (OTLP/HTTP)"
-            );
-            let _ = shared.traces.set(traces);
+        for (c, shared) in &self.pipelines {
+            if let Some(traces) = Traces::start(&c.tracing, &c.postgres.slot)? {
+                tracing::info!(
+                    otlp_url = c.tracing.traces_url().unwrap_or_default(),
+                    pipeline = %c.postgres.slot,
+                    "exporting a span per relayed transaction (OTLP/HTTP)"
+                );
+                let _ = shared.traces.set(traces);
+            }
         }
+        let all: Vec<Arc<Shared>> = self.hub.pipelines.clone();
         let result = self.serve(stop).await;
-        if let Some(traces) = shared.traces.get().cloned() {
-            // Bounded by tracing.export_timeout_ms; never an error.
-            let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+        for shared in all {
+            if let Some(traces) = shared.traces.get().cloned() {
+                // Bounded by tracing.export_timeout_ms; never an error.
+                let _ = tokio::task::spawn_blocking(move || traces.shutdown()).await;
+            }
         }
         result
     }
 
     async fn serve(self, stop: watch::Receiver<bool>) -> Result<()> {
-        let shared = self.shared.clone();
+        let hub = self.hub.clone();
         let server = match &self.cfg.metrics.listen {
-            Some(listen) => Some(http::bind(listen, shared.clone()).await?),
+            Some(listen) => Some(http::bind(listen, hub.clone()).await?),
             None => None,
         };
         let background = async {
             let Some(server) = server else {
                 return std::future::pending().await;
             };
-            tokio::join!(server, tick(&shared), probe_kafka(&shared));
+            let per_pipeline = hub
+                .pipelines
+                .iter()
+                .map(|s| async move { tokio::join!(tick(s), probe_kafka(s)) });
+            tokio::join!(
+                server,
+                upkeep(&hub.registry),
+                futures::future::join_all(per_pipeline)
+            );
         };
         tokio::select! {
-            r = run(&self.cfg, &shared, stop) => r,
+            r = run_all(&self.pipelines, stop) => r,
             () = background => Ok(()),
         }
+    }
+}
+
+/// Runs every pipeline's supervisor, each as its own task (so a
+/// multi-threaded runtime runs them on several threads). The first error
+/// that stops a pipeline stops the others (as a signal would) and is
+/// returned once they have stopped.
+async fn run_all(pipelines: &[(Config, Arc<Shared>)], stop: watch::Receiver<bool>) -> Result<()> {
+    if let [(cfg, shared)] = pipelines {
+        return run(cfg, shared, stop).await;
+    }
+    let (inner_tx, inner_rx) = watch::channel(false);
+    let inner_tx = Arc::new(inner_tx);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (cfg, shared) in pipelines {
+        let (cfg, shared) = (cfg.clone(), shared.clone());
+        let (inner_rx, inner_tx) = (inner_rx.clone(), inner_tx.clone());
+        let span = tracing::info_span!("pipeline", slot = %cfg.postgres.slot);
+        tasks.spawn(
+            async move {
+                let result = run(&cfg, &shared, inner_rx).await;
+                if result.is_err() {
+                    tracing::error!(
+                        "pipeline {} stopped walcast: stopping the other pipelines",
+                        cfg.postgres.slot
+                    );
+                    let _ = inner_tx.send(true);
+                }
+                result
+            }
+            .instrument(span),
+        );
+    }
+    let follow = {
+        let inner_tx = inner_tx.clone();
+        let mut stop = stop.clone();
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+            let _ = inner_tx.send(true);
+            std::future::pending::<()>().await
+        }
+    };
+    let joined = async {
+        let mut first: Option<Error> = None;
+        while let Some(joined) = tasks.join_next().await {
+            let result = joined.unwrap_or_else(|e| {
+                Err(Error::permanent(format!("a pipeline's task failed: {e}")))
+            });
+            if let Err(e) = result {
+                first.get_or_insert(e);
+            }
+        }
+        first
+    };
+    let first = tokio::select! {
+        first = joined => first,
+        () = follow => None,
+    };
+    match first {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Bounds the exporter's memory once a second.
+async fn upkeep(registry: &MetricsRegistry) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        registry.upkeep();
     }
 }
 
@@ -220,7 +360,6 @@ async fn tick(shared: &Shared) {
     loop {
         ticker.tick().await;
         shared.refresh();
-        shared.metrics.upkeep();
     }
 }
 

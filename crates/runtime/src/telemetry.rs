@@ -74,10 +74,64 @@ struct TopicHandles {
     bytes: Counter,
 }
 
+/// Where the metrics of a process's pipelines are recorded: one Prometheus
+/// recorder when they are exported, a no-op one otherwise.
+#[derive(Clone)]
+pub struct MetricsRegistry {
+    recorder: Arc<dyn Recorder + Send + Sync>,
+    handle: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for MetricsRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsRegistry")
+            .field("exported", &self.handle.is_some())
+            .finish()
+    }
+}
+
+impl MetricsRegistry {
+    /// A registry rendered for Prometheus when `exported`; otherwise every
+    /// handle registered in it is a no-op.
+    pub fn new(exported: bool) -> Self {
+        if exported {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("walcast_commit_to_ack_seconds".into()),
+                    LATENCY_BUCKETS,
+                )
+                .expect("the latency buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            MetricsRegistry {
+                recorder: Arc::new(recorder),
+                handle: Some(handle),
+            }
+        } else {
+            MetricsRegistry {
+                recorder: Arc::new(metrics::NoopRecorder),
+                handle: None,
+            }
+        }
+    }
+
+    /// The Prometheus text of every pipeline; `None` when not exported.
+    pub fn render(&self) -> Option<String> {
+        self.handle.as_ref().map(PrometheusHandle::render)
+    }
+
+    /// Bounds the exporter's memory (call about once a second).
+    pub fn upkeep(&self) {
+        if let Some(h) = &self.handle {
+            h.run_upkeep();
+        }
+    }
+}
+
 /// Every metric of one relay (one pipeline), registered at start.
 pub struct RelayMetrics {
     pipeline: String,
-    recorder: Box<dyn Recorder + Send + Sync>,
+    recorder: Arc<dyn Recorder + Send + Sync>,
     handle: Option<PrometheusHandle>,
     skipped_update: Counter,
     skipped_delete: Counter,
@@ -116,19 +170,15 @@ impl RelayMetrics {
     /// Metrics for the pipeline `pipeline` (the slot name); rendered for
     /// Prometheus when `exported`, otherwise every handle is a no-op.
     pub fn new(pipeline: &str, exported: bool) -> Self {
-        let (recorder, handle): (Box<dyn Recorder + Send + Sync>, _) = if exported {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full("walcast_commit_to_ack_seconds".into()),
-                    LATENCY_BUCKETS,
-                )
-                .expect("the latency buckets are not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            (Box::new(recorder), Some(handle))
-        } else {
-            (Box::new(metrics::NoopRecorder), None)
-        };
+        Self::in_registry(pipeline, &MetricsRegistry::new(exported))
+    }
+
+    /// Metrics for the pipeline `pipeline` in `registry`, which the
+    /// pipelines of one process share (one `/metrics` page, every series
+    /// labelled with its pipeline).
+    pub fn in_registry(pipeline: &str, registry: &MetricsRegistry) -> Self {
+        let recorder = registry.recorder.clone();
+        let handle = registry.handle.clone();
         let p = pipeline.to_string();
         let m = metrics::with_local_recorder(recorder.as_ref(), || {
             let skipped = |reason: &'static str| metrics::counter!("walcast_events_skipped_total", "pipeline" => p.clone(), "reason" => reason);
@@ -170,7 +220,7 @@ impl RelayMetrics {
                 ready: metrics::gauge!("walcast_ready", "pipeline" => p.clone()),
                 heartbeats: metrics::counter!("walcast_heartbeats_total", "pipeline" => p.clone()),
                 warnings: Warning::ALL.map(warning),
-                recorder: Box::new(metrics::NoopRecorder),
+                recorder: Arc::new(metrics::NoopRecorder),
                 handle: None,
             }
         });
@@ -179,7 +229,7 @@ impl RelayMetrics {
 
     fn with_recorder(
         mut self,
-        recorder: Box<dyn Recorder + Send + Sync>,
+        recorder: Arc<dyn Recorder + Send + Sync>,
         handle: Option<PrometheusHandle>,
     ) -> Self {
         self.recorder = recorder;

@@ -35,6 +35,10 @@ struct ConfigArgs {
     /// after the file and `WALCAST_<SECTION>__<KEY>` environment variables).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// With `[[pipelines]]`: only the pipeline on this slot (`run` runs
+    /// just it; the operator commands act on it).
+    #[arg(long, value_name = "SLOT")]
+    pipeline: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,8 +108,51 @@ enum SlotCommand {
     Manage(ops::slot::SlotManage),
 }
 
+/// The configuration; with `--pipeline`, that pipeline's alone.
 fn load(args: &ConfigArgs) -> Result<Config, Error> {
-    Config::load(args.config.as_deref(), std::env::vars(), &args.set)
+    let cfg = Config::load(args.config.as_deref(), std::env::vars(), &args.set)?;
+    let Some(slot) = &args.pipeline else {
+        return Ok(cfg);
+    };
+    if cfg.pipelines.is_empty() {
+        return Err(Error::operator(format!(
+            "--pipeline {slot} is given, but the configuration has no [[pipelines]]"
+        ))
+        .with_hint("remove --pipeline: the configuration runs one pipeline, on postgres.slot"));
+    }
+    let slots: Vec<&str> = cfg.pipelines.iter().map(|p| p.slot.as_str()).collect();
+    let list = slots.join(", ");
+    cfg.pipeline_configs()?
+        .into_iter()
+        .find(|c| &c.postgres.slot == slot)
+        .ok_or_else(|| {
+            Error::operator(format!(
+                "--pipeline {slot}: no [[pipelines]] entry has this slot"
+            ))
+            .with_hint(format!("pass one of: {list}"))
+        })
+}
+
+/// The configuration of the one pipeline an operator command acts on:
+/// with several `[[pipelines]]`, `--pipeline` must name it.
+pub(crate) fn load_one(args: &ConfigArgs) -> Result<Config, Error> {
+    let cfg = load(args)?;
+    match cfg.pipelines.as_slice() {
+        [] => Ok(cfg),
+        [_] => Ok(cfg.pipeline_configs()?.remove(0)),
+        several => {
+            let list: Vec<&str> = several.iter().map(|p| p.slot.as_str()).collect();
+            Err(Error::operator(format!(
+                "the configuration has {} pipelines (slots {}): this command acts on one",
+                several.len(),
+                list.join(", ")
+            ))
+            .with_hint(format!(
+                "pass --pipeline SLOT, once per pipeline (one of: {})",
+                list.join(", ")
+            )))
+        }
+    }
 }
 
 fn init_logging(cfg: &Config) {
@@ -204,10 +251,21 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             // thread that is a function call, not a cross-thread wake-up
             // (librdkafka keeps its own threads; blocking work goes to the
             // blocking pool). Measured: docs/performance.md.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            // Several pipelines ([[pipelines]]) get a thread each, up to the
+            // machine's cores: each pipeline's tasks stay together.
+            let pipelines = cfg.pipelines.len().max(1);
+            let rt = if pipelines == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(pipelines.min(cores))
+                    .enable_all()
+                    .build()
+            }
+            .context("starting the async runtime")?;
             rt.block_on(run(cfg))?;
             Ok(())
         }
@@ -232,7 +290,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Command::Slot {
             command: SlotCommand::AcceptGap(args),
         } => {
-            let cfg = load(&args)?;
+            let cfg = load_one(&args)?;
             init_logging(&cfg);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -353,7 +411,7 @@ async fn run(cfg: Config) -> Result<(), Error> {
         tracing::info!("signal received: stopping (outstanding deliveries are awaited)");
         let _ = stop_tx.send(true);
     });
-    let relay = Relay::new(cfg);
+    let relay = Relay::new(cfg)?;
     // A hidden debugging aid (issue 14): the pipeline's counters every 10 ms as CSV.
     let timeline = match std::env::var_os(timeline::TIMELINE_ENV) {
         Some(path) if !path.is_empty() => {

@@ -143,7 +143,7 @@ fn tables(cfg: &walcast_core::config::Config, given: &[String]) -> anyhow::Resul
 }
 
 fn run_prune(args: PruneArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args.config)?;
+    let cfg = crate::load_one(&args.config)?;
     let tables = tables(&cfg, &args.table)?;
     runtime()?.block_on(async {
         let mut client = connect(&args.database_url).await?;
@@ -175,7 +175,7 @@ fn run_prune(args: PruneArgs) -> anyhow::Result<()> {
 }
 
 fn run_rotate(args: RotateArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args.config)?;
+    let cfg = crate::load_one(&args.config)?;
     let tables = tables(&cfg, &args.table)?;
     runtime()?.block_on(async {
         let mut client = connect(&args.database_url).await?;

@@ -22,7 +22,7 @@ pub(crate) struct CheckArgs {
 }
 
 pub(crate) fn run(args: CheckArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args.config)?;
+    let cfg = crate::load_one(&args.config)?;
     let opts = crate::tool_options(&cfg)?;
     let template = cfg.routes()?;
     let dead_letter_topics = cfg.dead_letter_topics()?;

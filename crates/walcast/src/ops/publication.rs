@@ -35,7 +35,7 @@ pub(crate) struct SyncArgs {
 }
 
 pub(crate) fn sync(args: SyncArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args.config)?;
+    let cfg = crate::load_one(&args.config)?;
     let opts = crate::tool_options(&cfg)?;
     let name = &cfg.postgres.publication;
     super::runtime()?.block_on(async {

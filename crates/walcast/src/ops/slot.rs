@@ -61,7 +61,7 @@ pub(crate) fn run(cmd: SlotManage) -> anyhow::Result<()> {
 }
 
 fn create(args: ConfigArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args)?;
+    let cfg = crate::load_one(&args)?;
     super::runtime()?.block_on(async {
         let opts = crate::tool_options_writing(&cfg).await?;
         let mut s = AdminSession::open(&opts).await?;
@@ -87,7 +87,7 @@ fn not_done(what: &str) -> anyhow::Error {
 }
 
 fn drop_slot(args: DropArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args.config)?;
+    let cfg = crate::load_one(&args.config)?;
     let slot = &cfg.postgres.slot;
     super::runtime()?.block_on(async {
         let opts = crate::tool_options_writing(&cfg).await?;
@@ -143,7 +143,7 @@ fn drop_slot(args: DropArgs) -> anyhow::Result<()> {
 }
 
 fn advance(args: AdvanceArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args.config)?;
+    let cfg = crate::load_one(&args.config)?;
     let slot = &cfg.postgres.slot;
     let target = args.to.trim().to_string();
     let parsed: Option<Lsn> = if target.eq_ignore_ascii_case("current") {

@@ -23,7 +23,7 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let cfg = crate::load(&args.config)?;
+    let cfg = crate::load_one(&args.config)?;
     let opts = crate::tool_options(&cfg)?;
     let rt = super::runtime()?;
     let listen = cfg.metrics.listen.clone();
