@@ -18,6 +18,7 @@ mod operations;
 mod ops;
 mod parity;
 mod pgoutput_live;
+mod pipelines;
 mod relay;
 mod reliability;
 mod routing;

@@ -1,0 +1,279 @@
+//! Issue 14, parallel slots: several pipelines (`[[pipelines]]`) in one
+//! process, each with its own slot and publication over its own tables.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use walcast_tests::kafka::{create_topics, TopicReader};
+use walcast_tests::net::{free_port, http_get};
+use walcast_tests::pg::TestDb;
+use walcast_tests::process::{Walcast, WalcastConfig};
+use walcast_tests::TestEnv;
+
+use crate::common::*;
+
+const EXIT_OPERATOR: i32 = 2;
+const EXIT_PERMANENT: i32 = 3;
+
+/// The slot's `confirmed_flush_lsn`, as a number.
+async fn confirmed(admin: &tokio_postgres::Client, slot: &str) -> Result<Option<u64>> {
+    let row = admin
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row
+        .and_then(|r| r.get::<_, Option<i64>>(0))
+        .map(|v| v as u64))
+}
+
+/// Two pipelines in one process: each table's events arrive exactly once and
+/// in order, on the pipeline that owns it; table-less events only from the
+/// pipeline with `messages = true`; both slots are confirmed past the last
+/// commit; `/metrics` labels both; the operator commands ask which pipeline
+/// to act on; a permanent error on one pipeline stops the whole process
+/// (exit 3) without its slot passing the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pipelines_relay_their_own_tables_on_their_own_slots() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create(env, "pipelines").await?;
+    let admin = db.admin(env).await?;
+    let p = db.topic_prefix.clone();
+    let (slot_a, slot_b) = (format!("{}_a", db.slot), format!("{}_b", db.slot));
+    let (pub_a, pub_b) = (
+        format!("{}_a", db.publication),
+        format!("{}_b", db.publication),
+    );
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE orders_outbox (id text PRIMARY KEY, aggregateid text, payload text); \
+             CREATE PUBLICATION {pub_a} FOR TABLE public.outbox WITH (publish = 'insert'); \
+             CREATE PUBLICATION {pub_b} FOR TABLE public.orders_outbox WITH (publish = 'insert');"
+        ))
+        .await?;
+    let order_topic = format!("{p}.Order");
+    let fixed_topic = format!("{p}.fixed");
+    let msg_topic = format!("{p}.msg");
+    let topics = [
+        order_topic.as_str(),
+        fixed_topic.as_str(),
+        msg_topic.as_str(),
+    ];
+    create_topics(&env.kafka_bootstrap, &topics, 3).await?;
+    let mut reader = TopicReader::new(&env.kafka_bootstrap, &topics)?;
+    let state = tempfile::tempdir()?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut cfg = WalcastConfig::for_db(env, &db, state.path()).set(
+        "metrics",
+        "listen",
+        &format!("\"{addr}\""),
+    );
+    // The slot and publication move into the [[pipelines]] entries.
+    cfg.toml = cfg
+        .toml
+        .lines()
+        .filter(|l| !l.starts_with("slot = ") && !l.starts_with("publication = "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    cfg.toml.push_str(&format!(
+        r#"
+
+[[outbox.route]]
+table = "public.orders_outbox"
+route_topic_replacement = "{fixed_topic}"
+
+[[outbox.message_route]]
+prefix = "walcast"
+route_topic_replacement = "{msg_topic}"
+
+[[pipelines]]
+slot = "{slot_a}"
+publication = "{pub_a}"
+tables = ["public.outbox"]
+
+[[pipelines]]
+slot = "{slot_b}"
+publication = "{pub_b}"
+tables = ["public.orders_outbox"]
+messages = true
+"#
+    ));
+    let file = state.path().join("pipelines.toml");
+    std::fs::write(&file, &cfg.toml)?;
+    let file_arg = file.to_str().unwrap().to_string();
+
+    // An operator command acts on one pipeline: without --pipeline it says so.
+    let (status, out) = Walcast::run_to_exit(
+        &bin(),
+        &["status", "--config", &file_arg],
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
+    assert!(out.contains("--pipeline"), "{out}");
+
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    for slot in [&slot_a, &slot_b] {
+        w.wait_for_log(
+            &format!("streaming from the slot slot={slot} "),
+            Duration::from_secs(60),
+        )?;
+    }
+    // Transactions writing to one table, to the other, and to both plus a
+    // table-less event.
+    let mut want_a: Vec<String> = Vec::new();
+    let mut want_b: Vec<String> = Vec::new();
+    let mut want_msg: Vec<String> = Vec::new();
+    for t in 0..60 {
+        let mut sql = String::from("BEGIN;");
+        for e in 0..5 {
+            let n = t * 5 + e;
+            if t % 3 != 1 {
+                let id = uuid::Uuid::new_v4().to_string();
+                sql.push_str(&format!(
+                    "INSERT INTO outbox (id, aggregatetype, aggregateid, type, payload) VALUES ('{id}', 'Order', 'agg-{}', 'Created', '{{\"n\": {n}}}');",
+                    n % 4
+                ));
+                want_a.push(id);
+            }
+            if t % 3 != 0 {
+                let id = format!("b-{n}");
+                sql.push_str(&format!(
+                    "INSERT INTO orders_outbox VALUES ('{id}', 'agg-{}', 'n{n}');",
+                    n % 4
+                ));
+                want_b.push(id);
+            }
+        }
+        if t % 10 == 0 {
+            let id = format!("m-{t}");
+            sql.push_str(&format!(
+                "SELECT pg_logical_emit_message(true, 'walcast', json_build_object('event_id', '{id}', 'aggregate_type', 'Order', 'aggregate_id', 'agg-m', 'event_type', 'Noted', 'payload', json_build_object('t', {t}))::text);"
+            ));
+            want_msg.push(id);
+        }
+        sql.push_str("COMMIT;");
+        admin.batch_execute(&sql).await?;
+    }
+    let end = current_wal_lsn(&admin).await?;
+    let total = want_a.len() + want_b.len() + want_msg.len();
+    assert!(
+        reader.read_at_least(total, Duration::from_secs(90))?,
+        "{} of {total} records arrived:\n{}",
+        reader.records.len(),
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(3))?;
+    let ids = |topic: &str| -> Vec<String> {
+        reader
+            .records
+            .iter()
+            .filter(|r| r.topic == topic)
+            .filter_map(|r| r.header("id"))
+            .collect()
+    };
+    // Exactly once per table; the per-key order is the commit order.
+    for (topic, want) in [
+        (&order_topic, &want_a),
+        (&fixed_topic, &want_b),
+        (&msg_topic, &want_msg),
+    ] {
+        let got = ids(topic);
+        let unique: HashSet<&String> = got.iter().collect();
+        assert_eq!(got.len(), want.len(), "{topic}: {got:?}");
+        assert_eq!(unique.len(), want.len(), "{topic}: duplicates in {got:?}");
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        for r in reader.records.iter().filter(|r| &r.topic == topic) {
+            by_key
+                .entry(r.key_str())
+                .or_default()
+                .push(r.header("id").unwrap_or_default());
+        }
+        for (key, got) in by_key {
+            let expected: Vec<String> =
+                want.iter().filter(|id| got.contains(id)).cloned().collect();
+            assert_eq!(got, expected, "{topic} key {key}: out of commit order");
+        }
+    }
+    // Both slots move past the last commit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = confirmed(&admin, &slot_a).await?.unwrap_or(0);
+        let b = confirmed(&admin, &slot_b).await?.unwrap_or(0);
+        if a >= end && b >= end {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "slots not confirmed past {end}: {slot_a} {a}, {slot_b} {b}\n{}",
+            w.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // One /metrics page, each pipeline's series labelled.
+    let (code, text) = http_get(&addr, "/metrics")?;
+    assert_eq!(code, 200, "{text}");
+    for (slot, topic, n) in [
+        (&slot_a, &order_topic, want_a.len()),
+        (&slot_b, &fixed_topic, want_b.len()),
+    ] {
+        let line =
+            format!("walcast_events_produced_total{{pipeline=\"{slot}\",topic=\"{topic}\"}} {n}");
+        assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    }
+    let type_lines = text
+        .lines()
+        .filter(|l| l.starts_with("# TYPE walcast_lsn "))
+        .count();
+    assert_eq!(type_lines, 1, "one metric family per name:\n{text}");
+    let (code, ready) = http_get(&addr, "/readyz")?;
+    assert_eq!(code, 200, "{ready}");
+    // An operator command on one pipeline.
+    let (status, out) = Walcast::run_to_exit(
+        &bin(),
+        &[
+            "status",
+            "--config",
+            &file_arg,
+            "--pipeline",
+            &slot_b,
+            "--json",
+        ],
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(out.contains(&slot_b) && !out.contains(&slot_a), "{out}");
+
+    // A row pipeline b can never publish (no key) stops walcast as a whole.
+    let before_b = confirmed(&admin, &slot_b).await?.unwrap_or(0);
+    admin
+        .batch_execute("INSERT INTO orders_outbox VALUES ('b-null', NULL, 'x')")
+        .await?;
+    // At or after the end of the row's commit.
+    let row_end = current_wal_lsn(&admin).await?;
+    let exit = w.wait_exit(Duration::from_secs(60))?;
+    assert_eq!(exit.code(), Some(EXIT_PERMANENT), "{}", w.log_text());
+    let log = w.log_text();
+    assert!(
+        log.contains("stopping the other pipelines"),
+        "the other pipeline was not stopped:\n{log}"
+    );
+    let after_b = confirmed(&admin, &slot_b).await?.unwrap_or(0);
+    assert!(
+        after_b < row_end && after_b >= before_b,
+        "slot {slot_b} passed the row it could not publish: {after_b} (before {before_b}, row's commit ended by {row_end})"
+    );
+    assert!(
+        !ids(&fixed_topic).contains(&"b-null".to_string()),
+        "the unpublishable row reached Kafka"
+    );
+    for slot in [&slot_a, &slot_b] {
+        admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await?;
+    }
+    Ok(())
+}
