@@ -36,6 +36,11 @@ CREATE TABLE public.outbox (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE TABLE public.business (id bigserial PRIMARY KEY, note text NOT NULL);
+-- The pipelines workload's tables (same shape), one transaction in each in turn.
+CREATE TABLE public.outbox_p0 (LIKE public.outbox INCLUDING ALL);
+CREATE TABLE public.outbox_p1 (LIKE public.outbox INCLUDING ALL);
+CREATE TABLE public.outbox_p2 (LIKE public.outbox INCLUDING ALL);
+CREATE TABLE public.outbox_p3 (LIKE public.outbox INCLUDING ALL);
 -- Written only by Debezium's heartbeat.action.query (the debezium-heartbeat variant).
 CREATE TABLE public.debezium_heartbeat (id bigserial PRIMARY KEY, ts timestamptz NOT NULL DEFAULT now());
 -- Payload bodies: 4096 random order-like JSON documents per size, so every
@@ -76,7 +81,57 @@ BEGIN
         i := i + txn;
     END LOOP;
 END $$;
+-- Like bench_fill, transaction k into public.outbox_p<k mod 4>.
+CREATE PROCEDURE bench_fill_split(first bigint, n bigint, txn int, size int)
+LANGUAGE plpgsql AS $$
+DECLARE
+    i bigint := first;
+    last bigint := first + n;
+BEGIN
+    WHILE i < last LOOP
+        EXECUTE format('INSERT INTO public.outbox_p%s (id, aggregatetype, aggregateid, type, payload)
+            SELECT gen_random_uuid(), ''Order'', j::text, ''BenchEvent'',
+                   (''{"seq": '' || j || '', '' || (SELECT p.body FROM public.bench_payloads p
+                                                 WHERE p.size = $1 AND p.k = (j %% 4096)::int) || ''}'')::jsonb
+            FROM generate_series($2, $3) AS j', (i / txn) % 4)
+        USING size, i, least(i + txn, last) - 1;
+        COMMIT;
+        i := i + txn;
+    END LOOP;
+END $$;
 "#;
+
+/// The pipelines workload's tables (`public.outbox_p0..3`).
+pub const SPLIT_TABLES: u32 = 4;
+
+/// The publication of pipeline `k` of `n` (of [`SPLIT_TABLES`] tables, table
+/// `t` goes to pipeline `t mod n`).
+pub fn split_publication(n: u32, k: u32) -> String {
+    format!("bench_split{n}_{k}")
+}
+
+/// The tables of pipeline `k` of `n`.
+pub fn split_tables(n: u32, k: u32) -> Vec<String> {
+    (0..SPLIT_TABLES)
+        .filter(|t| t % n == k)
+        .map(|t| format!("public.outbox_p{t}"))
+        .collect()
+}
+
+/// Creates the publications of `n` pipelines over the split tables.
+pub async fn create_split_publications(env: &BenchEnv, n: u32) -> Result<()> {
+    let db = connect(&env.admin_conn(BENCH_DB)).await?;
+    for k in 0..n {
+        db.batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+            split_publication(n, k),
+            split_tables(n, k).join(", ")
+        ))
+        .await
+        .context("creating a pipeline's publication")?;
+    }
+    Ok(())
+}
 
 /// The index the polling relay's `ORDER BY created_at` needs (log-based
 /// relays do not).
@@ -263,8 +318,14 @@ pub async fn fill(
     txn: u32,
     payload: u32,
     conns: usize,
+    split: bool,
     progress: impl Fn(u64) + Send + Sync + 'static,
 ) -> Result<()> {
+    let procedure = if split {
+        "bench_fill_split"
+    } else {
+        "bench_fill"
+    };
     // Chunks are multiples of the transaction size so every transaction has
     // exactly `txn` events (except the very last one).
     let chunk = (20_000 / u64::from(txn)).max(1) * u64::from(txn);
@@ -285,7 +346,7 @@ pub async fn fill(
                 let len = chunk.min(end - start);
                 client
                     .batch_execute(&format!(
-                        "CALL bench_fill({start}, {len}, {txn}, {payload})"
+                        "CALL {procedure}({start}, {len}, {txn}, {payload})"
                     ))
                     .await
                     .context("bench_fill")?;

@@ -105,9 +105,20 @@ struct RunArgs {
         default_value = "walcast,debezium,polling,pg-recvlogical,pg-drain,kafka-limit"
     )]
     systems: Vec<System>,
-    /// Workloads to run: backlog, steady, idle.
-    #[arg(long, value_delimiter = ',', default_value = "backlog,steady,idle")]
+    /// Workloads to run: backlog, steady, idle, pipelines.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "backlog,steady,idle,pipelines"
+    )]
     workloads: Vec<String>,
+    /// The pipelines workload: walcast drains one burst with each of these
+    /// pipeline counts (1 to 4; the burst is over 4 outbox tables).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pipelines: Vec<u32>,
+    /// Events of the pipelines workload's burst [default: 1,000,000; quick: 20,000].
+    #[arg(long)]
+    pipelines_events: Option<u64>,
     /// walcast's backlog drains write the pipeline's counters every 10 ms
     /// (WALCAST_DEBUG_TIMELINE) to work/backlog-<payload>-txn<N>-timeline.csv;
     /// the report plots acks per 10 ms and events in flight. Its steady run
@@ -271,9 +282,20 @@ async fn run(args: RunArgs) -> Result<()> {
         .map(|r| parse_rate(r))
         .collect::<Result<Vec<_>>>()?;
     for w in &args.workloads {
-        if !["backlog", "steady", "idle"].contains(&w.as_str()) {
-            bail!("unknown workload {w:?} (backlog, steady, idle)");
+        if !["backlog", "steady", "idle", "pipelines"].contains(&w.as_str()) {
+            bail!("unknown workload {w:?} (backlog, steady, idle, pipelines)");
         }
+    }
+    if let Some(p) = args
+        .pipelines
+        .iter()
+        .find(|p| !(1..=db::SPLIT_TABLES).contains(*p))
+    {
+        bail!(
+            "--pipelines {p}: between 1 and {} (the burst is over {} tables)",
+            db::SPLIT_TABLES,
+            db::SPLIT_TABLES
+        );
     }
     let headline = {
         let (p, t) = args
@@ -301,6 +323,18 @@ async fn run(args: RunArgs) -> Result<()> {
         backlog: args.workloads.iter().any(|w| w == "backlog"),
         steady_load: args.workloads.iter().any(|w| w == "steady"),
         idle_load: args.workloads.iter().any(|w| w == "idle"),
+        pipelines: if args.workloads.iter().any(|w| w == "pipelines")
+            && args.systems.contains(&System::Walcast)
+        {
+            args.pipelines.clone()
+        } else {
+            Vec::new()
+        },
+        pipelines_events: args.pipelines_events.unwrap_or(if args.quick {
+            20_000
+        } else {
+            1_000_000
+        }),
         fill_conns: args.fill_conns,
         writer_conns: args.writer_conns,
     };
@@ -480,6 +514,24 @@ async fn run(args: RunArgs) -> Result<()> {
             results.backlog.push(b);
             save(&mut results, &ctx, load_max)?;
         }
+    }
+    if !ctx.plan.pipelines.is_empty() {
+        match workloads::pipelines(&mut ctx).await {
+            Ok(p) => {
+                for r in &p.runs {
+                    load_max = load_max.max(r.run.usage.load_avg);
+                }
+                results.pipelines = Some(p);
+            }
+            Err(e) => {
+                println!("    pipelines workload FAILED: {e:#}");
+                results
+                    .meta
+                    .notes
+                    .push(format!("pipelines workload failed: {e:#}"));
+            }
+        }
+        save(&mut results, &ctx, load_max)?;
     }
     if ctx.plan.steady_load || ctx.plan.idle_load {
         db::create_databases(&ctx.env, &[ctx.plan.steady_payload]).await?;

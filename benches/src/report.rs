@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::progress::group;
 use crate::svg::{Chart, Series};
 use crate::systems::System;
-use crate::workloads::{size_label, BacklogResult, DrainRun, IdleRun, SteadyRun, BUCKET};
+use crate::workloads::{
+    size_label, BacklogResult, DrainRun, IdleRun, PipelinesResult, SteadyRun, BUCKET,
+};
 
 /// Facts about the run.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -54,6 +56,9 @@ pub struct Results {
     pub steady: Vec<SteadyRun>,
     /// Idle outbox with busy neighbours, one per relay.
     pub idle: Vec<IdleRun>,
+    /// One burst drained by walcast with 1, 2, 4 pipelines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelines: Option<PipelinesResult>,
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -322,7 +327,103 @@ pub fn targets(r: &Results) -> String {
             yes(x.is_some_and(|x| x <= 0.1))
         );
     }
+    if let Some(p) = &r.pipelines {
+        let of = |n: u32| p.runs.iter().find(|x| x.pipelines == n && x.run.complete);
+        let most = p.runs.iter().map(|x| x.pipelines).max().unwrap_or(1);
+        if let (Some(one), Some(top)) = (of(1), of(most).filter(|_| most > 1)) {
+            let x = ratio(top.run.rate_eps, one.run.rate_eps);
+            let _ = writeln!(
+                t,
+                "| {most} pipelines ≥ 1.5× one, or which process saturates the cores | pipelines burst {} | {} ev/s | {} ev/s | {} | {} |",
+                group(p.events),
+                group(top.run.rate_eps as u64),
+                group(one.run.rate_eps as u64),
+                fmt_ratio(x),
+                if x.is_some_and(|x| x >= 1.5) {
+                    "yes".to_string()
+                } else {
+                    format!("**not met**; {}", saturation(top))
+                }
+            );
+        }
+    }
     t
+}
+
+/// Which processes used the cores during a pipelines drain.
+fn saturation(r: &crate::workloads::PipelinesRun) -> String {
+    let mut v = [
+        ("Postgres", r.cores(|u| u.pg_cpu_s)),
+        ("walcast", r.cores(|u| u.cpu_s)),
+        ("Kafka", r.cores(|u| u.kafka_cpu_s)),
+        ("harness", r.cores(|u| u.harness_cpu_s)),
+    ];
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    format!(
+        "machine busy {:.2} of {} cores: {}",
+        r.cores(|u| u.machine_busy_s),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        v.iter()
+            .map(|(n, c)| format!("{n} {c:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The pipelines workload's table.
+fn pipelines_table(t: &mut String, p: &PipelinesResult) {
+    let _ = writeln!(t, "### Parallel pipelines\n");
+    let _ = writeln!(
+        t,
+        "One burst of {} events ({} × txn {}, {:.0} MB of WAL, committed in {:.1} s) over four \
+         outbox tables (transaction k into `outbox_p<k mod 4>`), drained by one walcast process \
+         with N `[[pipelines]]` (table t on pipeline t mod N), each on its own slot created \
+         before the burst. Every walsender decodes the whole WAL and filters by its \
+         publication, so Postgres's decoding work grows with N. Cores = CPU seconds ÷ wall \
+         seconds while streaming (first slot active to the last record in Kafka).\n",
+        group(p.events),
+        size_label(p.payload),
+        p.txn,
+        mb(p.wal_bytes),
+        p.fill_s
+    );
+    let _ = writeln!(
+        t,
+        "| pipelines | events/s | vs 1 | walcast cores | Postgres cores | Kafka cores | harness cores | machine busy (cores) | CPU s / M ev | Postgres CPU s / M ev | peak RSS MB | complete |"
+    );
+    let _ = writeln!(
+        t,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    let one = p
+        .runs
+        .iter()
+        .find(|x| x.pipelines == 1 && x.run.complete)
+        .map(|x| x.run.rate_eps);
+    for x in &p.runs {
+        let r = &x.run;
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.0} | {} |",
+            x.pipelines,
+            group(r.rate_eps as u64),
+            fmt_ratio(one.and_then(|o| ratio(r.rate_eps, o))),
+            x.cores(|u| u.cpu_s),
+            x.cores(|u| u.pg_cpu_s),
+            x.cores(|u| u.kafka_cpu_s),
+            x.cores(|u| u.harness_cpu_s),
+            x.cores(|u| u.machine_busy_s),
+            r.drain_cpu_s_per_mevent,
+            r.pg_cpu_s_per_mevent,
+            mb(r.usage.peak_rss_bytes),
+            if r.complete {
+                format!("yes ({})", group(r.events))
+            } else {
+                format!("NO: {}", r.note.clone().unwrap_or_default())
+            }
+        );
+    }
+    let _ = writeln!(t);
 }
 
 /// The markdown tables of every workload.
@@ -435,6 +536,9 @@ pub fn tables(r: &Results) -> String {
             );
         }
         let _ = writeln!(t);
+    }
+    if let Some(p) = &r.pipelines {
+        pipelines_table(&mut t, p);
     }
     if !r.idle.is_empty() {
         let _ = writeln!(t, "### Idle outbox, busy neighbours\n");
@@ -797,6 +901,7 @@ mod tests {
             cpu_s_per_mevent: cpu,
             drain_cpu_s_per_mevent: cpu,
             pg_cpu_s_per_mevent: 1.0,
+            drain_usage: None,
             throughput: vec![rate; 12],
             timeline: None,
             note: None,
@@ -861,6 +966,49 @@ mod tests {
         assert!(t.contains("20.00× lower"), "{t}");
         assert!(t.contains("slowest second 95,000 ev/s"), "{t}");
         assert!(!t.contains("not met"), "{t}");
+    }
+
+    #[test]
+    fn pipelines_that_do_not_scale_name_what_used_the_cores() {
+        use crate::workloads::{PipelinesResult, PipelinesRun};
+        let mut r = sample();
+        let run = |pipelines, rate, pg_cpu_s| {
+            let mut d = drain(System::Walcast, rate, 1.0, 30_000_000);
+            d.drain_usage = Some(Usage {
+                cpu_s: 5.0,
+                pg_cpu_s,
+                kafka_cpu_s: 2.0,
+                machine_busy_s: 19.0,
+                wall_s: 10.0,
+                ..Usage::default()
+            });
+            PipelinesRun { pipelines, run: d }
+        };
+        r.pipelines = Some(PipelinesResult {
+            events: 1_000_000,
+            payload: 200,
+            txn: 10,
+            fill_s: 10.0,
+            wal_bytes: 300_000_000,
+            runs: vec![run(1, 100_000.0, 8.0), run(4, 120_000.0, 12.0)],
+        });
+        let t = targets(&r);
+        assert!(
+            t.contains("| 4 pipelines ≥ 1.5× one, or which process saturates the cores | pipelines burst 1,000,000 | 120,000 ev/s | 100,000 ev/s | 1.20× | **not met**; machine busy 1.90 of "),
+            "{t}"
+        );
+        assert!(
+            t.contains("cores: Postgres 1.20, walcast 0.50, Kafka 0.20"),
+            "{t}"
+        );
+        let tables = tables(&r);
+        assert!(
+            tables.contains("| 4 | 120,000 | 1.20× | 0.50 | 1.20 | 0.20 |"),
+            "{tables}"
+        );
+        // scaling that reaches the target says so
+        r.pipelines.as_mut().unwrap().runs[1].run.rate_eps = 160_000.0;
+        assert!(targets(&r).contains("| 1.60× | yes |"), "{}", targets(&r));
     }
 
     #[test]

@@ -12,7 +12,10 @@ use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
-use crate::db::{AGGREGATE_TYPE, BENCH_DB, DEBEZIUM_PUBLICATION, PUBLICATION};
+use crate::db::{
+    split_publication, split_tables, AGGREGATE_TYPE, BENCH_DB, DEBEZIUM_PUBLICATION, PUBLICATION,
+    SPLIT_TABLES,
+};
 use crate::env::BenchEnv;
 use crate::procstat;
 
@@ -118,6 +121,9 @@ pub struct Spec {
     pub end_lsn: Option<String>,
     /// walcast only: the counter timeline's CSV file (`WALCAST_DEBUG_TIMELINE`).
     pub timeline: Option<PathBuf>,
+    /// walcast only: 0 for one pipeline on `slot` over `public.outbox`; N
+    /// for `[[pipelines]]` over the split tables, on slots `<slot>_<k>`.
+    pub pipelines: u32,
 }
 
 impl Spec {
@@ -240,6 +246,51 @@ level = "info"
         state = toml_str(&spec.dir.join("walcast-state").display().to_string()),
         state_topic = toml_str(&format!("{}.walcast-state", spec.topic_prefix)),
     )
+    .replace(
+        "\nslot = ",
+        if spec.pipelines > 0 {
+            "\n# slot = "
+        } else {
+            "\nslot = "
+        },
+    )
+    .replace(
+        "\npublication = ",
+        if spec.pipelines > 0 {
+            "\n# publication = "
+        } else {
+            "\npublication = "
+        },
+    )
+    .replace(
+        "tables = [\"public.outbox\"]",
+        &if spec.pipelines > 0 {
+            let all: Vec<String> = (0..SPLIT_TABLES)
+                .map(|t| toml_str(&format!("public.outbox_p{t}")))
+                .collect();
+            format!("tables = [{}]", all.join(", "))
+        } else {
+            "tables = [\"public.outbox\"]".into()
+        },
+    ) + &pipelines_toml(spec)
+}
+
+/// The `[[pipelines]]` entries of a pipelines-workload launch.
+fn pipelines_toml(spec: &Spec) -> String {
+    let mut out = String::new();
+    for k in 0..spec.pipelines {
+        let tables: Vec<String> = split_tables(spec.pipelines, k)
+            .iter()
+            .map(|t| toml_str(t))
+            .collect();
+        out.push_str(&format!(
+            "\n[[pipelines]]\nslot = {}\npublication = {}\ntables = [{}]\n",
+            toml_str(&format!("{}_{k}", spec.slot)),
+            toml_str(&split_publication(spec.pipelines, k)),
+            tables.join(", ")
+        ));
+    }
+    out
 }
 
 /// Kafka Connect worker settings (standalone). Producer overrides are the
@@ -638,7 +689,52 @@ mod tests {
             payload: 200,
             end_lsn: None,
             timeline: None,
+            pipelines: 0,
         }
+    }
+
+    #[test]
+    fn walcast_config_of_the_pipelines_workload_splits_the_tables() {
+        let mut spec = spec(System::Walcast);
+        spec.pipelines = 2;
+        let cfg = walcast_core::config::Config::from_toml(&walcast_toml(&env(), &spec))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let split = cfg.pipeline_configs().unwrap();
+        let got: Vec<(String, String, Vec<String>)> = split
+            .iter()
+            .map(|c| {
+                (
+                    c.postgres.slot.clone(),
+                    c.postgres.publication.clone(),
+                    c.outbox.tables.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "s1_0".to_string(),
+                    "bench_split2_0".to_string(),
+                    vec![
+                        "public.outbox_p0".to_string(),
+                        "public.outbox_p2".to_string()
+                    ]
+                ),
+                (
+                    "s1_1".to_string(),
+                    "bench_split2_1".to_string(),
+                    vec![
+                        "public.outbox_p1".to_string(),
+                        "public.outbox_p3".to_string()
+                    ]
+                ),
+            ]
+        );
+        assert!(
+            !cfg.postgres.create_slot,
+            "the slots exist before the burst"
+        );
     }
 
     #[test]

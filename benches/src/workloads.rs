@@ -93,6 +93,11 @@ pub struct Plan {
     pub steady_load: bool,
     /// See `backlog`.
     pub idle_load: bool,
+    /// The pipelines workload: pipeline counts to drain one burst with
+    /// (empty: not run).
+    pub pipelines: Vec<u32>,
+    /// Events of the pipelines workload's burst.
+    pub pipelines_events: u64,
     /// Connections for the backlog fill.
     pub fill_conns: usize,
     /// Connections for the paced writer.
@@ -215,6 +220,13 @@ impl Plan {
                 }
             }
         }
+        if !self.pipelines.is_empty() {
+            let n = self.pipelines_events as f64;
+            v.push(n / 50_000.0 + 3.0);
+            for _ in &self.pipelines {
+                v.push(n / 30_000.0 + 4.0);
+            }
+        }
         if self.steady_load {
             for s in self.steady_systems() {
                 let startup = if s == System::Debezium { 15.0 } else { 3.0 };
@@ -284,6 +296,9 @@ pub struct DrainRun {
     pub drain_cpu_s_per_mevent: f64,
     /// Postgres CPU seconds per million events.
     pub pg_cpu_s_per_mevent: f64,
+    /// Resources from streaming to done (without startup), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_usage: Option<Usage>,
     /// Records per second in [`BUCKET`]s since spawn.
     pub throughput: Vec<f64>,
     /// walcast with `--timeline`: its counter timeline (CSV), relative to
@@ -362,6 +377,7 @@ pub async fn warm_up_kafka(ctx: &mut Ctx, events: u64) -> Result<()> {
         payload: 200,
         end_lsn: None,
         timeline: None,
+        pipelines: 0,
     };
     let topic = spec.topic();
     kafka::create_topics(&ctx.env.kafka_bootstrap, std::slice::from_ref(&topic)).await?;
@@ -416,6 +432,7 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
         txn,
         payload,
         ctx.plan.fill_conns,
+        false,
         move |done| {
             let mut last = last_print.lock().unwrap_or_else(|p| p.into_inner());
             if last.elapsed() >= Duration::from_secs(2) || done >= n {
@@ -458,7 +475,7 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
             System::Walcast => ctx.plan.timeline_file(&ctx.work_dir, payload, txn),
             _ => None,
         };
-        let run = drain(ctx, s, &tag, payload, n, &end_lsn, wal0, wal1, timeline).await;
+        let run = drain(ctx, s, &tag, payload, n, &end_lsn, wal0, wal1, timeline, 0).await;
         if s.uses_slot() {
             db::drop_slot_named(&ctx.env, &slot_name("b", s)).await?;
         }
@@ -495,6 +512,162 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
     Ok(result)
 }
 
+/// The slot prefix of the pipelines workload's walcast with `n` pipelines
+/// (pipeline `k` reads `<prefix>_<k>`).
+fn pipelines_slot(n: u32) -> String {
+    format!("p{n}_walcast")
+}
+
+/// walcast draining one burst with N pipelines.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelinesRun {
+    /// Pipelines (slots) in the one walcast process.
+    pub pipelines: u32,
+    /// The drain (`usage` has walcast's, Postgres's and the broker's CPU).
+    pub run: DrainRun,
+}
+
+impl PipelinesRun {
+    /// Resources while streaming (spawn to done when that is unknown).
+    pub fn usage(&self) -> &Usage {
+        self.run.drain_usage.as_ref().unwrap_or(&self.run.usage)
+    }
+
+    /// Cores `cpu_s` of [`Self::usage`] is, on average (CPU seconds / wall seconds).
+    pub fn cores(&self, cpu_s: impl Fn(&Usage) -> f64) -> f64 {
+        let u = self.usage();
+        if u.wall_s > 0.0 {
+            cpu_s(u) / u.wall_s
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The pipelines workload: one burst over four outbox tables, drained by
+/// walcast with each pipeline count in turn.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipelinesResult {
+    /// Events of the burst.
+    pub events: u64,
+    /// Payload bytes.
+    pub payload: u32,
+    /// Events per transaction.
+    pub txn: u32,
+    /// Seconds to commit the burst.
+    pub fill_s: f64,
+    /// WAL the burst wrote (bytes).
+    pub wal_bytes: u64,
+    /// One drain per pipeline count.
+    pub runs: Vec<PipelinesRun>,
+}
+
+/// The pipelines workload's payload and transaction size.
+pub const PIPELINES_PAYLOAD: u32 = 200;
+/// See [`PIPELINES_PAYLOAD`].
+pub const PIPELINES_TXN: u32 = 10;
+
+/// Commits one burst into `public.outbox_p0..3` (transaction k into table
+/// k mod 4) while walcast is stopped, then drains it with 1, 2, 4… pipelines
+/// (`[[pipelines]]`, table t on pipeline t mod N), each from its own slots
+/// created before the burst.
+pub async fn pipelines(ctx: &mut Ctx) -> Result<PipelinesResult> {
+    let (payload, txn, n) = (PIPELINES_PAYLOAD, PIPELINES_TXN, ctx.plan.pipelines_events);
+    let counts = ctx.plan.pipelines.clone();
+    ctx.progress.phase(&format!(
+        "pipelines: committing a burst of {} events over 4 outbox tables while walcast is stopped",
+        group(n)
+    ));
+    db::create_databases(&ctx.env, &[payload]).await?;
+    for &p in &counts {
+        db::create_split_publications(&ctx.env, p).await?;
+        for k in 0..p {
+            db::create_slot(&ctx.env, &format!("{}_{k}", pipelines_slot(p))).await?;
+        }
+    }
+    let (_, wal0) = db::current_wal_lsn(&ctx.env).await?;
+    let started = Instant::now();
+    db::fill(
+        &ctx.env,
+        1,
+        n,
+        txn,
+        payload,
+        ctx.plan.fill_conns,
+        true,
+        |_| {},
+    )
+    .await?;
+    let fill_s = started.elapsed().as_secs_f64();
+    db::checkpoint(&ctx.env).await?;
+    let (end_lsn, wal1) = db::current_wal_lsn(&ctx.env).await?;
+    ctx.progress.status(&format!(
+        "burst committed in {fill_s:.1}s ({} events/s), {:.0} MB of WAL",
+        rate(n as f64 / fill_s),
+        (wal1 - wal0) as f64 / 1e6
+    ));
+    let mut result = PipelinesResult {
+        events: n,
+        payload,
+        txn,
+        fill_s,
+        wal_bytes: wal1 - wal0,
+        runs: Vec::new(),
+    };
+    for &p in &counts {
+        ctx.progress.phase(&format!(
+            "pipelines: walcast drains the burst with {p} pipeline(s)"
+        ));
+        let tag = format!("pipelines{p}");
+        let run = drain(
+            ctx,
+            System::Walcast,
+            &tag,
+            payload,
+            n,
+            &end_lsn,
+            wal0,
+            wal1,
+            None,
+            p,
+        )
+        .await;
+        for k in 0..p {
+            db::drop_slot_named(&ctx.env, &format!("{}_{k}", pipelines_slot(p))).await?;
+        }
+        let run = match run {
+            Ok(r) => r,
+            Err(e) => {
+                println!("    {p} pipeline(s) FAILED: {e:#}");
+                failed_drain(System::Walcast, format!("{e:#}"))
+            }
+        };
+        let r = PipelinesRun { pipelines: p, run };
+        let line = if r.run.complete {
+            format!(
+                "{p} pipeline(s): {} events in {:.2}s = {} events/s; cores: walcast {:.2}, Postgres {:.2}, Kafka {:.2}, machine {:.2} of 2",
+                group(r.run.events),
+                r.run.drain_s,
+                rate(r.run.rate_eps),
+                r.cores(|u| u.cpu_s),
+                r.cores(|u| u.pg_cpu_s),
+                r.cores(|u| u.kafka_cpu_s),
+                r.cores(|u| u.machine_busy_s),
+            )
+        } else {
+            format!(
+                "{p} pipeline(s): INCOMPLETE, {} of {} events ({})",
+                group(r.run.events),
+                group(n),
+                r.run.note.clone().unwrap_or_default()
+            )
+        };
+        ctx.progress.status(&line);
+        result.runs.push(r);
+    }
+    Ok(result)
+}
+
 /// The `ready_s` line a contestant printed (seconds after its start).
 fn ready_s(out: &std::path::Path) -> Option<f64> {
     std::fs::read_to_string(out)
@@ -519,6 +692,7 @@ fn failed_drain(system: System, note: String) -> DrainRun {
         cpu_s_per_mevent: 0.0,
         drain_cpu_s_per_mevent: 0.0,
         pg_cpu_s_per_mevent: 0.0,
+        drain_usage: None,
         throughput: Vec::new(),
         timeline: None,
         note: Some(note),
@@ -541,6 +715,7 @@ async fn drain(
     wal0: u64,
     wal1: u64,
     timeline: Option<PathBuf>,
+    pipelines: u32,
 ) -> Result<DrainRun> {
     if let Some(file) = &timeline {
         let _ = std::fs::remove_file(file);
@@ -549,12 +724,17 @@ async fn drain(
     let spec = Spec {
         system,
         dir: ctx.work_dir.join(tag).join(system.name()),
-        slot: slot_name("b", system),
+        slot: if pipelines > 0 {
+            pipelines_slot(pipelines)
+        } else {
+            slot_name("b", system)
+        },
         topic_prefix: prefix,
         events: n,
         payload,
         end_lsn: Some(end_lsn.to_string()),
         timeline: timeline.clone(),
+        pipelines,
     };
     let topic = spec.topic();
     let consumer = if system.produces() {
@@ -569,7 +749,13 @@ async fn drain(
     // without a slot start working when spawned).
     let stream_start = Arc::new(AtomicU64::new(0));
     let watcher = if system.uses_slot() {
-        let (env, slot, at) = (ctx.env.clone(), spec.slot.clone(), stream_start.clone());
+        // several pipelines: the first one's slot turning active
+        let slot = if pipelines > 0 {
+            format!("{}_0", spec.slot)
+        } else {
+            spec.slot.clone()
+        };
+        let (env, at) = (ctx.env.clone(), stream_start.clone());
         Some(tokio::spawn(async move {
             db::wait_slot_active(&env, &slot, &at).await
         }))
@@ -721,6 +907,7 @@ async fn drain(
         cpu_s_per_mevent: per_mevent(usage.cpu_s, events),
         drain_cpu_s_per_mevent: per_mevent(drain_cpu, events),
         pg_cpu_s_per_mevent: per_mevent(usage.pg_cpu_s, events),
+        drain_usage: at_first.as_ref().map(|f| usage.since(f)),
         usage,
         throughput,
         timeline: timeline.filter(|f| f.exists()).and_then(|f| {
@@ -833,6 +1020,7 @@ async fn start_relay(
         // The steady process runs every rate: one timeline for all of them.
         timeline: (ctx.plan.timeline && system == System::Walcast && tag == "steady")
             .then(|| ctx.work_dir.join(STEADY_TIMELINE)),
+        pipelines: 0,
     };
     db::reset_outbox(&ctx.env, system == System::Polling).await?;
     if system.uses_slot() {
@@ -1159,6 +1347,8 @@ mod tests {
             backlog: true,
             steady_load: true,
             idle_load: false,
+            pipelines: Vec::new(),
+            pipelines_events: 0,
             fill_conns: 1,
             writer_conns: 1,
         }
