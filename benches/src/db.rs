@@ -311,6 +311,8 @@ pub async fn checkpoint(env: &BenchEnv) -> Result<()> {
 /// Commits `n` events with sequence numbers `first..first+n`, `txn` per
 /// transaction, `payload` bytes each, over `conns` connections in parallel
 /// (each takes chunks of the range). `progress(done)` is called as chunks end.
+/// `split`: into the pipelines workload's tables (`bench_fill_split`).
+#[allow(clippy::too_many_arguments)]
 pub async fn fill(
     env: &BenchEnv,
     first: u64,
