@@ -106,10 +106,10 @@ messages = true
     std::fs::write(&file, &cfg.toml)?;
     let file_arg = file.to_str().unwrap().to_string();
 
-    // An operator command acts on one pipeline: without --pipeline it says so.
+    // A command that changes or checks one pipeline refuses to guess which.
     let (status, out) = Walcast::run_to_exit(
         &bin(),
-        &["status", "--config", &file_arg],
+        &["check", "--config", &file_arg],
         Duration::from_secs(30),
     )?;
     assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
@@ -246,6 +246,24 @@ messages = true
     )?;
     assert_eq!(status.code(), Some(0), "{out}");
     assert!(out.contains(&slot_b) && !out.contains(&slot_a), "{out}");
+    // status without --pipeline reports on every pipeline.
+    let ran = crate::ops::walcast(
+        state.path(),
+        None,
+        &["status", "--config", &file_arg, "--json"],
+    )?;
+    let out = ran.text();
+    assert_eq!(ran.code, 0, "{out}");
+    let v = ran.json();
+    let names: Vec<&str> = v["pipelines"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["slot_name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, [slot_a.as_str(), slot_b.as_str()], "{out}");
+    for p in v["pipelines"].as_array().into_iter().flatten() {
+        assert_eq!(p["slot"]["active"], true, "{out}");
+        assert_eq!(p["relay"]["reachable"], true, "{out}");
+    }
 
     // A row pipeline b can never publish (no key) stops walcast as a whole.
     let before_b = confirmed(&admin, &slot_b).await?.unwrap_or(0);

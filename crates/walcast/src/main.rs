@@ -133,6 +133,17 @@ fn load(args: &ConfigArgs) -> Result<Config, Error> {
         })
 }
 
+/// Every pipeline's configuration (one without `[[pipelines]]`; with
+/// `--pipeline`, that one), for commands that report on all of them.
+pub(crate) fn load_all(args: &ConfigArgs) -> Result<Vec<Config>, Error> {
+    let cfg = load(args)?;
+    if cfg.pipelines.is_empty() {
+        Ok(vec![cfg])
+    } else {
+        cfg.pipeline_configs()
+    }
+}
+
 /// The configuration of the one pipeline an operator command acts on:
 /// with several `[[pipelines]]`, `--pipeline` must name it.
 pub(crate) fn load_one(args: &ConfigArgs) -> Result<Config, Error> {

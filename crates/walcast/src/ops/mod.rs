@@ -31,7 +31,8 @@ pub(crate) enum OpsCommand {
     ///
     /// The slot as Postgres sees it (active, positions, lag, wal_status,
     /// safe_wal_size), and the relay's /metrics when `[metrics] listen` is
-    /// configured.
+    /// configured. With several [[pipelines]]: every pipeline, or the one
+    /// --pipeline names.
     Status(status::StatusArgs),
     /// Publication maintenance.
     Publication {

@@ -23,14 +23,16 @@ pub(crate) struct StatusArgs {
 }
 
 pub(crate) fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let cfg = crate::load_one(&args.config)?;
-    let opts = crate::tool_options(&cfg)?;
+    // every pipeline, or the one --pipeline names
+    let cfgs = crate::load_all(&args.config)?;
+    let opts = cfgs
+        .iter()
+        .map(crate::tool_options)
+        .collect::<Result<Vec<_>, _>>()?;
     let rt = super::runtime()?;
-    let listen = cfg.metrics.listen.clone();
-    let pipeline = cfg.postgres.slot.clone();
-    let relay = move || {
-        let listen = listen.clone();
-        let pipeline = pipeline.clone();
+    let relay = |cfg: &walcast_core::config::Config| {
+        let listen = cfg.metrics.listen.clone();
+        let pipeline = cfg.postgres.slot.clone();
         async move {
             tokio::task::spawn_blocking(move || {
                 metrics::read(listen.as_deref(), &pipeline, Duration::from_secs(3))
@@ -41,28 +43,38 @@ pub(crate) fn run(args: StatusArgs) -> anyhow::Result<()> {
     };
     rt.block_on(async {
         let Some(every) = args.watch else {
-            let mut s = AdminSession::open(&opts).await?;
-            let pg = s.slot_status().await?;
-            print(&cfg, &pg, &relay().await, args.json, false)?;
+            let mut views = Vec::new();
+            for (cfg, opts) in cfgs.iter().zip(&opts) {
+                let mut s = AdminSession::open(opts).await?;
+                let pg = s.slot_status().await?;
+                views.push((cfg, pg, relay(cfg).await));
+            }
+            print(&views, args.json, false)?;
             return anyhow::Ok(());
         };
         let every = Duration::from_secs(every.max(1));
-        let mut session: Option<AdminSession<'_>> = None;
+        let mut sessions: Vec<Option<AdminSession<'_>>> = opts.iter().map(|_| None).collect();
         loop {
-            if session.is_none() {
-                match AdminSession::open(&opts).await {
-                    Ok(s) => session = Some(s),
-                    Err(e) => eprintln!("walcast status: {e}"),
-                }
-            }
-            if let Some(s) = session.as_mut() {
-                match s.slot_status().await {
-                    Ok(pg) => print(&cfg, &pg, &relay().await, args.json, true)?,
-                    Err(e) => {
-                        eprintln!("walcast status: {e}");
-                        session = None;
+            let mut views = Vec::new();
+            for ((cfg, opts), session) in cfgs.iter().zip(&opts).zip(sessions.iter_mut()) {
+                if session.is_none() {
+                    match AdminSession::open(opts).await {
+                        Ok(s) => *session = Some(s),
+                        Err(e) => eprintln!("walcast status ({}): {e}", cfg.postgres.slot),
                     }
                 }
+                if let Some(s) = session.as_mut() {
+                    match s.slot_status().await {
+                        Ok(pg) => views.push((cfg, pg, relay(cfg).await)),
+                        Err(e) => {
+                            eprintln!("walcast status ({}): {e}", cfg.postgres.slot);
+                            *session = None;
+                        }
+                    }
+                }
+            }
+            if !views.is_empty() {
+                print(&views, args.json, true)?;
             }
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -72,15 +84,23 @@ pub(crate) fn run(args: StatusArgs) -> anyhow::Result<()> {
     })
 }
 
-fn print(
-    cfg: &walcast_core::config::Config,
-    pg: &SlotStatus,
-    relay: &Relay,
-    as_json: bool,
-    watching: bool,
-) -> anyhow::Result<()> {
+/// One pipeline's view: its configuration, its slot as Postgres sees it,
+/// and the relay's metrics.
+type View<'a> = (&'a walcast_core::config::Config, SlotStatus, Relay);
+
+/// Prints the views: one pipeline as before; several one after the other
+/// (JSON: `{"pipelines": [...]}`).
+fn print(views: &[View<'_>], as_json: bool, watching: bool) -> anyhow::Result<()> {
     if as_json {
-        let v = to_json(cfg, pg, relay);
+        let v = match views {
+            [(cfg, pg, relay)] => to_json(cfg, pg, relay),
+            _ => json!({
+                "pipelines": views
+                    .iter()
+                    .map(|(cfg, pg, relay)| to_json(cfg, pg, relay))
+                    .collect::<Vec<_>>()
+            }),
+        };
         if watching {
             println!("{}", serde_json::to_string(&v)?);
         } else {
@@ -91,7 +111,11 @@ fn print(
     if watching && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         print!("\x1b[2J\x1b[H");
     }
-    print!("{}", table(cfg, pg, relay));
+    let tables: Vec<String> = views
+        .iter()
+        .map(|(cfg, pg, relay)| table(cfg, pg, relay))
+        .collect();
+    print!("{}", tables.join("\n"));
     Ok(())
 }
 
