@@ -401,26 +401,18 @@ pub async fn warm_up_kafka(ctx: &mut Ctx, events: u64) -> Result<()> {
     Ok(())
 }
 
-/// Runs the backlog drain for one configuration.
-pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<BacklogResult> {
-    let label = format!("backlog {} × txn {txn}", size_label(payload));
-    ctx.progress.phase(&format!(
-        "{label}: committing {} events while every relay is stopped",
-        group(n)
-    ));
-    db::create_databases(&ctx.env, &[payload]).await?;
-    let systems = ctx.plan.backlog_systems();
-    for s in &systems {
-        if s.uses_slot() {
-            db::create_slot(&ctx.env, &slot_name("b", *s)).await?;
-        }
-    }
-    if systems.contains(&System::Polling) {
-        db::connect(&ctx.env.admin_conn(db::BENCH_DB))
-            .await?
-            .batch_execute(db::POLL_INDEX)
-            .await?;
-    }
+/// A committed backlog: how long it took and the WAL it wrote.
+struct Committed {
+    fill_s: f64,
+    /// `pg_current_wal_lsn()` after it (text).
+    end_lsn: String,
+    wal0: u64,
+    wal1: u64,
+}
+
+/// Commits `n` events (`split`: into the pipelines workload's tables),
+/// printing progress, then checkpoints.
+async fn commit(ctx: &Ctx, payload: u32, txn: u32, n: u64, split: bool) -> Result<Committed> {
     let (_, wal0) = db::current_wal_lsn(&ctx.env).await?;
     let started = Instant::now();
     let last_print = Arc::new(std::sync::Mutex::new(Instant::now()));
@@ -432,7 +424,7 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
         txn,
         payload,
         ctx.plan.fill_conns,
-        false,
+        split,
         move |done| {
             let mut last = last_print.lock().unwrap_or_else(|p| p.into_inner());
             if last.elapsed() >= Duration::from_secs(2) || done >= n {
@@ -455,10 +447,41 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
     db::checkpoint(&ctx.env).await?;
     let (end_lsn, wal1) = db::current_wal_lsn(&ctx.env).await?;
     ctx.progress.status(&format!(
-        "backlog committed in {fill_s:.1}s ({} events/s), {:.0} MB of WAL",
+        "{} committed in {fill_s:.1}s ({} events/s), {:.0} MB of WAL",
+        if split { "burst" } else { "backlog" },
         rate(n as f64 / fill_s),
         (wal1 - wal0) as f64 / 1e6
     ));
+    Ok(Committed {
+        fill_s,
+        end_lsn,
+        wal0,
+        wal1,
+    })
+}
+
+/// Runs the backlog drain for one configuration.
+pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<BacklogResult> {
+    let label = format!("backlog {} × txn {txn}", size_label(payload));
+    ctx.progress.phase(&format!(
+        "{label}: committing {} events while every relay is stopped",
+        group(n)
+    ));
+    db::create_databases(&ctx.env, &[payload]).await?;
+    let systems = ctx.plan.backlog_systems();
+    for s in &systems {
+        if s.uses_slot() {
+            db::create_slot(&ctx.env, &slot_name("b", *s)).await?;
+        }
+    }
+    if systems.contains(&System::Polling) {
+        db::connect(&ctx.env.admin_conn(db::BENCH_DB))
+            .await?
+            .batch_execute(db::POLL_INDEX)
+            .await?;
+    }
+    let c = commit(ctx, payload, txn, n, false).await?;
+    let (fill_s, end_lsn, wal0, wal1) = (c.fill_s, c.end_lsn, c.wal0, c.wal1);
     let mut result = BacklogResult {
         events: n,
         payload,
@@ -585,27 +608,8 @@ pub async fn pipelines(ctx: &mut Ctx) -> Result<PipelinesResult> {
             db::create_slot(&ctx.env, &format!("{}_{k}", pipelines_slot(p))).await?;
         }
     }
-    let (_, wal0) = db::current_wal_lsn(&ctx.env).await?;
-    let started = Instant::now();
-    db::fill(
-        &ctx.env,
-        1,
-        n,
-        txn,
-        payload,
-        ctx.plan.fill_conns,
-        true,
-        |_| {},
-    )
-    .await?;
-    let fill_s = started.elapsed().as_secs_f64();
-    db::checkpoint(&ctx.env).await?;
-    let (end_lsn, wal1) = db::current_wal_lsn(&ctx.env).await?;
-    ctx.progress.status(&format!(
-        "burst committed in {fill_s:.1}s ({} events/s), {:.0} MB of WAL",
-        rate(n as f64 / fill_s),
-        (wal1 - wal0) as f64 / 1e6
-    ));
+    let c = commit(ctx, payload, txn, n, true).await?;
+    let (fill_s, end_lsn, wal0, wal1) = (c.fill_s, c.end_lsn, c.wal0, c.wal1);
     let mut result = PipelinesResult {
         events: n,
         payload,
