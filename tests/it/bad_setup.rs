@@ -151,7 +151,11 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     let mut writer = Writer::new(&client).await?;
     let mut rng = rng("badstate");
     writer.txn(&mut client, &mut rng, 5, 5, false).await?;
-    assert!(wait_all(&mut reader, &writer, Duration::from_secs(60))?);
+    assert!(
+        wait_all(&mut reader, &writer, Duration::from_secs(60))?,
+        "the first instance did not deliver 5 events in 60 s; its log:\n{}",
+        first.log_text()
+    );
     first.terminate()?;
     assert!(first.wait_exit(Duration::from_secs(30))?.success());
     admin
