@@ -294,7 +294,11 @@ async fn readyz_follows_the_broker() -> Result<()> {
     eprintln!("readyz during the outage: {}", body.trim());
     wait_ready(&addr, 200, Duration::from_secs(90), &w)?;
     writer.txn(&mut client, &mut rng, 10, 10, false).await?;
-    assert!(wait_all(&mut reader, &writer, Duration::from_secs(60))?);
+    assert!(
+        wait_all(&mut reader, &writer, Duration::from_secs(60))?,
+        "the events written after the outage did not all arrive in 60 s; walcast's log:\n{}",
+        w.log_text()
+    );
     assert!(w.is_running(), "{}", w.log_text());
     w.kill9()?;
     drop(client);
