@@ -265,15 +265,8 @@ impl Relay {
             let Some(server) = server else {
                 return std::future::pending().await;
             };
-            let per_pipeline = hub
-                .pipelines
-                .iter()
-                .map(|s| async move { tokio::join!(tick(s), probe_kafka(s)) });
-            tokio::join!(
-                server,
-                upkeep(&hub.registry),
-                futures::future::join_all(per_pipeline)
-            );
+            let probes = hub.pipelines.iter().map(|s| probe_kafka(s));
+            tokio::join!(server, tick(&hub), futures::future::join_all(probes));
         };
         tokio::select! {
             r = run_all(&self.pipelines, stop) => r,
@@ -343,23 +336,17 @@ async fn run_all(pipelines: &[(Config, Arc<Shared>)], stop: watch::Receiver<bool
     }
 }
 
-/// Bounds the exporter's memory once a second.
-async fn upkeep(registry: &MetricsRegistry) {
+/// Once a second: copies every pipeline's counters into its gauges, then
+/// bounds the exporter's memory.
+async fn tick(hub: &Hub) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        registry.upkeep();
-    }
-}
-
-/// Copies the counters into the gauges once a second and bounds the exporter's memory.
-async fn tick(shared: &Shared) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        shared.refresh();
+        for p in &hub.pipelines {
+            p.refresh();
+        }
+        hub.registry.upkeep();
     }
 }
 
