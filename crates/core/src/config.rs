@@ -68,6 +68,94 @@ pub struct SlotPipelineConfig {
     /// and only one may publish them).
     #[serde(default)]
     pub messages: bool,
+    /// Split `tables` by the hash of their key column over several
+    /// pipelines: this pipeline relays the rows whose key hashes to
+    /// `hash_remainder` modulo `hash_modulus` (its publication filters the
+    /// rows; PostgreSQL 15 or newer). The entries that list a table with a
+    /// modulus must have the same modulus and together every remainder
+    /// `0..hash_modulus` exactly once. Unset: whole tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_modulus: Option<u32>,
+    /// This pipeline's share of the key hash (`0..hash_modulus`); see
+    /// `hash_modulus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_remainder: Option<u32>,
+}
+
+impl SlotPipelineConfig {
+    /// This entry's key-hash share, checked (`at` names the entry in errors).
+    ///
+    /// # Errors
+    /// An operator error when only one of `hash_modulus` and
+    /// `hash_remainder` is set, or they are out of range.
+    pub fn key_hash(&self, at: &str) -> Result<Option<KeyHash>> {
+        match (self.hash_modulus, self.hash_remainder) {
+            (None, None) => Ok(None),
+            (Some(modulus), Some(remainder)) => {
+                if !(2..=MAX_HASH_MODULUS).contains(&modulus) {
+                    return Err(Error::operator(format!(
+                        "{at}.hash_modulus = {modulus} is out of range (2 to {MAX_HASH_MODULUS})"
+                    ))
+                    .with_hint("split a table over 2 to 64 pipelines, or remove hash_modulus and hash_remainder to relay whole tables"));
+                }
+                if remainder >= modulus {
+                    return Err(Error::operator(format!(
+                        "{at}.hash_remainder = {remainder} is not below hash_modulus = {modulus}"
+                    ))
+                    .with_hint(format!("use a remainder from 0 to {}", modulus - 1)));
+                }
+                Ok(Some(KeyHash { modulus, remainder }))
+            }
+            _ => Err(Error::operator(format!(
+                "{at} sets only one of hash_modulus and hash_remainder"
+            ))
+            .with_hint("set both (this pipeline relays the rows whose key hashes to hash_remainder modulo hash_modulus) or neither")),
+        }
+    }
+}
+
+/// A table split by key hash must be covered by one entry per remainder
+/// `0..modulus`, all with the same modulus: otherwise some keys' rows would
+/// be relayed by no pipeline, or by two.
+fn check_key_hash_cover(t: &TableName, entries: &[(usize, Option<KeyHash>)]) -> Result<()> {
+    let shares: Vec<(usize, KeyHash)> = entries
+        .iter()
+        .filter_map(|(i, h)| h.map(|h| (*i, h)))
+        .collect();
+    let Some((first, h0)) = shares.first().copied() else {
+        return Ok(());
+    };
+    let fix = "the entries that split a table need the same hash_modulus and one entry for each hash_remainder from 0 to hash_modulus - 1";
+    if let Some((i, h)) = shares.iter().find(|(_, h)| h.modulus != h0.modulus) {
+        return Err(Error::operator(format!(
+            "{t} is split with hash_modulus = {} in pipelines[{first}] and {} in pipelines[{i}]",
+            h0.modulus, h.modulus
+        ))
+        .with_hint(fix));
+    }
+    let mut seen = vec![None; h0.modulus as usize];
+    for (i, h) in &shares {
+        if let Some(j) = seen[h.remainder as usize].replace(*i) {
+            return Err(Error::operator(format!(
+                "{t} has hash_remainder = {} in pipelines[{j}] and in pipelines[{i}]: both would relay those rows",
+                h.remainder
+            ))
+            .with_hint(fix));
+        }
+    }
+    let missing: Vec<String> = (0..h0.modulus)
+        .filter(|r| seen[*r as usize].is_none())
+        .map(|r| r.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::operator(format!(
+            "{t} is split with hash_modulus = {} but no entry has hash_remainder = {}: those rows would never be relayed",
+            h0.modulus,
+            missing.join(", ")
+        ))
+        .with_hint(fix));
+    }
+    Ok(())
 }
 
 /// `[tracing]`: OpenTelemetry traces, one span per relayed transaction,
@@ -295,7 +383,29 @@ pub struct PostgresConfig {
     /// server write WAL. `0` turns it off.
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    /// Not a configuration key: the key-hash share of a `[[pipelines]]`
+    /// entry with `hash_modulus`/`hash_remainder`, set by
+    /// [`Config::pipeline_configs`]. When set, the publication filters each
+    /// outbox table to the rows whose key hashes to this share.
+    #[serde(skip)]
+    pub key_hash: Option<KeyHash>,
 }
+
+/// One share of a key-hash split (`[[pipelines]]` `hash_modulus` and
+/// `hash_remainder`): the rows whose key column hashes to `remainder` modulo
+/// `modulus`. Every key's rows fall into exactly one share, so each key keeps
+/// its order within one pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHash {
+    /// How many shares the tables are split into (2 to [`MAX_HASH_MODULUS`]).
+    pub modulus: u32,
+    /// This share (`0..modulus`).
+    pub remainder: u32,
+}
+
+/// The largest `hash_modulus`: each share is a slot and a WAL sender that
+/// decodes all of the WAL.
+pub const MAX_HASH_MODULUS: u32 = 64;
 
 /// `[outbox]`: the outbox tables and the default route (how their rows
 /// become records); `[[outbox.route]]` entries override it per table.
@@ -1500,7 +1610,8 @@ impl Config {
             .with_hint("remove postgres.slot and postgres.publication; set slot and publication in each [[pipelines]] entry"));
         }
         let all = self.outbox_tables()?;
-        let mut owner: BTreeMap<TableName, usize> = BTreeMap::new();
+        // Each table's entries, with their key-hash share.
+        let mut owners: BTreeMap<TableName, Vec<(usize, Option<KeyHash>)>> = BTreeMap::new();
         let mut slots = std::collections::HashSet::new();
         let mut publications = std::collections::HashSet::new();
         for (i, p) in self.pipelines.iter().enumerate() {
@@ -1526,6 +1637,7 @@ impl Config {
                     "list the outbox tables this pipeline relays, or remove the entry",
                 ));
             }
+            let share = p.key_hash(&at)?;
             for t in &p.tables {
                 let t = TableName::parse(t)?;
                 if !all.contains(&t) {
@@ -1534,21 +1646,32 @@ impl Config {
                     ))
                     .with_hint(format!("add it to outbox.tables (or an [[outbox.route]]), or remove it here; {fix}")));
                 }
-                if let Some(j) = owner.insert(t.clone(), i) {
-                    return Err(Error::operator(format!(
-                        "{t} is in pipelines[{j}].tables and in {at}.tables"
-                    ))
-                    .with_hint(format!(
-                        "{fix}: one table's events keep their order only on one slot"
-                    )));
+                let entries = owners.entry(t.clone()).or_default();
+                if entries.iter().any(|(j, _)| *j == i) {
+                    return Err(Error::operator(format!("{at}.tables lists {t} twice"))
+                        .with_hint("list each table once"));
                 }
+                if let Some((j, other)) = entries.first() {
+                    if share.is_none() || other.is_none() {
+                        return Err(Error::operator(format!(
+                            "{t} is in pipelines[{j}].tables and in {at}.tables"
+                        ))
+                        .with_hint(format!(
+                            "{fix}: one table's events keep their order only on one slot (or split it by key hash: hash_modulus and hash_remainder on every entry that lists it)"
+                        )));
+                    }
+                }
+                entries.push((i, share));
             }
         }
-        if let Some(t) = all.iter().find(|t| !owner.contains_key(*t)) {
+        if let Some(t) = all.iter().find(|t| !owners.contains_key(*t)) {
             return Err(Error::operator(format!(
                 "outbox table {t} is in no [[pipelines]] entry: its events would never be relayed"
             ))
             .with_hint(fix));
+        }
+        for (t, entries) in &owners {
+            check_key_hash_cover(t, entries)?;
         }
         let with_messages: Vec<usize> = (0..self.pipelines.len())
             .filter(|&i| self.pipelines[i].messages)
@@ -1588,6 +1711,7 @@ impl Config {
             c.pipelines = Vec::new();
             c.postgres.slot = p.slot.clone();
             c.postgres.publication = p.publication.clone();
+            c.postgres.key_hash = p.key_hash("")?;
             let default_tables: Vec<TableName> =
                 if self.outbox.tables.is_empty() && self.outbox.routes.is_empty() {
                     vec![TableName::parse("public.outbox")?]
@@ -2013,6 +2137,95 @@ mod tests {
         bad(
             &|t| t.replace("messages = true", "messages = true\nlsot = \"x\""),
             "unknown field",
+        );
+    }
+
+    /// One table split by key hash over three pipelines.
+    fn hash_split(shares: &[(&str, &str)]) -> String {
+        let mut t = format!("{MIN}\n[outbox]\ntables = [\"public.outbox\"]\n");
+        for (i, (m, r)) in shares.iter().enumerate() {
+            t.push_str(&format!(
+                "[[pipelines]]\nslot = \"s{i}\"\npublication = \"p{i}\"\ntables = [\"public.outbox\"]\n{m}{r}"
+            ));
+        }
+        t
+    }
+
+    #[test]
+    fn a_table_split_by_key_hash_is_covered_exactly_once() {
+        let m3 = "hash_modulus = 3\n";
+        let c = Config::from_toml(&hash_split(&[
+            (m3, "hash_remainder = 2\n"),
+            (m3, "hash_remainder = 0\n"),
+            (m3, "hash_remainder = 1\n"),
+        ]))
+        .unwrap();
+        let split = c.pipeline_configs().unwrap();
+        let shares: Vec<_> = split.iter().map(|c| c.postgres.key_hash).collect();
+        assert_eq!(
+            shares,
+            [2, 0, 1].map(|remainder| Some(KeyHash {
+                modulus: 3,
+                remainder
+            }))
+        );
+        assert!(split
+            .iter()
+            .all(|c| c.outbox.tables == ["public.outbox".to_string()]));
+        // Without a modulus, whole tables.
+        let whole = Config::from_toml(&format!(
+            "{MIN}\n[[pipelines]]\nslot = \"a\"\npublication = \"a\"\ntables = [\"outbox\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(whole.pipeline_configs().unwrap()[0].postgres.key_hash, None);
+
+        let bad = |shares: &[(&str, &str)], needle: &str| {
+            let err = Config::from_toml(&hash_split(shares))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        };
+        // A remainder nobody relays, or two pipelines relaying one.
+        bad(
+            &[(m3, "hash_remainder = 0\n"), (m3, "hash_remainder = 1\n")],
+            "public.outbox is split with hash_modulus = 3 but no entry has hash_remainder = 2: those rows would never be relayed",
+        );
+        bad(
+            &[
+                (m3, "hash_remainder = 0\n"),
+                (m3, "hash_remainder = 1\n"),
+                (m3, "hash_remainder = 1\n"),
+            ],
+            "public.outbox has hash_remainder = 1 in pipelines[1] and in pipelines[2]",
+        );
+        bad(
+            &[
+                (m3, "hash_remainder = 0\n"),
+                ("hash_modulus = 2\n", "hash_remainder = 1\n"),
+            ],
+            "public.outbox is split with hash_modulus = 3 in pipelines[0] and 2 in pipelines[1]",
+        );
+        // A whole table beside a share of it.
+        bad(
+            &[("", ""), ("hash_modulus = 2\n", "hash_remainder = 1\n")],
+            "public.outbox is in pipelines[0].tables and in pipelines[1].tables",
+        );
+        bad(
+            &[("hash_modulus = 2\n", "hash_remainder = 0\n"), ("", "")],
+            "public.outbox is in pipelines[0].tables and in pipelines[1].tables",
+        );
+        // Half a share, or out of range.
+        bad(
+            &[(m3, ""), (m3, "hash_remainder = 1\n")],
+            "pipelines[0] sets only one of hash_modulus and hash_remainder",
+        );
+        bad(
+            &[(m3, "hash_remainder = 3\n")],
+            "pipelines[0].hash_remainder = 3 is not below hash_modulus = 3",
+        );
+        bad(
+            &[("hash_modulus = 1\n", "hash_remainder = 0\n")],
+            "pipelines[0].hash_modulus = 1 is out of range (2 to 64)",
         );
     }
 

@@ -748,6 +748,15 @@ impl Routes {
             .map(|(t, i)| (t.clone(), self.specs[*i].required_columns()))
             .collect()
     }
+
+    /// Each outbox table's key column (the record key; a key-hash split of
+    /// `[[pipelines]]` hashes it).
+    pub fn key_columns(&self) -> Vec<(TableName, String)> {
+        self.tables
+            .iter()
+            .map(|(t, i)| (t.clone(), self.specs[*i].key.clone()))
+            .collect()
+    }
 }
 
 impl Routes {
