@@ -312,6 +312,7 @@ pub async fn pg_drain(a: PgDrainArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         tables: cfg.outbox_tables().map_err(|e| anyhow::anyhow!("{e}"))?,
         columns: cfg.routes()?.required_columns(),
+        keys: cfg.routes()?.key_columns(),
         // The drain is a measurement tool: its record lives only in the
         // state directory (no Kafka copy).
         state: walcast_postgres::SlotState::new(vec![std::sync::Arc::new(

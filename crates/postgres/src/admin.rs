@@ -17,7 +17,8 @@ use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
 
 use crate::preflight::{
-    create_publication_sql, lsn, open_session, read_slot, tables_sql, ConnectOptions, Session,
+    create_publication_sql, filter_fingerprint, lsn, open_session, publication_tables_sql,
+    read_slot, row_filters, ConnectOptions, Session,
 };
 
 /// A `replication=database` session for operator commands.
@@ -379,9 +380,12 @@ impl<'a> AdminSession<'a> {
             adds: Vec::new(),
             removes: Vec::new(),
         };
+        let filters = row_filters(&mut self.s).await?;
+        let opts = self.s.opts();
+        let pg = &opts.pg;
         let Some(row) = rows.into_iter().next() else {
             plan.statements
-                .push(create_publication_sql(pg, &opts.tables));
+                .push(create_publication_sql(pg, &opts.tables, &filters));
             plan.adds
                 .extend(wanted.iter().map(|t| format!("table {t}")));
             return Ok(plan);
@@ -400,11 +404,17 @@ impl<'a> AdminSession<'a> {
                  A slot decodes a publication only in WAL written after the publication was created, so do it while walcast is caught up"
             )));
         }
+        // Row filters exist from PostgreSQL 15 on.
+        let qual = if self.server_version_num >= 150_000 {
+            "pg_catalog.pg_get_expr(pr.prqual, pr.prrelid)"
+        } else {
+            "NULL"
+        };
         let members = self
             .s
             .query(
                 &format!(
-                    "SELECT n.nspname, c.relname FROM pg_catalog.pg_publication_rel pr \
+                    "SELECT n.nspname, c.relname, {qual} FROM pg_catalog.pg_publication_rel pr \
                      JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid \
                      JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = {name}"
@@ -412,13 +422,32 @@ impl<'a> AdminSession<'a> {
                 "reading the publication's tables",
             )
             .await?;
-        let current: BTreeSet<TableName> = members
+        let members: Vec<(TableName, Option<String>)> = members
             .into_iter()
             .filter_map(|r| {
-                Some(TableName {
-                    schema: r.first().cloned().flatten()?,
-                    name: r.get(1).cloned().flatten()?,
-                })
+                Some((
+                    TableName {
+                        schema: r.first().cloned().flatten()?,
+                        name: r.get(1).cloned().flatten()?,
+                    },
+                    r.get(2).cloned().flatten(),
+                ))
+            })
+            .collect();
+        let current: BTreeSet<TableName> = members.iter().map(|(t, _)| t.clone()).collect();
+        // Tables in both whose row filter is not the one this pipeline needs.
+        let refilter: Vec<(TableName, Option<String>)> = opts
+            .tables
+            .iter()
+            .zip(&filters)
+            .filter_map(|(t, want)| {
+                let (_, have) = members.iter().find(|(m, _)| m == t)?;
+                let same = match (have, want) {
+                    (None, None) => true,
+                    (Some(h), Some(w)) => filter_fingerprint(h) == filter_fingerprint(w),
+                    _ => false,
+                };
+                (!same).then(|| (t.clone(), want.clone()))
             })
             .collect();
         let schemas: Vec<String> = if self.server_version_num >= 150_000 {
@@ -450,16 +479,31 @@ impl<'a> AdminSession<'a> {
         );
         plan.adds
             .extend(missing.iter().map(|t| format!("table {t}")));
-        if !plan.removes.is_empty() {
+        for (t, want) in &refilter {
+            // The filter to drop is a removal; the one to set, an addition.
+            match want {
+                Some(w) => plan
+                    .adds
+                    .push(format!("row filter of table {t}: WHERE ({w})")),
+                None => plan.removes.push(format!("row filter of table {t}")),
+            }
+        }
+        if !plan.removes.is_empty() || !refilter.is_empty() {
             plan.statements.push(format!(
                 "ALTER PUBLICATION {ident} SET TABLE {}",
-                tables_sql(&opts.tables)
+                publication_tables_sql(&opts.tables, &filters)
             ));
         } else if !missing.is_empty() {
-            let missing: Vec<TableName> = missing.into_iter().cloned().collect();
+            let (missing, missing_filters): (Vec<TableName>, Vec<Option<String>>) = opts
+                .tables
+                .iter()
+                .zip(&filters)
+                .filter(|(t, _)| missing.contains(t))
+                .map(|(t, f)| (t.clone(), f.clone()))
+                .unzip();
             plan.statements.push(format!(
                 "ALTER PUBLICATION {ident} ADD TABLE {}",
-                tables_sql(&missing)
+                publication_tables_sql(&missing, &missing_filters)
             ));
         }
         let dropped: Vec<&str> = [(1, "update"), (2, "delete"), (3, "truncate")]

@@ -32,11 +32,23 @@ pub struct CatalogEntry {
     pub oid: Option<u32>,
     /// Whether walcast's publication holds that OID.
     pub published: bool,
+    /// The publication's row filter on it (`pg_get_expr`; PostgreSQL 15+).
+    pub row_filter: Option<String>,
 }
 
 /// Reads every outbox table's OID and publication membership.
 pub(crate) async fn read_catalog(s: &mut Session<'_>) -> Result<Vec<CatalogEntry>> {
     let publication = quote_literal(&s.opts().pg.publication);
+    // Row filters exist from PostgreSQL 15 on.
+    let row_filter = if s.server_version_num().await? >= 150_000 {
+        format!(
+            "(SELECT pg_catalog.pg_get_expr(pr.prqual, pr.prrelid) FROM pg_catalog.pg_publication_rel pr \
+               JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid \
+               WHERE p.pubname = {publication} AND pr.prrelid = c.oid)"
+        )
+    } else {
+        "NULL".to_string()
+    };
     let mut out = Vec::new();
     for t in s.opts().tables.clone() {
         let rows = s
@@ -44,7 +56,7 @@ pub(crate) async fn read_catalog(s: &mut Session<'_>) -> Result<Vec<CatalogEntry
                 &format!(
                     "SELECT c.oid, EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel pr \
                        JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid \
-                       WHERE p.pubname = {publication} AND pr.prrelid = c.oid) \
+                       WHERE p.pubname = {publication} AND pr.prrelid = c.oid), {row_filter} \
                      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                      WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
                     quote_literal(&t.schema),
@@ -67,6 +79,7 @@ pub(crate) async fn read_catalog(s: &mut Session<'_>) -> Result<Vec<CatalogEntry
             table: t,
             oid,
             published,
+            row_filter: row.as_ref().and_then(|r| r.get(2).cloned().flatten()),
         });
     }
     Ok(out)
@@ -83,6 +96,22 @@ pub fn compare(publication: &str, start: &[CatalogEntry], now: &[CatalogEntry]) 
             ),
             _ if a.published && !b.published => {
                 format!("outbox table {t} was removed from publication {publication}")
+            }
+            _ if a.published && b.published && a.row_filter != b.row_filter => {
+                let show = |f: &Option<String>| {
+                    f.as_deref()
+                        .map_or("none".to_string(), |f| format!("WHERE {f}"))
+                };
+                return Some(
+                    Error::operator(format!(
+                        "the row filter of outbox table {t} in publication {publication} changed from {} to {} while walcast was running; rows the filter leaves out never reach the replication stream",
+                        show(&a.row_filter),
+                        show(&b.row_filter)
+                    ))
+                    .with_hint(
+                        "restore the filter walcast set (`walcast publication sync` prints and applies it), then reconcile the rows written since the change with Kafka: those it left out were not relayed. walcast stops until then",
+                    ),
+                );
             }
             _ => continue,
         };
@@ -268,11 +297,27 @@ pub async fn watch_server(
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_changed_row_filter_stops_walcast() {
+        let mut a = e(Some(1), true);
+        a.row_filter = Some("((COALESCE(hashtext(k), 0) & 2147483647) % 2) = 0".into());
+        let mut b = a.clone();
+        assert!(compare("p", &[a.clone()], &[b.clone()]).is_none());
+        b.row_filter = None;
+        let err = compare("p", &[a], &[b]).unwrap().to_string();
+        assert!(
+            err.contains("the row filter of outbox table public.outbox in publication p changed from WHERE ((COALESCE"),
+            "{err}"
+        );
+        assert!(err.contains("to none"), "{err}");
+    }
+
     fn e(oid: Option<u32>, published: bool) -> CatalogEntry {
         CatalogEntry {
             table: TableName::parse("public.outbox").unwrap(),
             oid,
             published,
+            row_filter: None,
         }
     }
 

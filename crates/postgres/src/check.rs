@@ -13,8 +13,8 @@ use walcast_core::Result;
 
 use crate::preflight::{
     check_tables, create_publication_sql, missing_publication_error, missing_slot_error,
-    open_session, publication_problems, read_slot, slot_problem, target, wal_level_error,
-    ConnectOptions, Session,
+    open_session, publication_problems, read_slot, row_filters, slot_problem, target,
+    wal_level_error, ConnectOptions, Session,
 };
 
 /// Runs the Postgres checks. Never fails: a check that cannot run is a
@@ -99,9 +99,11 @@ pub async fn check(opts: &ConnectOptions) -> Vec<CheckResult> {
     };
     match publication_problems(&mut s, &partitioned, version_num).await {
         Err(e) => out.push(CheckResult::from_error("postgres.publication", &e)),
-        Ok(None) => {
-            let create_sql = create_publication_sql(pg, &opts.tables);
-            out.push(if !pg.create_publication {
+        Ok(None) => match row_filters(&mut s).await {
+            Err(e) => out.push(CheckResult::from_error("postgres.publication", &e)),
+            Ok(filters) => {
+                let create_sql = create_publication_sql(pg, &opts.tables, &filters);
+                out.push(if !pg.create_publication {
                 CheckResult::from_error(
                     "postgres.publication",
                     &missing_publication_error(pg, &create_sql),
@@ -124,18 +126,25 @@ pub async fn check(opts: &ConnectOptions) -> Vec<CheckResult> {
                     format!("as the tables' owner: {create_sql}"),
                 )
             });
-        }
+            }
+        },
         Ok(Some(problems)) if problems.is_empty() => out.push(CheckResult::ok(
             "postgres.publication",
             format!(
-                "publication {} publishes INSERTs of exactly {}{}",
+                "publication {} publishes INSERTs of exactly {}{}{}",
                 pg.publication,
                 list(&opts.tables),
                 if partitioned.is_empty() {
                     ""
                 } else {
                     ", via the partition root"
-                }
+                },
+                pg.key_hash
+                    .map(|h| format!(
+                        ", the rows whose key hashes to {} modulo {}",
+                        h.remainder, h.modulus
+                    ))
+                    .unwrap_or_default()
             ),
         )),
         Ok(Some(problems)) => out.extend(

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
-use walcast_core::config::{PostgresConfig, Secret, SslMode, TableName};
+use walcast_core::config::{KeyHash, PostgresConfig, Secret, SslMode, TableName};
 use walcast_core::state::{BackendId, SlotKey, SlotRecord};
 use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
@@ -27,6 +27,10 @@ pub struct ConnectOptions {
     /// The columns each outbox table must have: `(table, [(option, column)])`
     /// (from `walcast_core::route::Routes::required_columns`).
     pub columns: Vec<(TableName, Vec<(String, String)>)>,
+    /// Each outbox table's key column (from
+    /// `walcast_core::route::Routes::key_columns`): what a key-hash split
+    /// (`pg.key_hash`) filters the publication's rows by.
+    pub keys: Vec<(TableName, String)>,
     /// Where walcast's slot records live, and this process's sessions.
     pub state: SlotState,
     /// `pipeline.max_row_bytes`: the largest replication message accepted.
@@ -476,22 +480,126 @@ async fn list_partitions(
     Ok(out)
 }
 
-/// The SQL that creates walcast's publication of exactly the outbox tables.
-pub(crate) fn create_publication_sql(pg: &PostgresConfig, tables: &[TableName]) -> String {
+/// The SQL that creates walcast's publication of exactly the outbox tables
+/// (each with its row filter from [`row_filters`]).
+pub(crate) fn create_publication_sql(
+    pg: &PostgresConfig,
+    tables: &[TableName],
+    filters: &[Option<String>],
+) -> String {
     format!(
         "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert', publish_via_partition_root = true)",
         quote_ident(&pg.publication),
-        tables_sql(tables)
+        publication_tables_sql(tables, filters)
     )
 }
 
-/// Tables quoted and comma-separated, for SQL.
-pub(crate) fn tables_sql(tables: &[TableName]) -> String {
+/// Tables quoted and comma-separated, each followed by its row filter
+/// (`WHERE (...)`) when it has one, for `FOR TABLE`/`SET TABLE`.
+pub(crate) fn publication_tables_sql(tables: &[TableName], filters: &[Option<String>]) -> String {
     tables
         .iter()
-        .map(quote_table)
+        .enumerate()
+        .map(|(i, t)| match filters.get(i) {
+            Some(Some(f)) => format!("{} WHERE ({f})", quote_table(t)),
+            _ => quote_table(t),
+        })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The row filter that keeps one share of a key-hash split: the rows whose
+/// key column, hashed by `func` (one of PostgreSQL's built-in, immutable
+/// hash functions, as publication row filters require), falls on
+/// `h.remainder` modulo `h.modulus`. A NULL key counts as hash 0, so its row
+/// reaches exactly one pipeline (which then reports it). The mask keeps the
+/// hash non-negative without `abs`, which would overflow on `i32::MIN`.
+pub(crate) fn key_hash_filter(func: &str, column: &str, h: KeyHash) -> String {
+    format!(
+        "((COALESCE({func}({}), 0) & 2147483647) % {}) = {}",
+        quote_ident(column),
+        h.modulus,
+        h.remainder
+    )
+}
+
+/// A row filter as PostgreSQL deparses it (`pg_get_expr`), reduced to what
+/// decides its meaning here: no spaces, parentheses, identifier quotes or
+/// the implicit `::text` of a `varchar` key.
+pub(crate) fn filter_fingerprint(filter: &str) -> String {
+    filter
+        .replace("::text", "")
+        .chars()
+        .filter(|c| !c.is_whitespace() && !matches!(c, '(' | ')' | '"'))
+        .collect()
+}
+
+/// The row filter walcast's publication has on each outbox table, in
+/// `opts.tables` order: none unless this pipeline is one share of a key-hash
+/// split (`pg.key_hash`); then [`key_hash_filter`] on the table's key column,
+/// with the hash function of its type.
+///
+/// # Errors
+/// An operator error when the split needs what the server or table lacks:
+/// PostgreSQL before 15 (no row filters) or a key column of a type without
+/// a built-in hash function.
+pub(crate) async fn row_filters(s: &mut Session<'_>) -> Result<Vec<Option<String>>> {
+    let opts = s.opts();
+    let Some(h) = opts.pg.key_hash else {
+        return Ok(vec![None; opts.tables.len()]);
+    };
+    let version = s.server_version_num().await?;
+    if version < 150_000 {
+        return Err(Error::operator(format!(
+            "pipeline {} splits its tables by key hash (hash_modulus = {}), which needs publication row filters: PostgreSQL 15 or newer; this server is {}",
+            opts.pg.slot,
+            h.modulus,
+            version / 10_000
+        ))
+        .with_hint("upgrade Postgres, or split the outbox tables between the pipelines whole (remove hash_modulus and hash_remainder)"));
+    }
+    let mut out = Vec::with_capacity(opts.tables.len());
+    for t in &opts.tables {
+        let key = opts
+            .keys
+            .iter()
+            .find(|(k, _)| k == t)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| Error::permanent(format!("no key column known for outbox table {t}")))?;
+        let typ = s
+            .query_value(
+                &format!(
+                    "SELECT ty.typname FROM pg_catalog.pg_class c \
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                     JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid \
+                     WHERE n.nspname = {} AND c.relname = {} AND a.attname = {}",
+                    quote_literal(&t.schema),
+                    quote_literal(&t.name),
+                    quote_literal(&key)
+                ),
+                "reading the outbox table's key column type",
+            )
+            .await?;
+        let func = match typ.as_deref() {
+            Some("text" | "varchar") => "hashtext",
+            Some("bpchar") => "hashbpchar",
+            Some("uuid") => "uuid_hash",
+            Some("int8") => "hashint8",
+            Some("int4") => "hashint4",
+            Some("int2") => "hashint2",
+            other => {
+                return Err(Error::operator(format!(
+                    "pipeline {} splits {t} by the hash of its key column {key:?}, whose type {} has no built-in hash function a publication row filter may use",
+                    opts.pg.slot,
+                    other.unwrap_or("(unknown: no such column)")
+                ))
+                .with_hint("split by a key of type text, varchar, char, uuid, bigint, integer or smallint, or split the outbox tables between the pipelines whole (remove hash_modulus and hash_remainder)"))
+            }
+        };
+        out.push(Some(key_hash_filter(func, &key, h)));
+    }
+    Ok(out)
 }
 
 /// Creates the publication, or checks an existing one: it must publish
@@ -503,8 +611,9 @@ async fn ensure_publication(
     partitioned: &[TableName],
     server_version_num: u32,
 ) -> Result<()> {
+    let filters = row_filters(s).await?;
     let pg = &s.opts.pg;
-    let create_sql = create_publication_sql(pg, &s.opts.tables);
+    let create_sql = create_publication_sql(pg, &s.opts.tables, &filters);
     let Some(problems) = publication_problems(s, partitioned, server_version_num).await? else {
         let pg = &s.opts.pg;
         if !pg.create_publication {
@@ -520,7 +629,7 @@ async fn ensure_publication(
                 "run as the owner of the outbox tables: {create_sql}; walcast's role only needs REPLICATION once it exists"
             ))
         })?;
-        let tables_sql = tables_sql(&s.opts.tables);
+        let tables_sql = publication_tables_sql(&s.opts.tables, &filters);
         tracing::info!(publication = %pg.publication, tables = %tables_sql, "created publication (publish = 'insert', publish_via_partition_root = true)");
         return Ok(());
     };
@@ -552,10 +661,12 @@ pub(crate) async fn publication_problems(
             "reading the publication",
         )
         .await?;
-    let create_sql = create_publication_sql(pg, &s.opts.tables);
     let Some(row) = rows.into_iter().next() else {
         return Ok(None);
     };
+    let filters = row_filters(s).await?;
+    let pg = &s.opts.pg;
+    let create_sql = create_publication_sql(pg, &s.opts.tables, &filters);
     let pg = &s.opts.pg;
     let publication = quote_ident(&pg.publication);
     let mut problems = Vec::new();
@@ -623,9 +734,14 @@ pub(crate) async fn publication_problems(
         // pg_publication_tables lists the partitions then, not the roots.
         return Ok(Some(problems));
     }
+    // Row filters and column lists exist from PostgreSQL 15 on.
     let published = s
         .query(
-            &format!("SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = {name}"),
+            &if server_version_num >= 150_000 {
+                format!("SELECT schemaname, tablename, rowfilter, attnames FROM pg_catalog.pg_publication_tables WHERE pubname = {name}")
+            } else {
+                format!("SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = {name}")
+            },
             "reading the publication's tables",
         )
         .await?;
@@ -663,12 +779,12 @@ pub(crate) async fn publication_problems(
              otherwise, as the publication's owner: ALTER PUBLICATION {publication} DROP TABLE {quoted}; or give walcast its own publication"
         )));
     }
-    for t in &s.opts.tables {
-        let found = published.iter().any(|r| {
+    let all_tables = publication_tables_sql(&s.opts.tables, &filters);
+    for (i, t) in s.opts.tables.iter().enumerate() {
+        let Some(row) = published.iter().find(|r| {
             r.first().cloned().flatten().as_deref() == Some(t.schema.as_str())
                 && r.get(1).cloned().flatten().as_deref() == Some(t.name.as_str())
-        });
-        if !found {
+        }) else {
             problems.push(
                 Error::operator(format!(
                     "publication {} does not include outbox table {t}",
@@ -677,9 +793,67 @@ pub(crate) async fn publication_problems(
                 .with_hint(format!(
                     "ALTER PUBLICATION {} ADD TABLE {} (as the table's owner)",
                     quote_ident(&pg.publication),
-                    quote_table(t)
+                    publication_tables_sql(std::slice::from_ref(t), &filters[i..=i])
                 )),
             );
+            continue;
+        };
+        let have = row.get(2).cloned().flatten();
+        let want = filters.get(i).cloned().flatten();
+        let same = match (&have, &want) {
+            (None, None) => true,
+            (Some(h), Some(w)) => filter_fingerprint(h) == filter_fingerprint(w),
+            _ => false,
+        };
+        if !same {
+            let what = match (&have, pg.key_hash) {
+                (Some(h), None) => format!(
+                    "publication {} filters the rows of outbox table {t} (WHERE {h}): the rows it leaves out would never be relayed",
+                    pg.publication
+                ),
+                (have, Some(k)) => format!(
+                    "publication {} does not filter outbox table {t} to this pipeline's share of the key hash (hash_modulus = {}, hash_remainder = {}){}: it would relay other pipelines' rows or miss some of its own",
+                    pg.publication,
+                    k.modulus,
+                    k.remainder,
+                    have.as_ref().map(|h| format!(" but WHERE {h}")).unwrap_or_default()
+                ),
+                (None, None) => unreachable!("equal filters"),
+            };
+            problems.push(Error::operator(what).with_hint(format!(
+                "as the publication's owner: ALTER PUBLICATION {publication} SET TABLE {all_tables} (or `walcast publication sync`). \
+                 If the pipelines' hash split changed, their slots stand at different positions: see README \"Several pipelines\" before changing it"
+            )));
+        }
+        // A column list must keep every column walcast reads.
+        if let Some(attnames) = row.get(3).cloned().flatten() {
+            let published: Vec<String> = attnames
+                .trim_matches(|c| c == '{' || c == '}')
+                .split(',')
+                .map(|c| c.trim_matches('"').to_string())
+                .collect();
+            let needed = s
+                .opts
+                .columns
+                .iter()
+                .find(|(table, _)| table == t)
+                .map(|(_, c)| c.as_slice())
+                .unwrap_or_default();
+            let left_out: Vec<&str> = needed
+                .iter()
+                .filter(|(_, c)| !published.iter().any(|p| p == c))
+                .map(|(_, c)| c.as_str())
+                .collect();
+            if !left_out.is_empty() {
+                problems.push(Error::operator(format!(
+                    "publication {} publishes only some columns of outbox table {t} and leaves out {}, which walcast reads",
+                    pg.publication,
+                    left_out.join(", ")
+                ))
+                .with_hint(format!(
+                    "as the publication's owner: ALTER PUBLICATION {publication} SET TABLE {all_tables} (or `walcast publication sync`)"
+                )));
+            }
         }
     }
     Ok(Some(problems))
@@ -1241,6 +1415,58 @@ pub async fn accept_slot_gap(opts: &ConnectOptions) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_hash_filters_match_what_postgres_deparses() {
+        let h = KeyHash {
+            modulus: 4,
+            remainder: 0,
+        };
+        let ours = key_hash_filter("hashtext", "aggregate_id", h);
+        assert_eq!(
+            ours,
+            "((COALESCE(hashtext(\"aggregate_id\"), 0) & 2147483647) % 4) = 0"
+        );
+        // As PostgreSQL 15 lists them in pg_publication_tables.rowfilter, for
+        // a text and a varchar key.
+        for stored in [
+            "(((COALESCE(hashtext(aggregate_id), 0) & 2147483647) % 4) = 0)",
+            "(((COALESCE(hashtext((aggregate_id)::text), 0) & 2147483647) % 4) = 0)",
+        ] {
+            assert_eq!(filter_fingerprint(stored), filter_fingerprint(&ours));
+        }
+        // Another share, modulus or column is another filter.
+        for other in [
+            key_hash_filter(
+                "hashtext",
+                "aggregate_id",
+                KeyHash {
+                    modulus: 4,
+                    remainder: 1,
+                },
+            ),
+            key_hash_filter(
+                "hashtext",
+                "aggregate_id",
+                KeyHash {
+                    modulus: 2,
+                    remainder: 0,
+                },
+            ),
+            key_hash_filter("hashtext", "id", h),
+            key_hash_filter("uuid_hash", "aggregate_id", h),
+        ] {
+            assert_ne!(filter_fingerprint(&other), filter_fingerprint(&ours));
+        }
+        let sql = publication_tables_sql(
+            &[
+                TableName::parse("public.a").unwrap(),
+                TableName::parse("public.b").unwrap(),
+            ],
+            &[Some("x = 1".into()), None],
+        );
+        assert_eq!(sql, "\"public\".\"a\" WHERE (x = 1), \"public\".\"b\"");
+    }
 
     fn id(pid: i32) -> BackendId {
         BackendId {

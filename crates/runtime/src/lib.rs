@@ -428,6 +428,7 @@ pub fn connect_options(cfg: &Config, state: SlotState) -> Result<ConnectOptions>
         password: cfg.postgres_password()?,
         tables: cfg.outbox_tables()?,
         columns: cfg.routes()?.required_columns(),
+        keys: cfg.routes()?.key_columns(),
         state,
         max_row_bytes: cfg.pipeline.max_row_bytes,
     })
