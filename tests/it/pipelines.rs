@@ -295,3 +295,297 @@ messages = true
     }
     Ok(())
 }
+
+/// Issue 14: one hash-partitioned outbox table (in its own schema, with its
+/// own column names and a uuid key) split by key hash over three pipelines.
+/// Each pipeline's publication filters the rows to its share; every event
+/// arrives exactly once, each key's events in commit order and all from the
+/// one pipeline its hash names; a changed filter stops walcast, and a
+/// publication without this pipeline's filter is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_split_by_key_hash_relays_each_key_on_one_pipeline() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create(env, "keyhash").await?;
+    let admin = db.admin(env).await?;
+    let p = db.topic_prefix.clone();
+    admin
+        .batch_execute(
+            "CREATE SCHEMA ledger; \
+             CREATE TABLE ledger.entries (event_id uuid NOT NULL, account uuid NOT NULL, kind text, body jsonb, \
+               PRIMARY KEY (event_id, account)) PARTITION BY HASH (account); \
+             CREATE TABLE ledger.entries_0 PARTITION OF ledger.entries FOR VALUES WITH (MODULUS 4, REMAINDER 0); \
+             CREATE TABLE ledger.entries_1 PARTITION OF ledger.entries FOR VALUES WITH (MODULUS 4, REMAINDER 1); \
+             CREATE TABLE ledger.entries_2 PARTITION OF ledger.entries FOR VALUES WITH (MODULUS 4, REMAINDER 2); \
+             CREATE TABLE ledger.entries_3 PARTITION OF ledger.entries FOR VALUES WITH (MODULUS 4, REMAINDER 3);",
+        )
+        .await?;
+    let topic = format!("{p}.ledger");
+    create_topics(&env.kafka_bootstrap, &[topic.as_str()], 3).await?;
+    let mut reader = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    let state = tempfile::tempdir()?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut cfg = WalcastConfig::for_db(env, &db, state.path())
+        .set("metrics", "listen", &format!("\"{addr}\""))
+        .set("postgres", "catalog_check_interval_ms", "500");
+    cfg.toml = cfg
+        .toml
+        .lines()
+        .filter(|l| !l.starts_with("slot = ") && !l.starts_with("publication = "))
+        .map(|l| {
+            if l.starts_with("tables = ") {
+                "tables = []"
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let slots: Vec<String> = (0..3).map(|i| format!("{}_h{i}", db.slot)).collect();
+    cfg.toml.push_str(&format!(
+        r#"
+
+[[outbox.route]]
+table = "ledger.entries"
+table_field_event_id = "event_id"
+table_field_event_key = "account"
+table_field_event_type = "kind"
+table_field_event_payload = "body"
+route_topic_replacement = "{topic}"
+"#
+    ));
+    for (i, slot) in slots.iter().enumerate() {
+        cfg.toml.push_str(&format!(
+            "\n[[pipelines]]\nslot = \"{slot}\"\npublication = \"{slot}\"\ntables = [\"ledger.entries\"]\nhash_modulus = 3\nhash_remainder = {i}\n"
+        ));
+    }
+    let file = state.path().join("keyhash.toml");
+    std::fs::write(&file, &cfg.toml)?;
+    let file_arg = file.to_str().unwrap().to_string();
+    // The tables' owner runs the SQL walcast prints for each pipeline.
+    for slot in &slots {
+        let (status, sql) = Walcast::run_to_exit(
+            &bin(),
+            &[
+                "publication",
+                "sync",
+                "--config",
+                &file_arg,
+                "--pipeline",
+                slot,
+                "--print-sql",
+            ],
+            Duration::from_secs(30),
+        )?;
+        assert_eq!(status.code(), Some(0), "{sql}");
+        assert!(
+            sql.contains("WHERE (((COALESCE(uuid_hash(\"account\"), 0) & 2147483647) % 3)"),
+            "{sql}"
+        );
+        let statements: String = sql.lines().filter(|l| !l.starts_with("--")).collect();
+        admin.batch_execute(&statements).await?;
+    }
+    let (status, out) = Walcast::run_to_exit(
+        &bin(),
+        &["check", "--config", &file_arg, "--pipeline", &slots[1]],
+        Duration::from_secs(30),
+    )?;
+    assert!(
+        out.contains("the rows whose key hashes to 1 modulo 3"),
+        "{status:?} {out}"
+    );
+
+    let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
+    for slot in &slots {
+        w.wait_for_log(
+            &format!("streaming from the slot slot={slot} "),
+            Duration::from_secs(60),
+        )?;
+    }
+    let accounts: Vec<uuid::Uuid> = (0..24).map(|_| uuid::Uuid::new_v4()).collect();
+    let mut want: Vec<String> = Vec::new();
+    for t in 0..40 {
+        let mut sql = String::from("BEGIN;");
+        for e in 0..5 {
+            let n = t * 5 + e;
+            let id = uuid::Uuid::new_v4().to_string();
+            sql.push_str(&format!(
+                "INSERT INTO ledger.entries VALUES ('{id}', '{}', 'Posted', '{{\"n\": {n}}}');",
+                accounts[(n * 7) % accounts.len()]
+            ));
+            want.push(id);
+        }
+        sql.push_str("COMMIT;");
+        admin.batch_execute(&sql).await?;
+    }
+    let end = current_wal_lsn(&admin).await?;
+    assert!(
+        reader.read_at_least(want.len(), Duration::from_secs(90))?,
+        "{} of {} records arrived:\n{}",
+        reader.records.len(),
+        want.len(),
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(3))?;
+    let got: Vec<String> = reader
+        .records
+        .iter()
+        .filter_map(|r| r.header("id"))
+        .collect();
+    let unique: HashSet<&String> = got.iter().collect();
+    assert_eq!(got.len(), want.len(), "exactly once: {got:?}");
+    assert_eq!(unique.len(), want.len(), "duplicates in {got:?}");
+    let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+    for r in &reader.records {
+        by_key
+            .entry(r.key_str())
+            .or_default()
+            .push(r.header("id").unwrap_or_default());
+    }
+    for (key, got) in &by_key {
+        let expected: Vec<String> = want.iter().filter(|id| got.contains(id)).cloned().collect();
+        assert_eq!(got, &expected, "key {key}: out of commit order");
+    }
+    // Each pipeline relayed exactly the events of its share of the keys.
+    let mut per_share = [0usize; 3];
+    for (key, ids) in &by_key {
+        let row = admin
+            .query_one(
+                "SELECT (COALESCE(uuid_hash($1::text::uuid), 0) & 2147483647) % 3",
+                &[key],
+            )
+            .await?;
+        per_share[row.get::<_, i32>(0) as usize] += ids.len();
+    }
+    let (code, text) = http_get(&addr, "/metrics")?;
+    assert_eq!(code, 200, "{text}");
+    for (slot, n) in slots.iter().zip(per_share) {
+        assert!(n > 0, "no key hashed to {slot}'s share: {per_share:?}");
+        let line =
+            format!("walcast_events_produced_total{{pipeline=\"{slot}\",topic=\"{topic}\"}} {n}");
+        assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    }
+    for slot in &slots {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while confirmed(&admin, slot).await?.unwrap_or(0) < end {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "slot {slot} not confirmed past {end}\n{}",
+                w.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    // Someone drops pipeline 1's filter while it runs: its slot would relay
+    // the other shares' rows (and another change could make it miss rows).
+    admin
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} SET TABLE ledger.entries",
+            slots[1]
+        ))
+        .await?;
+    let exit = w.wait_exit(Duration::from_secs(60))?;
+    let log = w.log_text();
+    assert_eq!(exit.code(), Some(EXIT_OPERATOR), "{log}");
+    assert!(
+        log.contains(&format!(
+            "the row filter of outbox table ledger.entries in publication {} changed",
+            slots[1]
+        )),
+        "{log}"
+    );
+    // At start, that publication is refused until its filter is back.
+    let (status, out) = Walcast::run_to_exit(
+        &bin(),
+        &["run", "--config", &file_arg],
+        Duration::from_secs(60),
+    )?;
+    assert_eq!(status.code(), Some(EXIT_OPERATOR), "{out}");
+    assert!(
+        out.contains(&format!(
+            "publication {} does not filter outbox table ledger.entries to this pipeline's share of the key hash (hash_modulus = 3, hash_remainder = 1)",
+            slots[1]
+        )),
+        "{out}"
+    );
+    // `publication sync` puts it back.
+    let (status, sql) = Walcast::run_to_exit(
+        &bin(),
+        &[
+            "publication",
+            "sync",
+            "--config",
+            &file_arg,
+            "--pipeline",
+            &slots[1],
+            "--print-sql",
+        ],
+        Duration::from_secs(30),
+    )?;
+    assert_eq!(status.code(), Some(0), "{sql}");
+    let want = format!(
+        "ALTER PUBLICATION \"{}\" SET TABLE \"ledger\".\"entries\" WHERE (((COALESCE(uuid_hash(\"account\"), 0) & 2147483647) % 3) = 1);",
+        slots[1]
+    );
+    assert!(sql.contains(&want), "{sql}");
+    let statements: String = sql.lines().filter(|l| !l.starts_with("--")).collect();
+    admin.batch_execute(&statements).await?;
+    let (_, out) = Walcast::run_to_exit(
+        &bin(),
+        &["check", "--config", &file_arg, "--pipeline", &slots[1]],
+        Duration::from_secs(30),
+    )?;
+    assert!(
+        out.contains("the rows whose key hashes to 1 modulo 3"),
+        "{out}"
+    );
+    for slot in &slots {
+        admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await?;
+    }
+    Ok(())
+}
+
+/// A publication that filters walcast's rows (a row filter) or leaves out a
+/// column walcast reads (a column list) is refused at start: the rows or
+/// values it leaves out would never be relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_that_filters_rows_or_columns_is_refused() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create(env, "pubfilter").await?;
+    let admin = db.admin(env).await?;
+    let state = tempfile::tempdir()?;
+    let cfg = WalcastConfig::for_db(env, &db, state.path());
+    let publication = &db.publication;
+    admin
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {publication} SET TABLE public.outbox WHERE (aggregatetype <> 'Internal')"
+        ))
+        .await?;
+    let (code, out) = run_to_exit(state.path(), &cfg)?;
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
+    assert!(
+        out.contains(&format!(
+            "publication {publication} filters the rows of outbox table public.outbox (WHERE (aggregatetype <> 'Internal'::text)): the rows it leaves out would never be relayed"
+        )),
+        "{out}"
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {publication} SET TABLE public.outbox (id, aggregatetype, aggregateid, type)"
+        ))
+        .await?;
+    let (code, out) = run_to_exit(state.path(), &cfg)?;
+    assert_eq!(code, EXIT_OPERATOR, "{out}");
+    assert!(
+        out.contains(&format!(
+            "publication {publication} publishes only some columns of outbox table public.outbox and leaves out payload, which walcast reads"
+        )),
+        "{out}"
+    );
+    Ok(())
+}
