@@ -185,7 +185,16 @@ pub struct TopicReader {
     topics: Vec<String>,
     /// Everything read so far, in arrival order (per partition: offset order).
     pub records: Vec<Record>,
+    /// The offset after the last record read, per partition: a record below
+    /// it (fetched again after a seek) is not kept twice.
+    next: HashMap<(String, i32), i64>,
+    /// When a record was last read (or the reader last looked for stalls).
+    progress: Instant,
 }
+
+/// How long the reader may read nothing, while the broker has records it has
+/// not read, before it looks for partitions its fetcher stopped on.
+const STALL: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for TopicReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,7 +239,54 @@ impl TopicReader {
             consumer,
             topics: topics.iter().map(|s| s.to_string()).collect(),
             records: Vec::new(),
+            next: HashMap::new(),
+            progress: Instant::now(),
         })
+    }
+
+    /// After [`STALL`] without a record: each partition whose high watermark
+    /// is above what was read is sought back to the first offset not read,
+    /// and the positions are printed. A fetcher that stopped on a partition
+    /// (seen under the suite's load: records in the broker that the consumer
+    /// never returned) resumes; records it already fetched are not kept
+    /// twice (see `next`), so this can neither invent nor hide a record.
+    fn unstick_if_stalled(&mut self) {
+        if self.progress.elapsed() < STALL {
+            return;
+        }
+        self.progress = Instant::now();
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let positions = self.consumer.position().ok();
+        for e in assignment.elements() {
+            let (t, p) = (e.topic().to_string(), e.partition());
+            let Ok((low, high)) = self
+                .consumer
+                .fetch_watermarks(&t, p, Duration::from_secs(5))
+            else {
+                continue;
+            };
+            let at = self.next.get(&(t.clone(), p)).copied().unwrap_or(0);
+            if at >= high {
+                continue;
+            }
+            let position = positions
+                .as_ref()
+                .and_then(|l| l.find_partition(&t, p))
+                .map(|e| format!("{:?}", e.offset()));
+            let to = if at <= low {
+                Offset::Beginning
+            } else {
+                Offset::Offset(at)
+            };
+            eprintln!(
+                "TopicReader: nothing read for {STALL:?} while {t}/{p} has records {at}..{high} unread (consumer position {position:?}); seeking to {to:?}"
+            );
+            if let Err(e) = self.consumer.seek(&t, p, to, Duration::from_secs(5)) {
+                eprintln!("TopicReader: seeking {t}/{p}: {e}");
+            }
+        }
     }
 
     fn poll_once(&mut self, timeout: Duration) -> Result<bool> {
@@ -242,6 +298,16 @@ impl TopicReader {
                 Ok(false)
             }
             Some(Ok(m)) => {
+                let next = self
+                    .next
+                    .entry((m.topic().to_string(), m.partition()))
+                    .or_insert(0);
+                if m.offset() < *next {
+                    // Fetched again after a seek.
+                    return Ok(false);
+                }
+                *next = m.offset() + 1;
+                self.progress = Instant::now();
                 let headers = m
                     .headers()
                     .map(|h| {
@@ -283,11 +349,14 @@ impl TopicReader {
         mut done: impl FnMut(&[Record]) -> bool,
     ) -> Result<bool> {
         let deadline = Instant::now() + timeout;
+        self.progress = Instant::now();
         while !done(&self.records) {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
-            self.poll_once(Duration::from_millis(200))?;
+            if !self.poll_once(Duration::from_millis(200))? {
+                self.unstick_if_stalled();
+            }
         }
         Ok(true)
     }
@@ -301,6 +370,7 @@ impl TopicReader {
     /// this, `records` holds all that Kafka had when it was called.
     pub fn read_to_end(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        self.progress = Instant::now();
         let mut high: HashMap<(String, i32), i64> = HashMap::new();
         for t in self.topics.clone() {
             let md = self
@@ -320,11 +390,7 @@ impl TopicReader {
             }
         }
         loop {
-            let mut next: HashMap<(String, i32), i64> = HashMap::new();
-            for r in &self.records {
-                let e = next.entry((r.topic.clone(), r.partition)).or_insert(0);
-                *e = (*e).max(r.offset + 1);
-            }
+            let next = &self.next;
             let done = high
                 .iter()
                 .all(|(k, h)| *h == 0 || next.get(k).copied().unwrap_or(0) >= *h);
@@ -332,9 +398,19 @@ impl TopicReader {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("could not read to the high watermarks {high:?} in time (at {next:?})");
+                let positions = self.consumer.position().ok().map(|l| {
+                    l.elements()
+                        .iter()
+                        .map(|e| format!("{}/{}: {:?}", e.topic(), e.partition(), e.offset()))
+                        .collect::<Vec<_>>()
+                });
+                bail!(
+                    "could not read to the high watermarks {high:?} in time (at {next:?}; consumer positions {positions:?})"
+                );
             }
-            self.poll_once(Duration::from_millis(200))?;
+            if !self.poll_once(Duration::from_millis(200))? {
+                self.unstick_if_stalled();
+            }
         }
     }
 }
