@@ -95,6 +95,23 @@ async fn bad_database_state_is_reported_clearly() -> Result<()> {
     assert_eq!(code, OPERATOR_EXIT, "{out}");
     assert!(out.contains("has no column \"aggregateid\""), "{out}");
 
+    // A generated column: logical replication does not carry its value.
+    admin
+        .batch_execute(
+            "CREATE TABLE outbox3 (id uuid, aggregatetype text, type text, payload jsonb, \
+             aggregateid text GENERATED ALWAYS AS (payload->>'account') STORED)",
+        )
+        .await?;
+    let (code, out) = run_to_exit(
+        dir.path(),
+        &base.clone().set("outbox", "tables", "[\"public.outbox3\"]"),
+    )?;
+    assert_eq!(code, OPERATOR_EXIT, "{out}");
+    assert!(
+        out.contains("column \"aggregateid\" of outbox table public.outbox3 (named by outbox.columns.aggregateid) is a generated column"),
+        "{out}"
+    );
+
     // Wrong password.
     let (code, out) = run_to_exit(
         dir.path(),

@@ -390,7 +390,7 @@ pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> 
         let rows = s
             .query(
                 &format!(
-                    "SELECT a.attname, c.relkind FROM pg_catalog.pg_class c \
+                    "SELECT a.attname, c.relkind, a.attgenerated FROM pg_catalog.pg_class c \
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                      WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
@@ -418,11 +418,29 @@ pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> 
         {
             partitioned.push(t.clone());
         }
+        // Generated columns are not in the replication stream (pgoutput
+        // leaves them out before PostgreSQL 18, and from 18 on unless the
+        // publication asks for them).
+        let generated: Vec<String> = rows
+            .iter()
+            .filter(|r| r.get(2).cloned().flatten().is_some_and(|g| !g.is_empty()))
+            .filter_map(|r| r.first().cloned().flatten())
+            .collect();
         let names: Vec<String> = rows
             .into_iter()
             .filter_map(|r| r.into_iter().next().flatten())
             .collect();
         for (opt, col) in &cols {
+            if generated.iter().any(|g| g == col) {
+                return Err(Error::operator(format!(
+                    "column {col:?} of outbox table {t} (named by {opt}) is a generated column, which logical replication does not carry: walcast would never see its value"
+                ))
+                .with_hint(format!(
+                    "make it a plain column the application fills (or a BEFORE INSERT trigger sets): ALTER TABLE {} ALTER COLUMN {} DROP EXPRESSION; or set {opt} to a plain column",
+                    quote_table(t),
+                    quote_ident(col)
+                )));
+            }
             if !names.iter().any(|n| n == col) {
                 return Err(Error::operator(format!(
                     "outbox table {t} has no column {col:?} (named by {opt})"
