@@ -132,6 +132,43 @@ impl<'a> AdminSession<'a> {
         Ok(records)
     }
 
+    /// The logical slots of the configured database that no session uses,
+    /// with the WAL each retains (bytes from its `restart_lsn` to the
+    /// server's position; `None` when unknown), by name.
+    ///
+    /// # Errors
+    /// When the query fails.
+    pub async fn inactive_slots(&mut self) -> Result<Vec<(String, Option<i64>)>> {
+        let db = quote_literal(&self.s.opts().pg.database);
+        let rows = self
+            .s
+            .query(
+                &format!(
+                    "SELECT slot_name, (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                     ELSE pg_catalog.pg_current_wal_lsn() END - restart_lsn)::bigint \
+                     FROM pg_catalog.pg_replication_slots \
+                     WHERE slot_type = 'logical' AND database = {db} AND NOT active ORDER BY slot_name"
+                ),
+                "reading the database's replication slots",
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let name = r.first().cloned().flatten()?;
+                Some((
+                    name,
+                    r.get(1).cloned().flatten().and_then(|v| v.parse().ok()),
+                ))
+            })
+            .collect())
+    }
+
+    /// The `IDENTIFY_SYSTEM` system identifier of the server.
+    pub fn system_identifier(&self) -> &str {
+        &self.system_identifier
+    }
+
     /// `server_version_num`.
     pub fn server_version_num(&self) -> u32 {
         self.server_version_num

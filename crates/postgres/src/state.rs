@@ -67,6 +67,30 @@ impl FileStore {
         ))
     }
 
+    /// Every slot record in the directory (current format; files that do
+    /// not parse are left out). For warnings, not for positioning.
+    pub fn records(&self) -> Vec<SlotRecord> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.ends_with(".json") || name.starts_with("slot-") {
+                continue;
+            }
+            let Ok(Some(bytes)) = Self::read(&path) else {
+                continue;
+            };
+            if let Ok(rec) = serde_json::from_slice::<SlotRecord>(&bytes) {
+                out.push(rec);
+            }
+        }
+        out.sort_by(|a, b| a.slot.cmp(&b.slot));
+        out
+    }
+
     /// Files of the older format for this slot (`slot-<sysid>-<db>-<slot>.json`).
     fn legacy_files(&self, key: &SlotKey) -> Result<Vec<PathBuf>> {
         let sanitize = |s: &str| -> String {

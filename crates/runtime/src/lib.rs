@@ -271,8 +271,91 @@ impl Relay {
         tokio::select! {
             r = run_all(&self.pipelines, stop) => r,
             () = background => Ok(()),
+            () = warn_leftover_slots(&self.pipelines) => Ok(()),
         }
     }
+}
+
+/// How often [`warn_leftover_slots`] looks, and how long a slot record must
+/// have stood still before its slot counts as left behind.
+const LEFTOVER_CHECK: Duration = Duration::from_secs(300);
+
+/// Warns (once per slot) about each inactive logical slot of the outbox
+/// database that walcast's state directory holds a record of, for the same
+/// cluster, that this process does not run, and whose record has not moved
+/// for [`LEFTOVER_CHECK`]: typically the single slot that a switch to
+/// `[[pipelines]]` left behind, or the slots of an older key-hash split. Such
+/// a slot retains WAL until it is dropped, and the server's disk fills.
+/// Looks once every pipeline streams, then every [`LEFTOVER_CHECK`]; best
+/// effort (a failure is logged at debug level). Never returns.
+async fn warn_leftover_slots(pipelines: &[(Config, Arc<Shared>)]) {
+    let mut warned = std::collections::HashSet::new();
+    loop {
+        while !pipelines
+            .iter()
+            .all(|(_, s)| s.streaming.load(Ordering::Relaxed))
+        {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if let Err(e) = leftover_slots(pipelines, &mut warned).await {
+            tracing::debug!(error = %e, "could not look for slots walcast left behind");
+        }
+        tokio::time::sleep(LEFTOVER_CHECK).await;
+    }
+}
+
+async fn leftover_slots(
+    pipelines: &[(Config, Arc<Shared>)],
+    warned: &mut std::collections::HashSet<String>,
+) -> Result<()> {
+    let Some((cfg, _)) = pipelines.first() else {
+        return Ok(());
+    };
+    let dir = cfg.state_dir(|k| std::env::var_os(k))?;
+    let store = FileStore::new(dir.clone());
+    let now = walcast_core::state::SlotRecord::now_unix();
+    let ours: Vec<&str> = pipelines
+        .iter()
+        .map(|(c, _)| c.postgres.slot.as_str())
+        .collect();
+    let candidates: Vec<_> = store
+        .records()
+        .into_iter()
+        .filter(|r| {
+            r.database == cfg.postgres.database
+                && !ours.contains(&r.slot.as_str())
+                && !warned.contains(&r.slot)
+                && now.saturating_sub(r.updated_at_unix) >= LEFTOVER_CHECK.as_secs()
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let opts = connect_options(cfg, SlotState::new(vec![Arc::new(store)]))?;
+    let mut s = walcast_postgres::AdminSession::open(&opts).await?;
+    let inactive = s.inactive_slots().await?;
+    for r in candidates {
+        if r.system_identifier != s.system_identifier() {
+            continue;
+        }
+        let Some((_, retained)) = inactive.iter().find(|(name, _)| *name == r.slot) else {
+            continue;
+        };
+        tracing::warn!(
+            slot = %r.slot,
+            database = %r.database,
+            retained_wal_bytes = retained.unwrap_or(-1),
+            state_dir = %dir.display(),
+            "replication slot {} was walcast's (a record in the state directory, last written {} s ago) but this configuration does not run it, and nothing streams from it: it retains WAL until it is dropped. \
+             If a switch to [[pipelines]] (or another split) replaced it, drop it once the new pipelines relay: walcast slot drop --config <its old configuration> --yes (or SELECT pg_drop_replication_slot('{}')); \
+             if another walcast process runs it, start that process",
+            r.slot,
+            now.saturating_sub(r.updated_at_unix),
+            r.slot
+        );
+        warned.insert(r.slot.clone());
+    }
+    Ok(())
 }
 
 /// Runs every pipeline's supervisor, each as its own task (so a
