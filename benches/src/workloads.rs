@@ -142,6 +142,20 @@ impl Plan {
         .collect()
     }
 
+    /// Whether pg-drain reads each backlog a second time, after the relays
+    /// (whenever it runs beside a system that is not a limit).
+    pub fn limit_again(&self) -> bool {
+        self.has(System::PgDrain)
+            && [
+                System::Walcast,
+                System::Debezium,
+                System::KafkaLimit,
+                System::Polling,
+            ]
+            .iter()
+            .any(|s| self.has(*s))
+    }
+
     /// The steady window of a rate: `--steady-secs` if given, else 5 s in
     /// quick mode, else [`LONG_STEADY_SECS`] at [`LONG_STEADY_RATE`] (long
     /// enough to catch periodic stalls) and [`STEADY_SECS`] at other rates.
@@ -217,6 +231,9 @@ impl Plan {
                 v.push(n as f64 / fill_rate + 3.0);
                 for s in self.backlog_systems() {
                     v.push(self.drain_estimate(s, p, t, n));
+                }
+                if self.limit_again() {
+                    v.push(self.drain_estimate(System::PgDrain, p, t, n));
                 }
             }
         }
@@ -307,6 +324,22 @@ pub struct DrainRun {
     pub timeline: Option<String>,
     /// Anything odd.
     pub note: Option<String>,
+    /// pg-drain's second reading of the limit, after the relays (from a
+    /// slot of its own created with the others): the first reading pays
+    /// for the first read of the backlog's WAL, so the limit is the faster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub again: bool,
+}
+
+impl DrainRun {
+    /// The system's name, `pg-drain (again)` for the second reading.
+    pub fn name(&self) -> String {
+        if self.again {
+            format!("{} (again)", self.system.name())
+        } else {
+            self.system.name().to_string()
+        }
+    }
 }
 
 /// One backlog configuration.
@@ -351,6 +384,9 @@ pub fn size_label(bytes: u32) -> String {
         format!("{bytes}B")
     }
 }
+
+/// The slot prefix of pg-drain's second reading of the limit.
+const AGAIN: &str = "b2";
 
 fn slot_name(prefix: &str, s: System) -> String {
     format!("{prefix}_{}", s.name().replace('-', "_"))
@@ -474,6 +510,10 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
             db::create_slot(&ctx.env, &slot_name("b", *s)).await?;
         }
     }
+    let again = ctx.plan.limit_again();
+    if again {
+        db::create_slot(&ctx.env, &slot_name(AGAIN, System::PgDrain)).await?;
+    }
     if systems.contains(&System::Polling) {
         db::connect(&ctx.env.admin_conn(db::BENCH_DB))
             .await?
@@ -491,28 +531,58 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
         runs: Vec::new(),
     };
     let tag = format!("b{}t{txn}", size_label(payload).to_lowercase());
-    for s in systems {
+    let mut order: Vec<(System, bool)> = systems.iter().map(|s| (*s, false)).collect();
+    if again {
+        // Before the polling relay, which deletes the rows (its DELETEs
+        // come after the backlog in the WAL either way).
+        let at = order
+            .iter()
+            .position(|(s, _)| *s == System::Polling)
+            .unwrap_or(order.len());
+        order.insert(at, (System::PgDrain, true));
+    }
+    for (s, is_again) in order {
+        let name = if is_again {
+            format!("{} (again)", s.name())
+        } else {
+            s.name().to_string()
+        };
         ctx.progress
-            .phase(&format!("{label}: {} drains the backlog", s.name()));
+            .phase(&format!("{label}: {name} drains the backlog"));
         let timeline = match s {
             System::Walcast => ctx.plan.timeline_file(&ctx.work_dir, payload, txn),
             _ => None,
         };
-        let run = drain(ctx, s, &tag, payload, n, &end_lsn, wal0, wal1, timeline, 0).await;
+        let slot_prefix = if is_again { AGAIN } else { "b" };
+        let run = drain(
+            ctx,
+            s,
+            &tag,
+            payload,
+            n,
+            &end_lsn,
+            wal0,
+            wal1,
+            timeline,
+            0,
+            slot_prefix,
+        )
+        .await;
         if s.uses_slot() {
-            db::drop_slot_named(&ctx.env, &slot_name("b", s)).await?;
+            db::drop_slot_named(&ctx.env, &slot_name(slot_prefix, s)).await?;
         }
-        let run = match run {
+        let mut run = match run {
             Ok(r) => r,
             Err(e) => {
-                println!("    {} FAILED: {e:#}", s.name());
+                println!("    {name} FAILED: {e:#}");
                 failed_drain(s, format!("{e:#}"))
             }
         };
+        run.again = is_again;
         let line = if run.complete {
             format!(
                 "{}: {} events in {:.2}s = {} events/s (startup {:.1}s), CPU {:.1}s/M events, peak RSS {:.0} MB",
-                s.name(),
+                run.name(),
                 group(run.events),
                 run.drain_s,
                 rate(run.rate_eps),
@@ -523,7 +593,7 @@ pub async fn backlog(ctx: &mut Ctx, payload: u32, txn: u32, n: u64) -> Result<Ba
         } else {
             format!(
                 "{}: INCOMPLETE, {} of {} events ({})",
-                s.name(),
+                run.name(),
                 group(run.events),
                 group(n),
                 run.note.clone().unwrap_or_default()
@@ -634,6 +704,7 @@ pub async fn pipelines(ctx: &mut Ctx) -> Result<PipelinesResult> {
             wal1,
             None,
             p,
+            "b",
         )
         .await;
         for k in 0..p {
@@ -700,6 +771,7 @@ fn failed_drain(system: System, note: String) -> DrainRun {
         throughput: Vec::new(),
         timeline: None,
         note: Some(note),
+        again: false,
     }
 }
 
@@ -720,6 +792,7 @@ async fn drain(
     wal1: u64,
     timeline: Option<PathBuf>,
     pipelines: u32,
+    slot_prefix: &str,
 ) -> Result<DrainRun> {
     if let Some(file) = &timeline {
         let _ = std::fs::remove_file(file);
@@ -727,11 +800,14 @@ async fn drain(
     let prefix = format!("bench.{}.{tag}.{}", ctx.run_id, system.name());
     let spec = Spec {
         system,
-        dir: ctx.work_dir.join(tag).join(system.name()),
+        dir: ctx
+            .work_dir
+            .join(tag)
+            .join(format!("{}-{slot_prefix}", system.name())),
         slot: if pipelines > 0 {
             pipelines_slot(pipelines)
         } else {
-            slot_name("b", system)
+            slot_name(slot_prefix, system)
         },
         topic_prefix: prefix,
         events: n,
@@ -919,6 +995,7 @@ async fn drain(
                 .map(|n| format!("work/{}", n.to_string_lossy()))
         }),
         note,
+        again: false,
     })
 }
 
