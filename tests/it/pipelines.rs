@@ -29,6 +29,60 @@ async fn confirmed(admin: &tokio_postgres::Client, slot: &str) -> Result<Option<
         .map(|v| v as u64))
 }
 
+/// The `publication sync --print-sql` of one pipeline, as the tables' owner
+/// would pipe it into psql: its SQL, then run by `admin`.
+async fn sync_publication_as_owner(
+    admin: &tokio_postgres::Client,
+    file_arg: &str,
+    slot: &str,
+) -> Result<String> {
+    let (status, sql) = Walcast::run_to_exit(
+        &bin(),
+        &[
+            "publication",
+            "sync",
+            "--config",
+            file_arg,
+            "--pipeline",
+            slot,
+            "--print-sql",
+        ],
+        Duration::from_secs(30),
+    )?;
+    ensure!(status.code() == Some(0), "publication sync: {sql}");
+    let statements: String = sql.lines().filter(|l| !l.starts_with("--")).collect();
+    admin.batch_execute(&statements).await?;
+    Ok(sql)
+}
+
+/// Waits until every slot is confirmed at or past `end` (30 s).
+async fn wait_slots_past(
+    admin: &tokio_postgres::Client,
+    slots: &[&str],
+    end: u64,
+    w: &Walcast,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for slot in slots {
+        while confirmed(admin, slot).await?.unwrap_or(0) < end {
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "slot {slot} not confirmed past {end}\n{}",
+                w.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// The configuration without `postgres.slot` and `postgres.publication`
+/// (they move into the `[[pipelines]]` entries).
+fn without_slot_and_publication(toml: &str) -> impl Iterator<Item = &str> {
+    toml.lines()
+        .filter(|l| !l.starts_with("slot = ") && !l.starts_with("publication = "))
+}
+
 /// Two pipelines in one process: each table's events arrive exactly once and
 /// in order, on the pipeline that owns it; table-less events only from the
 /// pipeline with `messages = true`; both slots are confirmed past the last
@@ -73,10 +127,7 @@ async fn two_pipelines_relay_their_own_tables_on_their_own_slots() -> Result<()>
         &format!("\"{addr}\""),
     );
     // The slot and publication move into the [[pipelines]] entries.
-    cfg.toml = cfg
-        .toml
-        .lines()
-        .filter(|l| !l.starts_with("slot = ") && !l.starts_with("publication = "))
+    cfg.toml = without_slot_and_publication(&cfg.toml)
         .collect::<Vec<_>>()
         .join("\n");
     cfg.toml.push_str(&format!(
@@ -220,20 +271,7 @@ messages = true
         }
     }
     // Both slots move past the last commit.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let a = confirmed(&admin, &slot_a).await?.unwrap_or(0);
-        let b = confirmed(&admin, &slot_b).await?.unwrap_or(0);
-        if a >= end && b >= end {
-            break;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "slots not confirmed past {end}: {slot_a} {a}, {slot_b} {b}\n{}",
-            w.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_slots_past(&admin, &[&slot_a, &slot_b], end, &w).await?;
     // One /metrics page, each pipeline's series labelled.
     let (code, text) = http_get(&addr, "/metrics")?;
     assert_eq!(code, 200, "{text}");
@@ -363,10 +401,7 @@ async fn key_hash_split(env: &TestEnv, port: u16) -> Result<()> {
     let mut cfg = WalcastConfig::for_db(env, &db, state.path())
         .set("metrics", "listen", &format!("\"{addr}\""))
         .set("postgres", "catalog_check_interval_ms", "500");
-    cfg.toml = cfg
-        .toml
-        .lines()
-        .filter(|l| !l.starts_with("slot = ") && !l.starts_with("publication = "))
+    cfg.toml = without_slot_and_publication(&cfg.toml)
         .map(|l| {
             if l.starts_with("tables = ") {
                 "tables = []"
@@ -399,26 +434,11 @@ route_topic_replacement = "{topic}"
     let file_arg = file.to_str().unwrap().to_string();
     // The tables' owner runs the SQL walcast prints for each pipeline.
     for slot in &slots {
-        let (status, sql) = Walcast::run_to_exit(
-            &bin(),
-            &[
-                "publication",
-                "sync",
-                "--config",
-                &file_arg,
-                "--pipeline",
-                slot,
-                "--print-sql",
-            ],
-            Duration::from_secs(30),
-        )?;
-        assert_eq!(status.code(), Some(0), "{sql}");
+        let sql = sync_publication_as_owner(&admin, &file_arg, slot).await?;
         assert!(
             sql.contains("WHERE (((COALESCE(uuid_hash(\"account\"), 0) & 2147483647) % 3)"),
             "{sql}"
         );
-        let statements: String = sql.lines().filter(|l| !l.starts_with("--")).collect();
-        admin.batch_execute(&statements).await?;
     }
     let (status, out) = Walcast::run_to_exit(
         &bin(),
@@ -500,17 +520,8 @@ route_topic_replacement = "{topic}"
             format!("walcast_events_produced_total{{pipeline=\"{slot}\",topic=\"{topic}\"}} {n}");
         assert!(text.contains(&line), "no {line:?} in:\n{text}");
     }
-    for slot in &slots {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while confirmed(&admin, slot).await?.unwrap_or(0) < end {
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "slot {slot} not confirmed past {end}\n{}",
-                w.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    let slot_names: Vec<&str> = slots.iter().map(String::as_str).collect();
+    wait_slots_past(&admin, &slot_names, end, &w).await?;
 
     // Someone drops pipeline 1's filter while it runs: its slot would relay
     // the other shares' rows (and another change could make it miss rows).
@@ -545,27 +556,12 @@ route_topic_replacement = "{topic}"
         "{out}"
     );
     // `publication sync` puts it back.
-    let (status, sql) = Walcast::run_to_exit(
-        &bin(),
-        &[
-            "publication",
-            "sync",
-            "--config",
-            &file_arg,
-            "--pipeline",
-            &slots[1],
-            "--print-sql",
-        ],
-        Duration::from_secs(30),
-    )?;
-    assert_eq!(status.code(), Some(0), "{sql}");
+    let sql = sync_publication_as_owner(&admin, &file_arg, &slots[1]).await?;
     let want = format!(
         "ALTER PUBLICATION \"{}\" SET TABLE \"ledger\".\"entries\" WHERE (((COALESCE(uuid_hash(\"account\"), 0) & 2147483647) % 3) = 1);",
         slots[1]
     );
     assert!(sql.contains(&want), "{sql}");
-    let statements: String = sql.lines().filter(|l| !l.starts_with("--")).collect();
-    admin.batch_execute(&statements).await?;
     let (_, out) = Walcast::run_to_exit(
         &bin(),
         &["check", "--config", &file_arg, "--pipeline", &slots[1]],
