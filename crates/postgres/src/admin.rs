@@ -17,8 +17,8 @@ use walcast_core::{Error, Result};
 use walcast_pgoutput::Lsn;
 
 use crate::preflight::{
-    create_publication_sql, filter_fingerprint, lsn, open_session, publication_tables_sql,
-    read_slot, row_filters, ConnectOptions, Session,
+    create_publication_sql, lsn, open_session, publication_tables_sql, read_slot, row_filters,
+    same_filter, ConnectOptions, Session,
 };
 
 /// A `replication=database` session for operator commands.
@@ -417,7 +417,7 @@ impl<'a> AdminSession<'a> {
             adds: Vec::new(),
             removes: Vec::new(),
         };
-        let filters = row_filters(&mut self.s).await?;
+        let filters = row_filters(&mut self.s, self.server_version_num).await?;
         let opts = self.s.opts();
         let pg = &opts.pg;
         let Some(row) = rows.into_iter().next() else {
@@ -479,12 +479,7 @@ impl<'a> AdminSession<'a> {
             .zip(&filters)
             .filter_map(|(t, want)| {
                 let (_, have) = members.iter().find(|(m, _)| m == t)?;
-                let same = match (have, want) {
-                    (None, None) => true,
-                    (Some(h), Some(w)) => filter_fingerprint(h) == filter_fingerprint(w),
-                    _ => false,
-                };
-                (!same).then(|| (t.clone(), want.clone()))
+                (!same_filter(have.as_deref(), want.as_deref())).then(|| (t.clone(), want.clone()))
             })
             .collect();
         let schemas: Vec<String> = if self.server_version_num >= 150_000 {

@@ -97,13 +97,17 @@ pub async fn check(opts: &ConnectOptions) -> Vec<CheckResult> {
             false
         }
     };
-    match publication_problems(&mut s, &partitioned, version_num).await {
+    let problems = match row_filters(&mut s, version_num).await {
+        Ok(filters) => publication_problems(&mut s, &partitioned, version_num, &filters)
+            .await
+            .map(|p| (filters, p)),
+        Err(e) => Err(e),
+    };
+    match problems {
         Err(e) => out.push(CheckResult::from_error("postgres.publication", &e)),
-        Ok(None) => match row_filters(&mut s).await {
-            Err(e) => out.push(CheckResult::from_error("postgres.publication", &e)),
-            Ok(filters) => {
-                let create_sql = create_publication_sql(pg, &opts.tables, &filters);
-                out.push(if !pg.create_publication {
+        Ok((filters, None)) => {
+            let create_sql = create_publication_sql(pg, &opts.tables, &filters);
+            out.push(if !pg.create_publication {
                 CheckResult::from_error(
                     "postgres.publication",
                     &missing_publication_error(pg, &create_sql),
@@ -126,9 +130,8 @@ pub async fn check(opts: &ConnectOptions) -> Vec<CheckResult> {
                     format!("as the tables' owner: {create_sql}"),
                 )
             });
-            }
-        },
-        Ok(Some(problems)) if problems.is_empty() => out.push(CheckResult::ok(
+        }
+        Ok((_, Some(problems))) if problems.is_empty() => out.push(CheckResult::ok(
             "postgres.publication",
             format!(
                 "publication {} publishes INSERTs of exactly {}{}{}",
@@ -147,7 +150,7 @@ pub async fn check(opts: &ConnectOptions) -> Vec<CheckResult> {
                     .unwrap_or_default()
             ),
         )),
-        Ok(Some(problems)) => out.extend(
+        Ok((_, Some(problems))) => out.extend(
             problems
                 .iter()
                 .map(|e| CheckResult::from_error("postgres.publication", e)),

@@ -541,6 +541,16 @@ pub(crate) fn key_hash_filter(func: &str, column: &str, h: KeyHash) -> String {
     )
 }
 
+/// Whether the publication's row filter (`have`, deparsed) is the one
+/// walcast needs (`want`, from [`row_filters`]).
+pub(crate) fn same_filter(have: Option<&str>, want: Option<&str>) -> bool {
+    match (have, want) {
+        (None, None) => true,
+        (Some(h), Some(w)) => filter_fingerprint(h) == filter_fingerprint(w),
+        _ => false,
+    }
+}
+
 /// A row filter as PostgreSQL deparses it (`pg_get_expr`), reduced to what
 /// decides its meaning here: no spaces, parentheses, identifier quotes or
 /// the implicit `::text` of a `varchar` key.
@@ -561,12 +571,15 @@ pub(crate) fn filter_fingerprint(filter: &str) -> String {
 /// An operator error when the split needs what the server or table lacks:
 /// PostgreSQL before 15 (no row filters) or a key column of a type without
 /// a built-in hash function.
-pub(crate) async fn row_filters(s: &mut Session<'_>) -> Result<Vec<Option<String>>> {
+pub(crate) async fn row_filters(
+    s: &mut Session<'_>,
+    server_version_num: u32,
+) -> Result<Vec<Option<String>>> {
     let opts = s.opts();
     let Some(h) = opts.pg.key_hash else {
         return Ok(vec![None; opts.tables.len()]);
     };
-    let version = s.server_version_num().await?;
+    let version = server_version_num;
     if version < 150_000 {
         return Err(Error::operator(format!(
             "pipeline {} splits its tables by key hash (hash_modulus = {}), which needs publication row filters: PostgreSQL 15 or newer; this server is {}",
@@ -629,10 +642,11 @@ async fn ensure_publication(
     partitioned: &[TableName],
     server_version_num: u32,
 ) -> Result<()> {
-    let filters = row_filters(s).await?;
+    let filters = row_filters(s, server_version_num).await?;
     let pg = &s.opts.pg;
     let create_sql = create_publication_sql(pg, &s.opts.tables, &filters);
-    let Some(problems) = publication_problems(s, partitioned, server_version_num).await? else {
+    let Some(problems) = publication_problems(s, partitioned, server_version_num, &filters).await?
+    else {
         let pg = &s.opts.pg;
         if !pg.create_publication {
             return Err(missing_publication_error(pg, &create_sql));
@@ -666,10 +680,12 @@ pub(crate) fn missing_publication_error(pg: &PostgresConfig, create_sql: &str) -
 
 /// What is wrong with the existing publication, in the order `run` reports
 /// it (it refuses to start at the first); `None` when it does not exist.
+/// `filters` are the row filters walcast needs ([`row_filters`]).
 pub(crate) async fn publication_problems(
     s: &mut Session<'_>,
     partitioned: &[TableName],
     server_version_num: u32,
+    filters: &[Option<String>],
 ) -> Result<Option<Vec<Error>>> {
     let pg = &s.opts.pg;
     let name = quote_literal(&pg.publication);
@@ -682,10 +698,8 @@ pub(crate) async fn publication_problems(
     let Some(row) = rows.into_iter().next() else {
         return Ok(None);
     };
-    let filters = row_filters(s).await?;
     let pg = &s.opts.pg;
-    let create_sql = create_publication_sql(pg, &s.opts.tables, &filters);
-    let pg = &s.opts.pg;
+    let create_sql = create_publication_sql(pg, &s.opts.tables, filters);
     let publication = quote_ident(&pg.publication);
     let mut problems = Vec::new();
     if row.first().cloned().flatten().as_deref() != Some("t") {
@@ -797,7 +811,7 @@ pub(crate) async fn publication_problems(
              otherwise, as the publication's owner: ALTER PUBLICATION {publication} DROP TABLE {quoted}; or give walcast its own publication"
         )));
     }
-    let all_tables = publication_tables_sql(&s.opts.tables, &filters);
+    let all_tables = publication_tables_sql(&s.opts.tables, filters);
     for (i, t) in s.opts.tables.iter().enumerate() {
         let Some(row) = published.iter().find(|r| {
             r.first().cloned().flatten().as_deref() == Some(t.schema.as_str())
@@ -818,12 +832,7 @@ pub(crate) async fn publication_problems(
         };
         let have = row.get(2).cloned().flatten();
         let want = filters.get(i).cloned().flatten();
-        let same = match (&have, &want) {
-            (None, None) => true,
-            (Some(h), Some(w)) => filter_fingerprint(h) == filter_fingerprint(w),
-            _ => false,
-        };
-        if !same {
+        if !same_filter(have.as_deref(), want.as_deref()) {
             let what = match (&have, pg.key_hash) {
                 (Some(h), None) => format!(
                     "publication {} filters the rows of outbox table {t} (WHERE {h}): the rows it leaves out would never be relayed",
