@@ -5,10 +5,10 @@
 # Runs in its OWN environment (dev dir and ports below), never in the test
 # environment of scripts/dev test, so benchmarks and test runs can overlap:
 #   WALCAST_BENCH_DEV_DIR               default <repo>/target/bench-env
-#   WALCAST_BENCH_PG_PORT               default 55315
-#   WALCAST_BENCH_PG17_PORT             default 55317 (not started)
-#   WALCAST_BENCH_KAFKA_PORT            default 60092
-#   WALCAST_BENCH_KAFKA_CONTROLLER_PORT default 60093
+#   WALCAST_BENCH_PG_PORT               default 26315
+#   WALCAST_BENCH_PG17_PORT             default 26317 (not started)
+#   WALCAST_BENCH_KAFKA_PORT            default 30192
+#   WALCAST_BENCH_KAFKA_CONTROLLER_PORT default 30193
 #   WALCAST_BENCH_KEEP_ENV=1            leave the services running afterwards
 set -euo pipefail
 shopt -s inherit_errexit
@@ -18,10 +18,10 @@ repo="$(cd "$here/.." && pwd -P)"
 dev="$repo/scripts/dev"
 
 export WALCAST_DEV_DIR="${WALCAST_BENCH_DEV_DIR:-$repo/target/bench-env}"
-export WALCAST_PG_PORT="${WALCAST_BENCH_PG_PORT:-55315}"
-export WALCAST_PG17_PORT="${WALCAST_BENCH_PG17_PORT:-55317}"
-export WALCAST_KAFKA_PORT="${WALCAST_BENCH_KAFKA_PORT:-60092}"
-export WALCAST_KAFKA_CONTROLLER_PORT="${WALCAST_BENCH_KAFKA_CONTROLLER_PORT:-60093}"
+export WALCAST_PG_PORT="${WALCAST_BENCH_PG_PORT:-26315}"
+export WALCAST_PG17_PORT="${WALCAST_BENCH_PG17_PORT:-26317}"
+export WALCAST_KAFKA_PORT="${WALCAST_BENCH_KAFKA_PORT:-30192}"
+export WALCAST_KAFKA_CONTROLLER_PORT="${WALCAST_BENCH_KAFKA_CONTROLLER_PORT:-30193}"
 
 # the helpers of scripts/dev (pg_running, kafka_running, ensure_java, ensure_mvn, ...)
 # shellcheck source=scripts/env/lib/common.sh

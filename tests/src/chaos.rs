@@ -515,7 +515,30 @@ pub fn kafka_diagnostics() -> String {
     {
         out.push_str(&String::from_utf8_lossy(&o.stdout));
     }
-    let dev = crate::env::TestEnv::get()
+    // The brokers' sockets: a listener's accept queue (Recv-Q) that is full,
+    // or connections stuck in SYN-SENT or connected to themselves, tell a
+    // hung broker from a client problem.
+    let env = crate::env::TestEnv::get();
+    for hp in env.kafka_bootstrap.split(',') {
+        if let Some(port) = hp.rsplit(':').next() {
+            if let Ok(o) = std::process::Command::new("ss")
+                .args(["-tan", &format!("( sport = :{port} or dport = :{port} )")])
+                .output()
+            {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "--- sockets of port {port} ({} lines, first 30)\n",
+                    lines.len()
+                ));
+                for l in lines.iter().take(30) {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    let dev = env
         .var("WALCAST_DEV_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| repo.join(".walcast"));

@@ -30,10 +30,15 @@ WALCAST_CACHE_DIR="${WALCAST_CACHE_DIR:-$_walcast_home/.cache/walcast}"
 [[ "$WALCAST_CACHE_DIR" == /* ]] || WALCAST_CACHE_DIR="$PWD/$WALCAST_CACHE_DIR"
 unset _walcast_home
 
-WALCAST_PG_PORT="${WALCAST_PG_PORT:-54315}"
-WALCAST_PG17_PORT="${WALCAST_PG17_PORT:-54317}"
-WALCAST_KAFKA_PORT="${WALCAST_KAFKA_PORT:-59092}"
-WALCAST_KAFKA_CONTROLLER_PORT="${WALCAST_KAFKA_CONTROLLER_PORT:-59093}"
+# Every default port is below 32768, outside Linux's ephemeral range
+# (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default): a port in
+# that range can be taken as the local port of some client connection while
+# its service is down (a kill or restart test), or a client retrying it can
+# connect to itself, and the service then cannot bind it again.
+WALCAST_PG_PORT="${WALCAST_PG_PORT:-25315}"
+WALCAST_PG17_PORT="${WALCAST_PG17_PORT:-25317}"
+WALCAST_KAFKA_PORT="${WALCAST_KAFKA_PORT:-29192}"
+WALCAST_KAFKA_CONTROLLER_PORT="${WALCAST_KAFKA_CONTROLLER_PORT:-29193}"
 
 WALCAST_START_TIMEOUT="${WALCAST_START_TIMEOUT:-120}" # seconds, per service
 WALCAST_STOP_TIMEOUT="${WALCAST_STOP_TIMEOUT:-30}"    # seconds before SIGKILL
@@ -133,9 +138,16 @@ port_open() { # <port>
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
+_ports_warned=" "
 check_port_number() { # <name> <value>
   if ! [[ "$2" =~ ^[0-9]+$ ]] || (($2 < 1 || $2 > 65535)); then
     die "$1 must be a TCP port number, got '$2'"
+  fi
+  local lo hi
+  if [[ "$_ports_warned" != *" $2 "* ]] && read -r lo hi </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null &&
+    (($2 >= lo && $2 <= hi)); then
+    _ports_warned+="$2 "
+    warn "$1 ($2) is inside the kernel's ephemeral port range ($lo-$hi): a client connection can take it while the service is down and a restart then fails with 'Address already in use'; choose a port below $lo"
   fi
 }
 

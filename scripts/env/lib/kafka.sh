@@ -395,10 +395,23 @@ kafka_signal() { # <STOP|CONT> [node...]
   shift
   nodes=("$@")
   ((${#nodes[@]})) || mapfile -t nodes < <(kafka_nodes)
+  local tries
   for n in "${nodes[@]}"; do
     if pid="$(kafka_pid "$n")"; then
       info "kafka: SIG$sig node $n (pid $pid)"
       kill -"$sig" "$pid"
+      # a resume that did not take would leave a hung broker behind and a
+      # test waiting for it: make sure the JVM left the stopped state
+      if [[ "$sig" == CONT ]]; then
+        tries=0
+        while [[ "$(pid_state "$pid")" == T ]]; do
+          ((++tries <= 40)) || die "kafka node $n (pid $pid) is still stopped (state T) 10 s after SIGCONT"
+          kill -CONT "$pid" 2>/dev/null || true
+          sleep 0.25
+        done
+      fi
+    elif [[ "$sig" == CONT ]]; then
+      die "kafka: cannot resume node $n: no running node with the pid in $(kafka_pid_file "$n")"
     else
       info "kafka: node $n is not running"
     fi
