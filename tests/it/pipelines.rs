@@ -347,6 +347,35 @@ messages = true
         !ids(&fixed_topic).contains(&"b-null".to_string()),
         "the unpublishable row reached Kafka"
     );
+    // walcast has stopped: all three slots are inactive. `check` on one
+    // pipeline names the slot left behind, not the configuration's own two.
+    let ran = crate::ops::walcast(
+        state.path(),
+        None,
+        &[
+            "check",
+            "--config",
+            &file_arg,
+            "--pipeline",
+            &slot_a,
+            "--json",
+        ],
+    )?;
+    let out = ran.text();
+    let v = ran.json();
+    let flagged: Vec<&str> = v["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["status"] == "warn")
+        .filter_map(|c| c["name"].as_str())
+        .filter(|n| n.ends_with("(left behind)"))
+        .collect();
+    assert_eq!(
+        flagged,
+        [format!("slot {} (left behind)", db.slot)],
+        "{out}"
+    );
     for slot in [&slot_a, &slot_b, &db.slot] {
         admin
             .execute("SELECT pg_drop_replication_slot($1)", &[slot])

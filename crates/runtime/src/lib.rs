@@ -311,51 +311,109 @@ async fn leftover_slots(
     let Some((cfg, _)) = pipelines.first() else {
         return Ok(());
     };
-    let dir = cfg.state_dir(|k| std::env::var_os(k))?;
-    let store = FileStore::new(dir.clone());
-    let now = walcast_core::state::SlotRecord::now_unix();
     let ours: Vec<&str> = pipelines
         .iter()
         .map(|(c, _)| c.postgres.slot.as_str())
+        .chain(warned.iter().map(String::as_str))
         .collect();
+    let found = left_behind_slots(cfg, &ours, LEFTOVER_CHECK).await?;
+    for slot in found {
+        tracing::warn!(
+            slot = %slot.slot,
+            database = %slot.database,
+            retained_wal_bytes = slot.retained_wal_bytes.unwrap_or(-1),
+            state_dir = %slot.state_dir.display(),
+            "{}. {}",
+            slot.describe(),
+            slot.fix()
+        );
+        warned.insert(slot.slot);
+    }
+    Ok(())
+}
+
+/// A logical slot walcast created and no longer runs: see
+/// [`left_behind_slots`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftBehindSlot {
+    /// The slot's name.
+    pub slot: String,
+    /// Its database.
+    pub database: String,
+    /// WAL the slot retains on the server, bytes (`None` when the server
+    /// does not say).
+    pub retained_wal_bytes: Option<i64>,
+    /// Seconds since walcast last wrote the slot's record.
+    pub record_age_secs: u64,
+    /// The state directory that holds the record.
+    pub state_dir: std::path::PathBuf,
+}
+
+impl LeftBehindSlot {
+    /// What the slot is and what to do about it.
+    pub fn describe(&self) -> String {
+        format!(
+            "replication slot {} was walcast's (a record in the state directory, last written {} s ago) but this configuration does not run it, and nothing streams from it: it retains WAL ({}) until it is dropped",
+            self.slot,
+            self.record_age_secs,
+            self.retained_wal_bytes
+                .map_or("an unknown amount".to_string(), |b| format!("{b} bytes")),
+        )
+    }
+
+    /// The fix.
+    pub fn fix(&self) -> String {
+        format!(
+            "If a switch to [[pipelines]] (or another split) replaced it, drop it once the new pipelines relay: walcast slot drop --config <its old configuration> --yes (or SELECT pg_drop_replication_slot('{}')); if another walcast process runs it, start that process",
+            self.slot
+        )
+    }
+}
+
+/// The inactive logical slots of `cfg`'s outbox database that walcast's
+/// state directory (`cfg`'s) holds a record of, for the same cluster, whose
+/// names are not in `ours` and whose record has not been written for
+/// `min_record_age`: typically the single slot that a switch to
+/// `[[pipelines]]` left behind, or the slots of an older key-hash split.
+/// Such a slot retains WAL until it is dropped, and the server's disk fills.
+/// Connects to Postgres only when the state directory holds such a record.
+pub async fn left_behind_slots(
+    cfg: &Config,
+    ours: &[&str],
+    min_record_age: Duration,
+) -> Result<Vec<LeftBehindSlot>> {
+    let dir = cfg.state_dir(|k| std::env::var_os(k))?;
+    let store = FileStore::new(dir.clone());
+    let now = walcast_core::state::SlotRecord::now_unix();
     let candidates: Vec<_> = store
         .records()
         .into_iter()
         .filter(|r| {
             r.database == cfg.postgres.database
                 && !ours.contains(&r.slot.as_str())
-                && !warned.contains(&r.slot)
-                && now.saturating_sub(r.updated_at_unix) >= LEFTOVER_CHECK.as_secs()
+                && now.saturating_sub(r.updated_at_unix) >= min_record_age.as_secs()
         })
         .collect();
     if candidates.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let opts = connect_options(cfg, SlotState::new(vec![Arc::new(store)]))?;
     let mut s = walcast_postgres::AdminSession::open(&opts).await?;
     let inactive = s.inactive_slots().await?;
-    for r in candidates {
-        if r.system_identifier != s.system_identifier() {
-            continue;
-        }
-        let Some((_, retained)) = inactive.iter().find(|(name, _)| *name == r.slot) else {
-            continue;
-        };
-        tracing::warn!(
-            slot = %r.slot,
-            database = %r.database,
-            retained_wal_bytes = retained.unwrap_or(-1),
-            state_dir = %dir.display(),
-            "replication slot {} was walcast's (a record in the state directory, last written {} s ago) but this configuration does not run it, and nothing streams from it: it retains WAL until it is dropped. \
-             If a switch to [[pipelines]] (or another split) replaced it, drop it once the new pipelines relay: walcast slot drop --config <its old configuration> --yes (or SELECT pg_drop_replication_slot('{}')); \
-             if another walcast process runs it, start that process",
-            r.slot,
-            now.saturating_sub(r.updated_at_unix),
-            r.slot
-        );
-        warned.insert(r.slot.clone());
-    }
-    Ok(())
+    Ok(candidates
+        .into_iter()
+        .filter(|r| r.system_identifier == s.system_identifier())
+        .filter_map(|r| {
+            let (_, retained) = inactive.iter().find(|(name, _)| *name == r.slot)?;
+            Some(LeftBehindSlot {
+                slot: r.slot.clone(),
+                database: r.database.clone(),
+                retained_wal_bytes: *retained,
+                record_age_secs: now.saturating_sub(r.updated_at_unix),
+                state_dir: dir.clone(),
+            })
+        })
+        .collect())
 }
 
 /// Runs every pipeline's supervisor, each as its own task (so a

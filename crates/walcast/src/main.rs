@@ -133,6 +133,17 @@ fn load(args: &ConfigArgs) -> Result<Config, Error> {
         })
 }
 
+/// The slot of every pipeline the configuration file runs, whatever
+/// `--pipeline` says.
+pub(crate) fn all_slots(args: &ConfigArgs) -> Result<Vec<String>, Error> {
+    let cfg = Config::load(args.config.as_deref(), std::env::vars(), &args.set)?;
+    Ok(if cfg.pipelines.is_empty() {
+        vec![cfg.postgres.slot.clone()]
+    } else {
+        cfg.pipelines.iter().map(|p| p.slot.clone()).collect()
+    })
+}
+
 /// Every pipeline's configuration (one without `[[pipelines]]`; with
 /// `--pipeline`, that one), for commands that report on all of them.
 pub(crate) fn load_all(args: &ConfigArgs) -> Result<Vec<Config>, Error> {

@@ -23,6 +23,8 @@ pub(crate) struct CheckArgs {
 
 pub(crate) fn run(args: CheckArgs) -> anyhow::Result<()> {
     let cfg = crate::load_one(&args.config)?;
+    let slots = crate::all_slots(&args.config)?;
+    let ours: Vec<&str> = slots.iter().map(String::as_str).collect();
     let opts = crate::tool_options(&cfg)?;
     let template = cfg.routes()?;
     let dead_letter_topics = cfg.dead_letter_topics()?;
@@ -32,7 +34,7 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<()> {
     };
     let rt = super::runtime()?;
     let kafka_timeout = Duration::from_millis(args.kafka_timeout_ms);
-    let (mut results, kafka, dead_letters) = rt.block_on(async {
+    let (mut results, kafka, dead_letters, left_behind) = rt.block_on(async {
         tokio::join!(
             walcast_postgres::check::check(&opts),
             walcast_kafka::check::check(&cfg.kafka, &template, queue, kafka_timeout),
@@ -40,11 +42,23 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<()> {
                 &cfg.kafka,
                 &dead_letter_topics,
                 kafka_timeout
-            )
+            ),
+            // Any age: an operator asks now (the relay waits 5 minutes, so
+            // that a sibling process restarting is not taken for one).
+            walcast_runtime::left_behind_slots(&cfg, &ours, Duration::ZERO)
         )
     });
     results.extend(kafka);
     results.extend(dead_letters);
+    // A failure to look is the postgres checks' to report (they connect the
+    // same way); a slot left behind is a warning: it fills the server's disk.
+    for slot in left_behind.unwrap_or_default() {
+        results.push(CheckResult::warn(
+            format!("slot {} (left behind)", slot.slot),
+            slot.describe(),
+            slot.fix(),
+        ));
+    }
     if let Some(listen) = &cfg.metrics.listen {
         results.push(CheckResult::ok(
             "metrics.listen",
