@@ -364,7 +364,7 @@ impl LeftBehindSlot {
     /// The fix.
     pub fn fix(&self) -> String {
         format!(
-            "If a switch to [[pipelines]] (or another split) replaced it, drop it once the new pipelines relay: walcast slot drop --config <its old configuration> --yes (or SELECT pg_drop_replication_slot('{}')); if another walcast process runs it, start that process",
+            "If this configuration replaced it (a renamed slot, a switch to [[pipelines]] or another split), drop it once the new slots relay: walcast slot drop --config <its old configuration> --yes (or SELECT pg_drop_replication_slot('{}')); if another walcast process runs it, start that process",
             self.slot
         )
     }
