@@ -538,10 +538,34 @@ pub fn kafka_diagnostics() -> String {
             }
         }
     }
-    let dev = env
+    // A broker that runs (not state T) yet answers nothing: its threads say
+    // where it waits (`jstack` of each node's JVM, from its pid file).
+    let dev_dir = env
         .var("WALCAST_DEV_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| repo.join(".walcast"));
+    if let Ok(nodes) = std::fs::read_dir(dev_dir.join("kafka")) {
+        for node in nodes.flatten() {
+            let Some(pid) = std::fs::read_to_string(node.path().join("kafka.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Ok(o) = std::process::Command::new("jstack")
+                .arg(pid.to_string())
+                .output()
+            {
+                let text = String::from_utf8_lossy(&o.stdout);
+                out.push_str(&format!("--- jstack {pid} (first 300 lines)\n"));
+                for l in text.lines().take(300) {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    let dev = dev_dir;
     if let Ok(nodes) = std::fs::read_dir(dev.join("kafka")) {
         for node in nodes.flatten() {
             let log = node.path().join("logs/server.log");
