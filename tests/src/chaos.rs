@@ -271,7 +271,7 @@ impl IdReader {
     fn assign(&mut self) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for t in &self.topics {
-            for p in 0..partitions(&self.consumer, t)? {
+            for p in 0..partitions(&self.consumer, &self.bootstrap, t)? {
                 let offset = match self.next.get(&(t.clone(), p)) {
                     Some(&o) => Offset::Offset(o),
                     None => Offset::Beginning,
@@ -386,7 +386,7 @@ impl IdReader {
         let deadline = Instant::now() + timeout;
         let mut high: HashMap<(String, i32), i64> = HashMap::new();
         for t in self.topics.clone() {
-            for p in 0..partitions(&self.consumer, &t)? {
+            for p in 0..partitions(&self.consumer, &self.bootstrap, &t)? {
                 // Right after a broker restart or pause, leaders may be
                 // unavailable for a few seconds: retry until the deadline.
                 let mut failures = 0u32;
@@ -466,32 +466,46 @@ fn checker_client(bootstrap: &str) -> Result<BaseConsumer> {
         .context("creating the consumer")
 }
 
-fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32> {
+fn partitions(consumer: &BaseConsumer, bootstrap: &str, topic: &str) -> Result<i32> {
     // The checker reads while brokers are paused, killed or just resumed: a
     // transport failure is retried for a while, not taken as the answer.
+    // Every third attempt asks through a new client, so a client stuck on a
+    // connection from before the resume cannot hold the check up.
     let started = Instant::now();
     let deadline = started + Duration::from_secs(180);
-    let md = loop {
-        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-            Ok(md) => break md,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!(
-                    "metadata for {topic}: {e}; retrying ({:.1} s so far)",
-                    started.elapsed().as_secs_f64()
+    let mut attempt = 0u32;
+    let md =
+        loop {
+            attempt += 1;
+            let fresh;
+            let client = if attempt.is_multiple_of(3) {
+                fresh = checker_client(bootstrap)?;
+                &fresh
+            } else {
+                consumer
+            };
+            match client.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+                Ok(md) => break md,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!(
+                    "metadata for {topic}: {e}; retrying ({:.1} s so far{}; raw ApiVersions: {})",
+                    started.elapsed().as_secs_f64(),
+                    if attempt.is_multiple_of(3) { ", new client" } else { "" },
+                    bootstrap.split(',').map(probe_broker).collect::<Vec<_>>().join("; ")
                 );
-                std::thread::sleep(Duration::from_millis(500));
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "metadata for {topic} (no broker answered for {:.0} s)\n{}",
+                            started.elapsed().as_secs_f64(),
+                            kafka_diagnostics()
+                        )
+                    })
+                }
             }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "metadata for {topic} (no broker answered for {:.0} s)\n{}",
-                        started.elapsed().as_secs_f64(),
-                        kafka_diagnostics()
-                    )
-                })
-            }
-        }
-    };
+        };
     let n = md
         .topics()
         .first()
@@ -514,6 +528,14 @@ pub fn kafka_diagnostics() -> String {
         .output()
     {
         out.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    // A raw ApiVersions request to each bootstrap address: an answer in time
+    // means the broker serves requests and the client side is at fault.
+    for hp in crate::env::TestEnv::get().kafka_bootstrap.split(',') {
+        out.push_str(&format!(
+            "--- raw ApiVersions to {hp}: {}\n",
+            probe_broker(hp)
+        ));
     }
     // The brokers' sockets: a listener's accept queue (Recv-Q) that is full,
     // or connections stuck in SYN-SENT or connected to themselves, tell a
@@ -581,6 +603,48 @@ pub fn kafka_diagnostics() -> String {
         }
     }
     out
+}
+
+/// Sends a Kafka ApiVersions request (v0) over a plain TCP connection and
+/// says what came back within 5 s: tells a broker that accepts connections
+/// but serves nothing from a client that cannot reach it.
+pub fn probe_broker(addr: &str) -> String {
+    use std::io::Read as _;
+    use std::net::{TcpStream, ToSocketAddrs};
+    let started = Instant::now();
+    let Some(sa) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return format!("cannot resolve {addr}");
+    };
+    let mut stream = match TcpStream::connect_timeout(&sa, Duration::from_secs(5)) {
+        Ok(s) => s,
+        Err(e) => return format!("connect failed: {e}"),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let client = b"walcast-probe";
+    let mut req = Vec::new();
+    req.extend_from_slice(&18i16.to_be_bytes()); // ApiVersions
+    req.extend_from_slice(&0i16.to_be_bytes()); // version 0
+    req.extend_from_slice(&7i32.to_be_bytes()); // correlation id
+    req.extend_from_slice(&(client.len() as i16).to_be_bytes());
+    req.extend_from_slice(client);
+    let mut frame = (req.len() as i32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&req);
+    if let Err(e) = stream.write_all(&frame) {
+        return format!("connected, write failed: {e}");
+    }
+    let mut head = [0u8; 8];
+    match stream.read_exact(&mut head) {
+        Ok(()) => format!(
+            "answered in {} ms ({} bytes, correlation id {})",
+            started.elapsed().as_millis(),
+            i32::from_be_bytes([head[0], head[1], head[2], head[3]]),
+            i32::from_be_bytes([head[4], head[5], head[6], head[7]])
+        ),
+        Err(e) => format!(
+            "connected, NO ANSWER within {} ms: {e}",
+            started.elapsed().as_millis()
+        ),
+    }
 }
 
 /// Waits until no connection holds the test's slot.
