@@ -376,12 +376,7 @@ messages = true
         [format!("slot {} (left behind)", db.slot)],
         "{out}"
     );
-    for slot in [&slot_a, &slot_b, &db.slot] {
-        admin
-            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
-            .await?;
-    }
-    Ok(())
+    walcast_tests::pg::drop_slots(&admin, &[&slot_a, &slot_b, &db.slot]).await
 }
 
 /// Issue 14: one hash-partitioned outbox table (in its own schema, with its
@@ -600,12 +595,7 @@ route_topic_replacement = "{topic}"
         out.contains("the rows whose key hashes to 1 modulo 3"),
         "{out}"
     );
-    for slot in &slots {
-        admin
-            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
-            .await?;
-    }
-    Ok(())
+    walcast_tests::pg::drop_slots(&admin, &slots).await
 }
 
 /// A publication that filters walcast's rows (a row filter) or leaves out a

@@ -18,6 +18,19 @@ pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
     created_at timestamptz NOT NULL DEFAULT now()
 )";
 
+/// Drops each of `slots` (each must exist and be inactive): the end of a
+/// test that created slots besides its [`TestDb`]'s own.
+pub async fn drop_slots<S: AsRef<str>>(admin: &Client, slots: &[S]) -> Result<()> {
+    for slot in slots {
+        let slot = slot.as_ref();
+        admin
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .with_context(|| format!("dropping slot {slot}"))?;
+    }
+    Ok(())
+}
+
 /// Connects to `db` on `port` as `user`.
 pub async fn connect(
     env: &TestEnv,
