@@ -464,15 +464,7 @@ route_topic_replacement = "{topic}"
             "{sql}"
         );
     }
-    let (status, out) = Walcast::run_to_exit(
-        &bin(),
-        &["check", "--config", &file_arg, "--pipeline", &slots[1]],
-        Duration::from_secs(30),
-    )?;
-    assert!(
-        out.contains("the rows whose key hashes to 1 modulo 3"),
-        "{status:?} {out}"
-    );
+    check_names_the_share(&file_arg, &slots[1])?;
 
     let mut w = Walcast::start(&bin(), state.path(), &cfg)?;
     for slot in &slots {
@@ -586,16 +578,23 @@ route_topic_replacement = "{topic}"
         slots[1]
     );
     assert!(sql.contains(&want), "{sql}");
-    let (_, out) = Walcast::run_to_exit(
+    check_names_the_share(&file_arg, &slots[1])?;
+    walcast_tests::pg::drop_slots(&admin, &slots).await
+}
+
+/// `walcast check` of the key-hash test's second pipeline (of three) names
+/// the rows it relays.
+fn check_names_the_share(file_arg: &str, slot: &str) -> Result<()> {
+    let (status, out) = Walcast::run_to_exit(
         &bin(),
-        &["check", "--config", &file_arg, "--pipeline", &slots[1]],
+        &["check", "--config", file_arg, "--pipeline", slot],
         Duration::from_secs(30),
     )?;
     assert!(
         out.contains("the rows whose key hashes to 1 modulo 3"),
-        "{out}"
+        "{status:?} {out}"
     );
-    walcast_tests::pg::drop_slots(&admin, &slots).await
+    Ok(())
 }
 
 /// A publication that filters walcast's rows (a row filter) or leaves out a
