@@ -204,10 +204,7 @@ pub async fn create_auditor(admin: &Client, db: &TestDb) -> Result<String> {
 
 /// Drops the auditor slot.
 pub async fn drop_auditor(admin: &Client, name: &str) -> Result<()> {
-    admin
-        .execute("SELECT pg_drop_replication_slot($1)", &[&name])
-        .await?;
-    Ok(())
+    walcast_tests::pg::drop_slots(admin, &[name]).await
 }
 
 /// Records as checker observations (id from the `id` header).

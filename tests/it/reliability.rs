@@ -564,15 +564,11 @@ fn resume_brokers(env: &TestEnv) -> Option<String> {
     let started = Instant::now();
     let mut last = String::new();
     while started.elapsed() < Duration::from_secs(60) {
-        let answers: Vec<String> = env
-            .kafka_bootstrap
-            .split(',')
-            .map(chaos::probe_broker)
-            .collect();
-        if answers.iter().all(|a| a.starts_with("answered")) {
+        let (answered, what) = chaos::probe_brokers(&env.kafka_bootstrap);
+        if answered {
             return None;
         }
-        last = answers.join("; ");
+        last = what;
         std::thread::sleep(Duration::from_millis(500));
     }
     eprintln!(

@@ -474,38 +474,38 @@ fn partitions(consumer: &BaseConsumer, bootstrap: &str, topic: &str) -> Result<i
     let started = Instant::now();
     let deadline = started + Duration::from_secs(180);
     let mut attempt = 0u32;
-    let md =
-        loop {
-            attempt += 1;
-            let fresh;
-            let client = if attempt.is_multiple_of(3) {
-                fresh = checker_client(bootstrap)?;
-                &fresh
-            } else {
-                consumer
-            };
-            match client.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-                Ok(md) => break md,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!(
-                    "metadata for {topic}: {e}; retrying ({:.1} s so far{}; raw ApiVersions: {})",
+    let md = loop {
+        attempt += 1;
+        let fresh = attempt
+            .is_multiple_of(3)
+            .then(|| checker_client(bootstrap))
+            .transpose()?;
+        match fresh
+            .as_ref()
+            .unwrap_or(consumer)
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+        {
+            Ok(md) => break md,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!(
+                    "metadata for {topic}{}: {e}; retrying ({:.1} s so far; raw ApiVersions: {})",
+                    if fresh.is_some() { " (new client)" } else { "" },
                     started.elapsed().as_secs_f64(),
-                    if attempt.is_multiple_of(3) { ", new client" } else { "" },
-                    bootstrap.split(',').map(probe_broker).collect::<Vec<_>>().join("; ")
+                    probe_brokers(bootstrap).1
                 );
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "metadata for {topic} (no broker answered for {:.0} s)\n{}",
-                            started.elapsed().as_secs_f64(),
-                            kafka_diagnostics()
-                        )
-                    })
-                }
+                std::thread::sleep(Duration::from_millis(500));
             }
-        };
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "metadata for {topic} (no broker answered for {:.0} s)\n{}",
+                        started.elapsed().as_secs_f64(),
+                        kafka_diagnostics()
+                    )
+                })
+            }
+        }
+    };
     let n = md
         .topics()
         .first()
@@ -531,12 +531,8 @@ pub fn kafka_diagnostics() -> String {
     }
     // A raw ApiVersions request to each bootstrap address: an answer in time
     // means the broker serves requests and the client side is at fault.
-    for hp in crate::env::TestEnv::get().kafka_bootstrap.split(',') {
-        out.push_str(&format!(
-            "--- raw ApiVersions to {hp}: {}\n",
-            probe_broker(hp)
-        ));
-    }
+    let (_, probes) = probe_brokers(&crate::env::TestEnv::get().kafka_bootstrap);
+    out.push_str(&format!("--- raw ApiVersions: {probes}\n"));
     // The brokers' sockets: a listener's accept queue (Recv-Q) that is full,
     // or connections stuck in SYN-SENT or connected to themselves, tell a
     // hung broker from a client problem.
@@ -606,19 +602,20 @@ pub fn kafka_diagnostics() -> String {
 }
 
 /// Sends a Kafka ApiVersions request (v0) over a plain TCP connection and
-/// says what came back within 5 s: tells a broker that accepts connections
-/// but serves nothing from a client that cannot reach it.
-pub fn probe_broker(addr: &str) -> String {
+/// waits up to 5 s for the answer's header: tells a broker that accepts
+/// connections but serves nothing from a client that cannot reach it.
+/// `Ok`: how long the answer took; `Err`: what happened instead.
+pub fn probe_broker(addr: &str) -> std::result::Result<Duration, String> {
     use std::io::Read as _;
     use std::net::{TcpStream, ToSocketAddrs};
     let started = Instant::now();
-    let Some(sa) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
-        return format!("cannot resolve {addr}");
-    };
-    let mut stream = match TcpStream::connect_timeout(&sa, Duration::from_secs(5)) {
-        Ok(s) => s,
-        Err(e) => return format!("connect failed: {e}"),
-    };
+    let sa = addr
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("cannot resolve {addr}"))?;
+    let mut stream = TcpStream::connect_timeout(&sa, Duration::from_secs(5))
+        .map_err(|e| format!("connect failed: {e}"))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let client = b"walcast-probe";
     let mut req = Vec::new();
@@ -629,22 +626,36 @@ pub fn probe_broker(addr: &str) -> String {
     req.extend_from_slice(client);
     let mut frame = (req.len() as i32).to_be_bytes().to_vec();
     frame.extend_from_slice(&req);
-    if let Err(e) = stream.write_all(&frame) {
-        return format!("connected, write failed: {e}");
-    }
+    stream
+        .write_all(&frame)
+        .map_err(|e| format!("connected, write failed: {e}"))?;
+    // The response header: its size and the correlation id.
     let mut head = [0u8; 8];
-    match stream.read_exact(&mut head) {
-        Ok(()) => format!(
-            "answered in {} ms ({} bytes, correlation id {})",
-            started.elapsed().as_millis(),
-            i32::from_be_bytes([head[0], head[1], head[2], head[3]]),
-            i32::from_be_bytes([head[4], head[5], head[6], head[7]])
-        ),
-        Err(e) => format!(
+    stream.read_exact(&mut head).map_err(|e| {
+        format!(
             "connected, NO ANSWER within {} ms: {e}",
             started.elapsed().as_millis()
-        ),
-    }
+        )
+    })?;
+    Ok(started.elapsed())
+}
+
+/// [`probe_broker`] for each address of `bootstrap`: whether every broker
+/// answered, and one line saying what each did.
+pub fn probe_brokers(bootstrap: &str) -> (bool, String) {
+    let mut all = true;
+    let text = bootstrap
+        .split(',')
+        .map(|hp| match probe_broker(hp) {
+            Ok(d) => format!("{hp} answered in {} ms", d.as_millis()),
+            Err(e) => {
+                all = false;
+                format!("{hp}: {e}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    (all, text)
 }
 
 /// Waits until no connection holds the test's slot.
@@ -751,5 +762,25 @@ impl RssProbe {
     pub fn finish(self) -> Option<u64> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.join().ok().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_tells_a_silent_listener_from_a_closed_port() {
+        // Accepts connections (the kernel's backlog) and never answers: a
+        // hung broker.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let err = probe_broker(&addr).unwrap_err();
+        assert!(err.starts_with("connected, NO ANSWER"), "{err}");
+        let (all, text) = probe_brokers(&addr);
+        assert!(!all, "{text}");
+        drop(silent);
+        let err = probe_broker(&addr).unwrap_err();
+        assert!(err.starts_with("connect failed"), "{err}");
     }
 }
