@@ -236,6 +236,10 @@ pub struct KafkaSink {
     limits: TopicLimits,
     /// Topics this sink checked (their limit fits its batch size).
     seen: HashMap<Arc<str>, TopicLimit>,
+    /// Partition counts of the topics events chose a partition of (a
+    /// `column:partition` placement), read from the cluster when an event
+    /// names a partition beyond the count known.
+    partitions: HashMap<Arc<str>, i32>,
     producer_max: u64,
     batch_size: u64,
     lookup_timeout: Duration,
@@ -349,6 +353,7 @@ impl KafkaSink {
             bootstrap: cfg.bootstrap_servers.clone(),
             limits,
             seen: HashMap::new(),
+            partitions: HashMap::new(),
             producer_max: producer_message_max_bytes(cfg),
             batch_size,
             lookup_timeout,
@@ -515,6 +520,24 @@ fn too_large(
     .with_event(event.event_id(), event.correlation_id.as_deref())
 }
 
+/// The error for an event that chose a partition its topic does not have.
+fn unknown_partition(event: &OutboxEvent, partition: i32, count: i32) -> Error {
+    let topic = &*event.topic;
+    Error::permanent(format!(
+        "event {} from {} (commit LSN {}) chose partition {partition} of topic {topic:?}, which has {count} partition{} (0 to {}): Kafka has no such partition",
+        String::from_utf8_lossy(event.event_id()),
+        event.table,
+        event.source_lsn,
+        if count == 1 { "" } else { "s" },
+        count - 1
+    ))
+    .with_hint(format!(
+        "fix the row's partition column, or add partitions to the topic (kafka-topics.sh --bootstrap-server <broker> --alter --topic {topic} --partitions {}); walcast delivered and confirmed the events before it and stops without moving the slot past it",
+        partition + 1
+    ))
+    .with_event(event.event_id(), event.correlation_id.as_deref())
+}
+
 /// The error of a record whose delivery failed on its own account, naming
 /// its event.
 fn delivery_error(err: KafkaError, info: &RecordInfo) -> Error {
@@ -618,6 +641,9 @@ fn rejected_by_broker(
         RDKafkaErrorCode::UnknownTopic
         | RDKafkaErrorCode::UnknownTopicOrPartition
         | RDKafkaErrorCode::TopicAuthorizationFailed => Reason::TopicRejected,
+        // A partition the row chose that the topic does not have, found by
+        // librdkafka after producing (the topic's metadata was not known).
+        RDKafkaErrorCode::UnknownPartition => Reason::Unroutable,
         _ => return None,
     };
     let headers = msg
@@ -767,7 +793,27 @@ impl EventSink for KafkaSink {
     /// producer's batches fit it. A topic with a smaller limit than the
     /// producer was sized for is a retryable error: the pipeline restarts
     /// from the slot and the next producer is sized for it.
+    ///
+    /// An event that chose its partition (a `column:partition` placement)
+    /// beyond the topic's partition count known to the sink has the count
+    /// read again, so that `send` refuses a partition the topic does not have
+    /// before producing it, in every run alike (librdkafka finds it only
+    /// after producing when it has yet to learn the topic's metadata).
     async fn prepare(&mut self, event: &OutboxEvent) -> Result<()> {
+        if let Some(p) = event.partition {
+            if self.partitions.get(&*event.topic).is_none_or(|n| p >= *n) {
+                if let Some(n) = limits::partition_count(
+                    &self.producer,
+                    &self.bootstrap,
+                    &event.topic,
+                    self.lookup_timeout,
+                )
+                .await?
+                {
+                    self.partitions.insert(event.topic.clone(), n);
+                }
+            }
+        }
         if self.seen.contains_key(&*event.topic) {
             return Ok(());
         }
@@ -820,6 +866,15 @@ impl EventSink for KafkaSink {
         {
             return Err(too_large(&event, estimate, topic_limit, self.producer_max)
                 .with_rejected(Rejected::event(Reason::TooLarge, &event)));
+        }
+        // The partition the row chose, when the cluster reported it exists.
+        let mut chosen = None;
+        if let (Some(p), Some(&count)) = (event.partition, self.partitions.get(&*event.topic)) {
+            if p >= count {
+                return Err(unknown_partition(&event, p, count)
+                    .with_rejected(Rejected::event(Reason::Unroutable, &event)));
+            }
+            chosen = Some(p);
         }
         let mut headers = OwnedHeaders::new_with_capacity(event.headers.len());
         for h in &event.headers {
@@ -881,6 +936,22 @@ impl EventSink for KafkaSink {
                 info,
                 shared: self.shared.clone(),
             }),
+            // The cluster reported the partition (see `prepare`), but the
+            // producer's view of the topic is older: not the record's fault.
+            Err((err, _record))
+                if code_of(&err) == Some(RDKafkaErrorCode::UnknownPartition)
+                    && chosen.is_some() =>
+            {
+                Err(info.name_in(
+                    Error::retryable(format!(
+                        "the Kafka producer does not know partition {} of topic {:?} yet, which the cluster reports",
+                        chosen.unwrap_or_default(),
+                        info.topic
+                    ))
+                    .with_source(err)
+                    .with_hint("walcast restarts from the slot's confirmed position with a new producer; nothing is skipped"),
+                ))
+            }
             Err((err, _record)) => Err(delivery_error(err, &info)),
         }
     }
@@ -1027,6 +1098,34 @@ mod tests {
         // A small event passes the check (the producer only queues it here).
         let delivery = sink.send(event("small-1", 100)).unwrap();
         drop(delivery);
+        sink.abort();
+    }
+
+    #[test]
+    fn a_partition_beyond_the_known_count_is_refused_before_it_is_produced() {
+        let mut sink = KafkaSink::new(&cfg(), QUEUE, TopicLimits::default()).unwrap();
+        sink.partitions.insert(Arc::from("t.A"), 2);
+        let mut bad = event("p-9", 10);
+        bad.partition = Some(2);
+        let err = sink.send(bad).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Permanent);
+        let rejected = err.rejected().expect("a dead-letter record for it");
+        assert_eq!(rejected.reason, Reason::Unroutable);
+        let text = err.to_string();
+        for needle in [
+            "p-9",
+            "public.outbox",
+            "0/1234",
+            "chose partition 2 of topic \"t.A\", which has 2 partitions (0 to 1)",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing in: {text}");
+        }
+        let hint = err.hint().unwrap_or_default();
+        assert!(hint.contains("--partitions 3"), "{hint}");
+        // A partition the topic has passes the check (only queued here).
+        let mut good = event("p-1", 10);
+        good.partition = Some(1);
+        drop(sink.send(good).unwrap());
         sink.abort();
     }
 

@@ -207,6 +207,41 @@ pub(crate) async fn fetch_metadata(
         })
 }
 
+/// The number of partitions of `topic`, `None` when the cluster does not
+/// know the topic (it may be created when first produced to). Asked
+/// through `client`, whose own view of the topic it also refreshes (the
+/// producer's: a partition added since it last looked becomes usable).
+///
+/// # Errors
+/// A retryable error naming `bootstrap` when the cluster does not answer
+/// within `timeout`.
+pub(crate) async fn partition_count(
+    client: &rdkafka::producer::FutureProducer,
+    bootstrap: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>> {
+    use rdkafka::producer::Producer;
+    let client = client.clone();
+    let name = topic.to_string();
+    let md = tokio::task::spawn_blocking(move || client.client().fetch_metadata(Some(&name), timeout))
+        .await
+        .map_err(|e| Error::retryable("metadata task failed").with_source(e))?
+        .map_err(|e| {
+            Error::retryable(format!(
+                "cannot read topic {topic:?}'s partitions from Kafka at {bootstrap} within {}s",
+                timeout.as_secs()
+            ))
+            .with_source(e)
+            .with_hint("walcast checks the partition a row chose against its topic before producing; it retries with backoff. Check the brokers")
+        })?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX)))
+}
+
 /// Reads the brokers' `message.max.bytes` and the `max.message.bytes` of every
 /// existing topic `template` can render into `limits`.
 ///
