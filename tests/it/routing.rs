@@ -287,8 +287,13 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
             "'b1', 'A', 'k', '{}', 0, 'infinity'",
             "not a usable record timestamp",
         ),
-        // A partition the topic (1 partition) does not have: Kafka refuses it.
-        ("'b1', 'A', 'k', '{}', 5, now()", "Unknown partition"),
+        // A partition the topic (1 partition) does not have: found before it
+        // is produced, also in a run whose producer has yet to learn the
+        // topic's metadata (the first here).
+        (
+            "'b1', 'A', 'k', '{}', 5, now()",
+            "chose partition 5 of topic",
+        ),
     ];
     for (values, needle) in cases {
         let (db, admin) = db_with(env, "unroutable", BAD_DDL, &["public.bad_outbox"]).await?;
@@ -337,21 +342,11 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
             .iter()
             .filter_map(|r| r.header("id"))
             .collect();
-        if needle == "Unknown partition" {
-            // Found by Kafka, not before producing: the delivery-failure
-            // path (rule 7) drops what was in flight with it unconfirmed,
-            // to be sent again by the next run; nothing after it appears.
-            assert!(
-                ids.iter().all(|i| i == "g1"),
-                "case {values}: nothing after the bad row: {ids:?}"
-            );
-        } else {
-            assert_eq!(
-                ids,
-                ["g1"],
-                "case {values}: the row before is delivered, nothing after"
-            );
-        }
+        assert_eq!(
+            ids,
+            ["g1"],
+            "case {values}: the row before is delivered, nothing after"
+        );
         let confirmed = db.confirmed_flush_lsn(env).await?.unwrap_or(0);
         assert!(
             confirmed <= before_bad,
@@ -359,6 +354,98 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
         );
         db.drop(env).await?;
     }
+    Ok(())
+}
+
+/// A row choosing a partition its topic does not have, under a route whose
+/// policy is `dead-letter`: the event goes to the dead-letter topic (reason
+/// `unroutable`, the message naming the partition count) in the same run,
+/// the rows around it reach their topic in order, the slot passes it and
+/// walcast goes on. Then the topic gets more partitions while walcast runs:
+/// a row choosing one of the new partitions is delivered there (the count
+/// is read again, not refused from the one walcast knew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_the_topic_lacks_is_dead_lettered_and_a_new_one_is_used() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let (db, admin) = db_with(env, "nopartition", BAD_DDL, &["public.bad_outbox"]).await?;
+    let topic = format!("{}.A", db.topic_prefix);
+    let dlq = format!("{}-dead-letters", db.topic_prefix);
+    create_topics(&env.kafka_bootstrap, &[topic.as_str()], 1).await?;
+    let dir = tempfile::tempdir()?;
+    let route = bad_route(&db.topic_prefix)
+        + &format!("on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n");
+    let cfg = with_routes(&WalcastConfig::for_db(env, &db, dir.path()), &route);
+    let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+    w.wait_streaming()?;
+    let insert = |id: &str, part: i32| {
+        format!("INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts) VALUES ('{id}', 'A', 'k', '{{}}', {part}, now())")
+    };
+    admin.batch_execute(&insert("g1", 0)).await?;
+    admin.batch_execute(&insert("b1", 3)).await?;
+    admin.batch_execute(&insert("g2", 0)).await?;
+    let after = current_wal_lsn(&admin).await?;
+    let mut main = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    let want = ["g1".to_string(), "g2".to_string()].into();
+    assert!(
+        wait_ids(&mut main, &want, Duration::from_secs(60))?,
+        "g1 and g2 did not arrive:\n{}",
+        w.log_text()
+    );
+    let mut dead = TopicReader::new(&env.kafka_bootstrap, &[dlq.as_str()])?;
+    assert!(
+        wait_ids(
+            &mut dead,
+            &["b1".to_string()].into(),
+            Duration::from_secs(60)
+        )?,
+        "no dead-letter record of b1:\n{}",
+        w.log_text()
+    );
+    assert!(
+        wait_confirmed(env, &db, after, Duration::from_secs(30)).await?,
+        "the slot did not pass the dead-lettered row"
+    );
+    assert!(w.is_running(), "walcast stopped:\n{}", w.log_text());
+    let ids: Vec<String> = main.records.iter().filter_map(|r| r.header("id")).collect();
+    assert_eq!(ids, ["g1", "g2"], "in order, once each");
+    let r = &dead.records[0];
+    assert_eq!(
+        r.header("walcast.error.reason").as_deref(),
+        Some("unroutable")
+    );
+    let message = r.header("walcast.error.message").unwrap_or_default();
+    assert!(
+        message.contains("chose partition 3") && message.contains("which has 1 partition"),
+        "message: {message}"
+    );
+
+    // The topic grows to 4 partitions: partition 3 now exists.
+    walcast_tests::kafka::add_partitions(&env.kafka_bootstrap, &topic, 4).await?;
+    admin.batch_execute(&insert("n3", 3)).await?;
+    let after = current_wal_lsn(&admin).await?;
+    let mut main = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    assert!(
+        wait_ids(
+            &mut main,
+            &["n3".to_string()].into(),
+            Duration::from_secs(60)
+        )?,
+        "n3 did not arrive in the grown topic:\n{}",
+        w.log_text()
+    );
+    let n3 = main
+        .records
+        .iter()
+        .find(|r| r.header("id").as_deref() == Some("n3"))
+        .expect("n3");
+    assert_eq!(n3.partition, 3, "the partition the row chose");
+    assert!(wait_confirmed(env, &db, after, Duration::from_secs(30)).await?);
+    dead.read_to_end(Duration::from_secs(3))?;
+    assert_eq!(dead.records.len(), 1, "only b1 was dead-lettered");
+    w.terminate()?;
+    w.wait_exit(Duration::from_secs(30))?;
+    db.drop(env).await?;
     Ok(())
 }
 

@@ -162,6 +162,38 @@ pub async fn alter_topic_config(
     }
 }
 
+/// Grows `topic` to `partitions` partitions and waits until the cluster's
+/// metadata reports them.
+pub async fn add_partitions(bootstrap: &str, topic: &str, partitions: usize) -> Result<()> {
+    let admin = admin(bootstrap)?;
+    let results = admin
+        .create_partitions(
+            [&rdkafka::admin::NewPartitions::new(topic, partitions)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .context("create_partitions")?;
+    for r in results {
+        if let Err((_, code)) = r {
+            bail!("adding partitions to topic {topic}: {code}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("metadata for {topic}"))?;
+        if md.topics().first().map(|t| t.partitions().len()) == Some(partitions) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("topic {topic} does not report {partitions} partitions after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// One config value of a topic, as the cluster reports it.
 pub async fn topic_config(bootstrap: &str, topic: &str, key: &str) -> Result<Option<String>> {
     let admin = admin(bootstrap)?;
