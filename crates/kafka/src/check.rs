@@ -564,6 +564,7 @@ mod tests {
             Some(limits::TopicLimit {
                 bytes,
                 source: LimitSource::Topic,
+                timestamps: None,
             })
         };
         let c = record_limit("t", l(500_000), 1_000_000, 1);

@@ -146,6 +146,8 @@ struct RecordInfo {
     estimate: u64,
     topic_limit: Option<TopicLimit>,
     batch_size: u64,
+    /// The record's timestamp, when walcast set one.
+    timestamp_ms: Option<i64>,
 }
 
 impl RecordInfo {
@@ -421,6 +423,7 @@ fn classify_code(code: Option<RDKafkaErrorCode>) -> ErrorKind {
             | RDKafkaErrorCode::InvalidTopic
             | RDKafkaErrorCode::InvalidRecord
             | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidTimestamp
             // A partition number the row chose (a `column:partition`
             // placement) that the topic does not have.
             | RDKafkaErrorCode::UnknownPartition,
@@ -520,6 +523,59 @@ fn too_large(
     .with_event(event.event_id(), event.correlation_id.as_deref())
 }
 
+/// Milliseconds since the Unix epoch on this host's clock.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A duration in ms as text for an error message.
+fn span(ms: i64) -> String {
+    let s = ms / 1000;
+    if s >= 2 * 86_400 {
+        format!("{} days", s / 86_400)
+    } else if s >= 2 * 3_600 {
+        format!("{} hours", s / 3_600)
+    } else if s >= 120 {
+        format!("{} minutes", s / 60)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
+/// The hint for a record timestamp a topic refuses.
+fn timestamp_hint(topic: &str) -> String {
+    format!(
+        "the record timestamp is the route's table_field_event_timestamp column, else the transaction's commit time. Fix the row's timestamp, or widen the topic's window (kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics --entity-name {topic} --add-config message.timestamp.after.max.ms=<ms>,message.timestamp.before.max.ms=<ms>), or have the broker stamp records itself (message.timestamp.type=LogAppendTime); walcast delivered and confirmed the events before it and stops without moving the slot past it"
+    )
+}
+
+/// The error for an event whose record timestamp its topic refuses, found
+/// before it is produced.
+fn refused_timestamp(
+    event: &OutboxEvent,
+    ts_ms: i64,
+    (setting, off_ms, max_ms): (&str, i64, i64),
+) -> Error {
+    let topic = &*event.topic;
+    let direction = if setting.contains("after") {
+        "ahead of"
+    } else {
+        "behind"
+    };
+    Error::permanent(format!(
+        "event {} from {} (commit LSN {}) has record timestamp {ts_ms} (ms since the epoch), {} {direction} this host's clock, and topic {topic:?} refuses records more than {} {direction} the broker's ({setting} = {max_ms})",
+        String::from_utf8_lossy(event.event_id()),
+        event.table,
+        event.source_lsn,
+        span(off_ms),
+        span(max_ms),
+    ))
+    .with_hint(timestamp_hint(topic))
+    .with_event(event.event_id(), event.correlation_id.as_deref())
+}
+
 /// The error for an event that chose a partition its topic does not have.
 fn unknown_partition(event: &OutboxEvent, partition: i32, count: i32) -> Error {
     let topic = &*event.topic;
@@ -593,6 +649,28 @@ fn delivery_error_text(err: KafkaError, info: &RecordInfo) -> Error {
         .with_source(err)
         .with_hint(fix);
     }
+    if code == Some(RDKafkaErrorCode::InvalidTimestamp) {
+        // walcast checked the record against the topic's window before
+        // producing it: the broker's clock differs from this host's, the
+        // window was narrowed since walcast read it, or another record of
+        // the batch is the one refused. A restart reads the window again.
+        if info.topic_limit.is_some_and(|l| l.timestamps.is_some()) {
+            return Error::retryable(format!(
+                "Kafka refused the record batch holding event {id} for topic {topic:?} for its record timestamp ({}), which walcast found inside the topic's message.timestamp.before.max.ms / after.max.ms window",
+                info.timestamp_ms.map_or_else(|| "none set".to_string(), |t| format!("{t} ms since the epoch"))
+            ))
+            .with_source(err)
+            .with_hint("walcast restarts from the slot's confirmed position and reads the topic's window again; nothing is skipped. If this repeats, compare the brokers' clocks with this host's");
+        }
+        return Error::permanent(format!(
+            "Kafka refused event {id} from {} (commit LSN {}) for topic {topic:?}: its record timestamp ({}) lies outside the window the topic accepts (message.timestamp.before.max.ms / message.timestamp.after.max.ms; walcast could not read them to check before producing)",
+            info.table,
+            info.source_lsn,
+            info.timestamp_ms.map_or_else(|| "none set".to_string(), |t| format!("{t} ms since the epoch"))
+        ))
+        .with_source(err)
+        .with_hint(timestamp_hint(topic));
+    }
     let kind = classify_code(code);
     let hint = match kind {
         ErrorKind::Permanent => format!(
@@ -637,7 +715,8 @@ fn rejected_by_broker(
         RDKafkaErrorCode::InvalidTopic => Reason::InvalidTopic,
         RDKafkaErrorCode::InvalidRecord
         | RDKafkaErrorCode::InvalidMessage
-        | RDKafkaErrorCode::InvalidMessageSize => Reason::InvalidRecord,
+        | RDKafkaErrorCode::InvalidMessageSize
+        | RDKafkaErrorCode::InvalidTimestamp => Reason::InvalidRecord,
         RDKafkaErrorCode::UnknownTopic
         | RDKafkaErrorCode::UnknownTopicOrPartition
         | RDKafkaErrorCode::TopicAuthorizationFailed => Reason::TopicRejected,
@@ -867,6 +946,17 @@ impl EventSink for KafkaSink {
             return Err(too_large(&event, estimate, topic_limit, self.producer_max)
                 .with_rejected(Rejected::event(Reason::TooLarge, &event)));
         }
+        if let (Some(ts), Some(window)) = (
+            event.timestamp_ms,
+            topic_limit
+                .and_then(|l| l.timestamps)
+                .filter(limits::TimestampWindow::is_bounded),
+        ) {
+            if let Some(broken) = window.refuses(ts, now_ms()) {
+                return Err(refused_timestamp(&event, ts, broken)
+                    .with_rejected(Rejected::event(Reason::InvalidRecord, &event)));
+            }
+        }
         // The partition the row chose, when the cluster reported it exists.
         let mut chosen = None;
         if let (Some(p), Some(&count)) = (event.partition, self.partitions.get(&*event.topic)) {
@@ -896,6 +986,7 @@ impl EventSink for KafkaSink {
             estimate,
             topic_limit,
             batch_size: self.batch_size,
+            timestamp_ms: event.timestamp_ms,
         };
         let mut record = FutureRecord::to(&event.topic)
             .key(&event.key[..])
@@ -1044,6 +1135,7 @@ mod tests {
             TopicLimit {
                 bytes: 100_000,
                 source: LimitSource::Topic,
+                timestamps: None,
             },
         );
         let sink = KafkaSink::new(&cfg, QUEUE, limits.clone()).unwrap();
@@ -1066,6 +1158,7 @@ mod tests {
             TopicLimit {
                 bytes: 100_000,
                 source: LimitSource::Topic,
+                timestamps: None,
             },
         );
         let mut sink = KafkaSink::new(&cfg, QUEUE, limits).unwrap();
@@ -1130,6 +1223,76 @@ mod tests {
     }
 
     #[test]
+    fn a_timestamp_outside_the_topics_window_is_refused_before_it_is_produced() {
+        let limits = TopicLimits::default();
+        limits.insert(
+            "t.A",
+            TopicLimit {
+                bytes: 1_000_000,
+                source: LimitSource::Topic,
+                timestamps: Some(limits::TimestampWindow {
+                    before_ms: i64::MAX,
+                    after_ms: 3_600_000,
+                }),
+            },
+        );
+        let mut sink = KafkaSink::new(&cfg(), QUEUE, limits).unwrap();
+        let mut ahead = event("ts-7", 10);
+        ahead.timestamp_ms = Some(now_ms() + 2 * 86_400_000 + 1_000);
+        let err = sink.send(ahead).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Permanent);
+        assert_eq!(
+            err.rejected().map(|r| r.reason),
+            Some(Reason::InvalidRecord)
+        );
+        let text = err.to_string();
+        for needle in [
+            "ts-7",
+            "public.outbox",
+            "2 days ahead of",
+            "message.timestamp.after.max.ms = 3600000",
+            "\"t.A\"",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing in: {text}");
+        }
+        let hint = err.hint().unwrap_or_default();
+        assert!(
+            hint.contains("LogAppendTime") && hint.contains("table_field_event_timestamp"),
+            "{hint}"
+        );
+        // Old timestamps pass: the window is open behind.
+        let mut old = event("ts-8", 10);
+        old.timestamp_ms = Some(0);
+        drop(sink.send(old).unwrap());
+        sink.abort();
+    }
+
+    #[test]
+    fn a_broker_side_timestamp_refusal_is_permanent_only_when_walcast_could_not_check_it() {
+        let refused = || KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTimestamp);
+        let mut info = info(b"ts-3");
+        info.timestamp_ms = Some(1_800_000_000_000);
+        let err = delivery_error(refused(), &info);
+        assert_eq!(err.kind(), ErrorKind::Permanent, "{err}");
+        assert!(
+            err.to_string().contains("ts-3") && err.to_string().contains("1800000000000"),
+            "{err}"
+        );
+        // walcast checked it against the topic's window: clocks or a
+        // batch-mate; a restart reads the window again.
+        info.topic_limit = Some(TopicLimit {
+            bytes: 1_000_000,
+            source: LimitSource::Topic,
+            timestamps: Some(limits::TimestampWindow {
+                before_ms: 60_000,
+                after_ms: 60_000,
+            }),
+        });
+        let err = delivery_error(refused(), &info);
+        assert_eq!(err.kind(), ErrorKind::Retryable, "{err}");
+    }
+
+    #[test]
     fn errors_are_classified() {
         let e = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
         assert_eq!(classify(&e), ErrorKind::Permanent);
@@ -1154,6 +1317,7 @@ mod tests {
             estimate: 120,
             topic_limit: None,
             batch_size: 1_000_000,
+            timestamp_ms: None,
         };
         let err = delivery_error(e, &info);
         assert!(err.to_string().contains("id-1"), "{err}");
@@ -1169,6 +1333,7 @@ mod tests {
             estimate: 120,
             topic_limit: None,
             batch_size: 1_000_000,
+            timestamp_ms: None,
         }
     }
 
@@ -1212,8 +1377,10 @@ mod tests {
             topic_limit: Some(TopicLimit {
                 bytes: 5_000_000,
                 source: LimitSource::Topic,
+                timestamps: None,
             }),
             batch_size: 1_000_000,
+            timestamp_ms: None,
         };
         // Larger than batch.size: alone in its batch, so it is the one.
         let err = delivery_error(too_large(), &info);

@@ -109,12 +109,89 @@ pub struct TopicLimit {
     pub bytes: u64,
     /// Where it came from.
     pub source: LimitSource,
+    /// The record timestamps the topic accepts (unbounded for a
+    /// `LogAppendTime` topic), when walcast read its configuration; `None`:
+    /// unknown, not checked before producing.
+    pub timestamps: Option<TimestampWindow>,
+}
+
+/// How far a record's timestamp may lie before or after the broker's clock
+/// for a `CreateTime` topic (`message.timestamp.before.max.ms` and
+/// `message.timestamp.after.max.ms`; Kafka 4 defaults the latter to one
+/// hour). The broker refuses a record outside it with `INVALID_TIMESTAMP`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimestampWindow {
+    /// `message.timestamp.before.max.ms`.
+    pub before_ms: i64,
+    /// `message.timestamp.after.max.ms`.
+    pub after_ms: i64,
+}
+
+/// Clock difference walcast allows between its host and the brokers before
+/// it refuses a record timestamp itself; closer to the window's edge the
+/// broker decides (a refusal there is retryable, see `lib.rs`).
+pub const TIMESTAMP_TOLERANCE_MS: i64 = 5_000;
+
+impl TimestampWindow {
+    /// A window that refuses nothing.
+    pub const UNBOUNDED: TimestampWindow = TimestampWindow {
+        before_ms: i64::MAX,
+        after_ms: i64::MAX,
+    };
+
+    /// Why the topic refuses a record with timestamp `ts_ms` at `now_ms`
+    /// (this host's clock): the setting it breaks and by how much, or `None`
+    /// when it is inside the window (or within the tolerance of its edge).
+    pub fn refuses(&self, ts_ms: i64, now_ms: i64) -> Option<(&'static str, i64, i64)> {
+        let ahead = ts_ms.saturating_sub(now_ms);
+        if ahead > self.after_ms.saturating_add(TIMESTAMP_TOLERANCE_MS) {
+            return Some(("message.timestamp.after.max.ms", ahead, self.after_ms));
+        }
+        let behind = now_ms.saturating_sub(ts_ms);
+        if behind > self.before_ms.saturating_add(TIMESTAMP_TOLERANCE_MS) {
+            return Some(("message.timestamp.before.max.ms", behind, self.before_ms));
+        }
+        None
+    }
+
+    /// Whether it bounds anything (Kafka's defaults before 4.0 did not).
+    pub fn is_bounded(&self) -> bool {
+        self.before_ms < i64::MAX || self.after_ms < i64::MAX
+    }
+}
+
+/// The timestamp window in a topic's configuration (unbounded for a
+/// `LogAppendTime` topic: the broker stamps records itself and checks
+/// nothing), `None` when the settings are missing.
+/// `prefix` is `""` for a topic's settings, `"log."` for a broker's
+/// defaults (which a topic created later gets).
+fn timestamp_window(res: &rdkafka::admin::ConfigResource, prefix: &str) -> Option<TimestampWindow> {
+    let get = |k: &str| {
+        res.get(&format!("{prefix}{k}"))
+            .and_then(|e| e.value.as_deref())
+    };
+    if get("message.timestamp.type").is_some_and(|t| t.trim() == "LogAppendTime") {
+        return Some(TimestampWindow::UNBOUNDED);
+    }
+    let ms = |k: &str| {
+        get(k)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|v| *v >= 0)
+    };
+    // Kafka before 3.6 had only message.timestamp.difference.max.ms, for
+    // both directions.
+    let both = ms("message.timestamp.difference.max.ms");
+    Some(TimestampWindow {
+        before_ms: ms("message.timestamp.before.max.ms").or(both)?,
+        after_ms: ms("message.timestamp.after.max.ms").or(both)?,
+    })
 }
 
 #[derive(Debug, Default)]
 struct Known {
     topics: HashMap<String, TopicLimit>,
     broker_default: Option<u64>,
+    broker_timestamps: Option<TimestampWindow>,
 }
 
 /// The record size limits walcast knows, shared by the sinks of one process:
@@ -147,6 +224,12 @@ impl TopicLimits {
     /// Records the brokers' default.
     pub fn set_broker_default(&self, bytes: u64) {
         self.inner.lock().unwrap().broker_default = Some(bytes);
+    }
+
+    /// The brokers' default timestamp window (`log.message.timestamp.*`),
+    /// when read.
+    pub fn broker_timestamps(&self) -> Option<TimestampWindow> {
+        self.inner.lock().unwrap().broker_timestamps
     }
 
     /// The smallest limit known (topics and the brokers' default), if any.
@@ -269,6 +352,9 @@ pub(crate) async fn read_cluster_limits(
     // broker, so two of them in one request fail with "Conflicting use".
     if !brokers.is_empty() {
         let mut smallest: Option<u64> = None;
+        // The narrowest window over the brokers; `None` once one broker's
+        // is unknown.
+        let mut window: Option<Option<TimestampWindow>> = None;
         for b in &brokers {
             let specs = [ResourceSpecifier::Broker(*b)];
             let results = tokio::time::timeout(timeout * 2, admin.describe_configs(&specs, &opts))
@@ -284,8 +370,18 @@ pub(crate) async fn read_cluster_limits(
                         ) {
                             smallest = Some(smallest.map_or(v, |s| s.min(v)));
                         }
+                        let w = timestamp_window(&res, "log.");
+                        window = Some(match (window, w) {
+                            (None, w) => w,
+                            (Some(Some(a)), Some(b)) => Some(TimestampWindow {
+                                before_ms: a.before_ms.min(b.before_ms),
+                                after_ms: a.after_ms.min(b.after_ms),
+                            }),
+                            _ => None,
+                        });
                     }
                     Err(code) if is_denied(code) => {
+                        window = Some(None);
                         tracing::warn!(
                             "walcast may not read the brokers' configuration ({code}); it assumes Kafka's default message.max.bytes of {KAFKA_DEFAULT_MAX_MESSAGE_BYTES} for topics it has yet to create. Grant walcast's principal DescribeConfigs on the cluster to have it read"
                         );
@@ -300,6 +396,7 @@ pub(crate) async fn read_cluster_limits(
             }
         }
         limits.set_broker_default(smallest.unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES));
+        limits.inner.lock().unwrap().broker_timestamps = window.flatten();
     }
     for chunk in topics.chunks(200) {
         let specs: Vec<ResourceSpecifier> = chunk
@@ -352,6 +449,7 @@ fn topic_limit(
     match r {
         Ok(res) => {
             debug_assert!(matches!(&res.specifier, OwnedResourceSpecifier::Topic(t) if t == topic));
+            let timestamps = timestamp_window(&res, "");
             match parse_bytes(
                 res.get("max.message.bytes")
                     .and_then(|e| e.value.as_deref()),
@@ -359,12 +457,14 @@ fn topic_limit(
                 Some(bytes) => Ok(TopicLimit {
                     bytes,
                     source: LimitSource::Topic,
+                    timestamps,
                 }),
                 None => Ok(TopicLimit {
                     bytes: limits
                         .broker_default()
                         .unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
                     source: LimitSource::Assumed,
+                    timestamps,
                 }),
             }
         }
@@ -374,6 +474,7 @@ fn topic_limit(
                     .broker_default()
                     .unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES),
                 source: LimitSource::BrokerDefault,
+                timestamps: limits.broker_timestamps(),
             })
         }
         Err(code) if is_denied(code) => {
@@ -384,6 +485,7 @@ fn topic_limit(
             Ok(TopicLimit {
                 bytes: KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
                 source: LimitSource::Assumed,
+                timestamps: None,
             })
         }
         Err(code) => Err(lookup_error(
@@ -446,9 +548,106 @@ mod tests {
             TopicLimit {
                 bytes: 100_000,
                 source: LimitSource::Topic,
+                timestamps: None,
             },
         );
         assert_eq!(l.smallest(), Some(100_000));
         assert_eq!(l.clone().get("a").unwrap().bytes, 100_000);
+    }
+
+    fn resource(entries: &[(&str, &str)]) -> rdkafka::admin::ConfigResource {
+        rdkafka::admin::ConfigResource {
+            specifier: OwnedResourceSpecifier::Topic("t".into()),
+            entries: entries
+                .iter()
+                .map(|(k, v)| rdkafka::admin::ConfigEntry {
+                    name: k.to_string(),
+                    value: Some(v.to_string()),
+                    source: rdkafka::admin::ConfigSource::Default,
+                    is_read_only: false,
+                    is_default: true,
+                    is_sensitive: false,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_topics_timestamp_window_is_read_as_kafka_applies_it() {
+        let max = i64::MAX.to_string();
+        // Kafka 4's defaults: one hour ahead, unbounded behind.
+        let w = timestamp_window(
+            &resource(&[
+                ("message.timestamp.type", "CreateTime"),
+                ("message.timestamp.before.max.ms", &max),
+                ("message.timestamp.after.max.ms", "3600000"),
+            ]),
+            "",
+        )
+        .expect("bounded");
+        assert_eq!((w.before_ms, w.after_ms), (i64::MAX, 3_600_000));
+        // LogAppendTime: the broker stamps records and checks nothing.
+        assert_eq!(
+            timestamp_window(
+                &resource(&[
+                    ("message.timestamp.type", "LogAppendTime"),
+                    ("message.timestamp.after.max.ms", "3600000"),
+                ]),
+                ""
+            ),
+            Some(TimestampWindow::UNBOUNDED)
+        );
+        assert!(!TimestampWindow::UNBOUNDED.is_bounded());
+        // Not read: unknown.
+        assert_eq!(timestamp_window(&resource(&[]), ""), None);
+        // Kafka 3.5 and older: one setting for both directions.
+        let w = timestamp_window(
+            &resource(&[("log.message.timestamp.difference.max.ms", "60000")]),
+            "log.",
+        )
+        .expect("bounded");
+        assert_eq!((w.before_ms, w.after_ms), (60_000, 60_000));
+        // Kafka 3.x's defaults bound nothing.
+        assert_eq!(
+            timestamp_window(
+                &resource(&[
+                    ("message.timestamp.before.max.ms", &max),
+                    ("message.timestamp.after.max.ms", &max),
+                ]),
+                ""
+            ),
+            Some(TimestampWindow::UNBOUNDED)
+        );
+    }
+
+    #[test]
+    fn a_timestamp_is_refused_only_beyond_the_window_and_the_tolerance() {
+        let w = TimestampWindow {
+            before_ms: 60_000,
+            after_ms: 3_600_000,
+        };
+        let now = 1_800_000_000_000;
+        assert_eq!(w.refuses(now, now), None);
+        let edge = now + 3_600_000 + TIMESTAMP_TOLERANCE_MS;
+        assert_eq!(w.refuses(edge, now), None, "the broker decides at the edge");
+        assert_eq!(
+            w.refuses(edge + 1, now),
+            Some(("message.timestamp.after.max.ms", edge + 1 - now, 3_600_000))
+        );
+        let old = now - 60_000 - TIMESTAMP_TOLERANCE_MS;
+        assert_eq!(w.refuses(old, now), None);
+        assert_eq!(
+            w.refuses(old - 1, now),
+            Some(("message.timestamp.before.max.ms", now - old + 1, 60_000))
+        );
+        let open = TimestampWindow {
+            before_ms: i64::MAX,
+            after_ms: 3_600_000,
+        };
+        assert_eq!(open.refuses(0, now), None, "no overflow, no bound behind");
+        assert_eq!(
+            open.refuses(i64::MAX, now).map(|r| r.0),
+            Some("message.timestamp.after.max.ms")
+        );
     }
 }
