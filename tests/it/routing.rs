@@ -449,6 +449,159 @@ async fn a_partition_the_topic_lacks_is_dead_lettered_and_a_new_one_is_used() ->
     Ok(())
 }
 
+/// A record timestamp (here from the route's timestamp column) that its
+/// topic refuses: more than `message.timestamp.after.max.ms` ahead (Kafka 4
+/// defaults it to one hour). Found before producing from the window walcast
+/// read (exit 3 naming the row, nothing after it, the slot before it); when
+/// the window was narrowed while walcast ran, the broker's refusal restarts
+/// walcast, which reads the window again and stops the same way; under
+/// `dead-letter` the row goes to the dead-letter topic and walcast goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timestamp_the_topic_refuses_stops_walcast_or_is_dead_lettered() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let insert = |id: &str, ts: &str| {
+        format!("INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts) VALUES ('{id}', 'A', 'k', '{{}}', 0, {ts})")
+    };
+    let ahead = "now() + interval '2 days'";
+    let hour = [("message.timestamp.after.max.ms", "3600000")];
+    let unbounded = [("message.timestamp.after.max.ms", "9223372036854775807")];
+    // (case, the topic's settings at start, narrowed to one hour while walcast runs)
+    for (case, settings, narrowed) in [("checked", &hour, false), ("narrowed", &unbounded, true)] {
+        let (db, admin) = db_with(env, "timestamp", BAD_DDL, &["public.bad_outbox"]).await?;
+        let topic = format!("{}.A", db.topic_prefix);
+        walcast_tests::kafka::create_topics_with(
+            &env.kafka_bootstrap,
+            &[topic.as_str()],
+            1,
+            1,
+            settings,
+        )
+        .await?;
+        let dir = tempfile::tempdir()?;
+        let cfg = with_routes(
+            &WalcastConfig::for_db(env, &db, dir.path()),
+            &bad_route(&db.topic_prefix),
+        );
+        let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+        w.wait_streaming()?;
+        admin.batch_execute(&insert("g1", "now()")).await?;
+        let mut reader = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+        assert!(
+            wait_ids(
+                &mut reader,
+                &["g1".to_string()].into(),
+                Duration::from_secs(60)
+            )?,
+            "{case}: g1 did not arrive:\n{}",
+            w.log_text()
+        );
+        if narrowed {
+            walcast_tests::kafka::alter_topic_config(&env.kafka_bootstrap, &topic, &hour).await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let before_bad = current_wal_lsn(&admin).await?;
+        admin.batch_execute(&insert("b1", ahead)).await?;
+        admin.batch_execute(&insert("g2", "now()")).await?;
+        let status = w.wait_exit(Duration::from_secs(120))?;
+        let log = w.log_text();
+        assert_eq!(status.code(), Some(EXIT_PERMANENT), "{case}: {log}");
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("walcast: error"))
+            .unwrap_or_default();
+        for needle in [
+            "event b1 from public.bad_outbox",
+            "hours ahead of this host's clock",
+            "message.timestamp.after.max.ms = 3600000",
+        ] {
+            assert!(
+                last.contains(needle),
+                "{case}: {needle:?} missing in:\n{log}"
+            );
+        }
+        if narrowed {
+            assert!(
+                log.contains("which walcast found inside the topic's"),
+                "{case}: the broker's refusal was not what stopped the first run:\n{log}"
+            );
+        }
+        reader.read_to_end(Duration::from_secs(3))?;
+        let ids: Vec<String> = reader
+            .records
+            .iter()
+            .filter_map(|r| r.header("id"))
+            .collect();
+        assert_eq!(
+            ids,
+            ["g1"],
+            "{case}: the row before is delivered, nothing after"
+        );
+        let confirmed = db.confirmed_flush_lsn(env).await?.unwrap_or(0);
+        assert!(
+            confirmed <= before_bad,
+            "{case}: the slot ({confirmed:X}) passed the refused row (after {before_bad:X})"
+        );
+        db.drop(env).await?;
+    }
+
+    // Under dead-letter: the row goes there, the others reach the topic.
+    let (db, admin) = db_with(env, "timestampdl", BAD_DDL, &["public.bad_outbox"]).await?;
+    let topic = format!("{}.A", db.topic_prefix);
+    let dlq = format!("{}-dead-letters", db.topic_prefix);
+    walcast_tests::kafka::create_topics_with(&env.kafka_bootstrap, &[topic.as_str()], 1, 1, &hour)
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let route = bad_route(&db.topic_prefix)
+        + &format!("on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n");
+    let cfg = with_routes(&WalcastConfig::for_db(env, &db, dir.path()), &route);
+    let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+    w.wait_streaming()?;
+    admin.batch_execute(&insert("g1", "now()")).await?;
+    admin.batch_execute(&insert("b1", ahead)).await?;
+    admin.batch_execute(&insert("g2", "now()")).await?;
+    let after = current_wal_lsn(&admin).await?;
+    let mut main = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    assert!(
+        wait_ids(
+            &mut main,
+            &["g1".to_string(), "g2".to_string()].into(),
+            Duration::from_secs(60)
+        )?,
+        "g1 and g2 did not arrive:\n{}",
+        w.log_text()
+    );
+    let mut dead = TopicReader::new(&env.kafka_bootstrap, &[dlq.as_str()])?;
+    assert!(
+        wait_ids(
+            &mut dead,
+            &["b1".to_string()].into(),
+            Duration::from_secs(60)
+        )?,
+        "no dead-letter record of b1:\n{}",
+        w.log_text()
+    );
+    assert!(wait_confirmed(env, &db, after, Duration::from_secs(30)).await?);
+    assert!(w.is_running(), "walcast stopped:\n{}", w.log_text());
+    let ids: Vec<String> = main.records.iter().filter_map(|r| r.header("id")).collect();
+    assert_eq!(ids, ["g1", "g2"], "in order, once each");
+    let r = &dead.records[0];
+    assert_eq!(
+        r.header("walcast.error.reason").as_deref(),
+        Some("invalid_record")
+    );
+    let message = r.header("walcast.error.message").unwrap_or_default();
+    assert!(
+        message.contains("message.timestamp.after.max.ms"),
+        "message: {message}"
+    );
+    w.terminate()?;
+    w.wait_exit(Duration::from_secs(30))?;
+    db.drop(env).await?;
+    Ok(())
+}
+
 /// A column a route needs is checked in the catalog at start (exit 2, naming
 /// the column, the option and the table), and again when a Relation message
 /// describes the table anew (a column dropped while walcast runs): walcast
