@@ -253,6 +253,9 @@ pub async fn check(
                 producer_max,
                 batch_size_for(cfg, limits.get(topic).map(|l| l.bytes)),
             ));
+            if let Some(w) = limits.get(topic).and_then(|l| l.timestamps) {
+                out.push(timestamp_window(topic, w));
+            }
         }
     }
     out
@@ -535,9 +538,58 @@ pub fn record_limit(
     }
 }
 
+/// The record timestamps the topic accepts. walcast stamps records with
+/// the commit time (or a route's timestamp column), so a bound behind the
+/// broker's clock refuses a backlog older than it: a warning.
+pub fn timestamp_window(topic: &str, w: limits::TimestampWindow) -> CheckResult {
+    let name = format!("kafka.topic[{topic}].timestamps");
+    let ahead = if w.after_ms == i64::MAX {
+        "any timestamp ahead".to_string()
+    } else {
+        format!("timestamps up to {} ahead of the broker's clock (message.timestamp.after.max.ms; a route's timestamp column further ahead is refused)", limits::span(w.after_ms))
+    };
+    if w.before_ms == i64::MAX {
+        return CheckResult::ok(name, format!("records of any age, {ahead}"));
+    }
+    CheckResult::warn(
+        name,
+        format!(
+            "topic {topic} refuses records more than {} old (message.timestamp.before.max.ms = {}); it accepts {ahead}. walcast stamps records with their commit time, so after an outage longer than that the backlog's first event stops walcast (exit 3), or is dead-lettered, with every later one",
+            limits::span(w.before_ms),
+            w.before_ms
+        ),
+        format!(
+            "let the broker stamp records (kafka-configs.sh --bootstrap-server <broker> --alter --entity-type topics --entity-name {topic} --add-config message.timestamp.type=LogAppendTime), or remove the bound (--delete-config message.timestamp.before.max.ms)"
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_on_old_records_is_a_warning() {
+        let w = |before_ms, after_ms| limits::TimestampWindow {
+            before_ms,
+            after_ms,
+        };
+        let r = timestamp_window("t", w(i64::MAX, 3_600_000));
+        assert_eq!(r.status, CheckStatus::Ok);
+        assert!(r.detail.contains("up to 1 hour ahead"), "{}", r.detail);
+        let r = timestamp_window("t", w(86_400_000, i64::MAX));
+        assert_eq!(r.status, CheckStatus::Warn);
+        assert!(
+            r.detail.contains("more than 1 day old") && r.detail.contains("any timestamp ahead"),
+            "{}",
+            r.detail
+        );
+        assert!(r
+            .fix
+            .as_deref()
+            .unwrap_or_default()
+            .contains("LogAppendTime"));
+    }
     use walcast_core::check::CheckStatus;
 
     #[test]

@@ -530,20 +530,6 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// A duration in ms as text for an error message.
-fn span(ms: i64) -> String {
-    let s = ms / 1000;
-    if s >= 2 * 86_400 {
-        format!("{} days", s / 86_400)
-    } else if s >= 2 * 3_600 {
-        format!("{} hours", s / 3_600)
-    } else if s >= 120 {
-        format!("{} minutes", s / 60)
-    } else {
-        format!("{ms} ms")
-    }
-}
-
 /// The hint for a record timestamp a topic refuses.
 fn timestamp_hint(topic: &str) -> String {
     format!(
@@ -569,8 +555,8 @@ fn refused_timestamp(
         String::from_utf8_lossy(event.event_id()),
         event.table,
         event.source_lsn,
-        span(off_ms),
-        span(max_ms),
+        limits::span(off_ms),
+        limits::span(max_ms),
     ))
     .with_hint(timestamp_hint(topic))
     .with_event(event.event_id(), event.correlation_id.as_deref())

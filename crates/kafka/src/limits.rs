@@ -160,6 +160,18 @@ impl TimestampWindow {
     }
 }
 
+/// A duration in ms as text for messages: whole days, hours or minutes
+/// (rounded down from two units on, exact below), else milliseconds.
+pub(crate) fn span(ms: i64) -> String {
+    for (unit_ms, unit) in [(86_400_000, "day"), (3_600_000, "hour"), (60_000, "minute")] {
+        if ms >= 2 * unit_ms || (ms >= unit_ms && ms % unit_ms == 0) {
+            let n = ms / unit_ms;
+            return format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+        }
+    }
+    format!("{ms} ms")
+}
+
 /// The timestamp window in a topic's configuration (unbounded for a
 /// `LogAppendTime` topic: the broker stamps records itself and checks
 /// nothing), `None` when the settings are missing.
@@ -618,6 +630,16 @@ mod tests {
             ),
             Some(TimestampWindow::UNBOUNDED)
         );
+    }
+
+    #[test]
+    fn spans_read_as_people_write_them() {
+        assert_eq!(span(86_400_000), "1 day");
+        assert_eq!(span(2 * 86_400_000 - 1), "47 hours");
+        assert_eq!(span(3_600_000), "1 hour");
+        assert_eq!(span(7_200_000), "2 hours");
+        assert_eq!(span(90_000), "90000 ms");
+        assert_eq!(span(i64::MAX), "106751991167 days");
     }
 
     #[test]
