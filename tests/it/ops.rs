@@ -372,10 +372,41 @@ async fn check_fails_each_kafka_misconfiguration_with_its_fix() -> Result<()> {
         &t[1..],
         3,
         1,
-        &[("max.message.bytes", "500000")],
+        &[
+            ("max.message.bytes", "500000"),
+            ("message.timestamp.before.max.ms", "86400000"),
+        ],
     )
     .await?;
     let ran = walcast(dir.path(), Some(&base), &["check", "--json"])?;
+    // A bound on old records: a backlog older than a day would be refused.
+    let v = ran.json();
+    let window = checks(&v, &format!("kafka.topic[{}].timestamps", t[1]));
+    assert!(
+        window.iter().any(|c| c["status"] == "warn"
+            && c["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("more than 1 day old")
+            && c["fix"]
+                .as_str()
+                .unwrap_or("")
+                .contains("message.timestamp.type=LogAppendTime")),
+        "no timestamp warning for {}:\n{}",
+        t[1],
+        ran.stdout
+    );
+    let window = checks(&v, &format!("kafka.topic[{}].timestamps", t[0]));
+    assert!(
+        window.iter().any(|c| c["status"] == "ok"
+            && c["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("records of any age")),
+        "Kafka's defaults are fine for {}:\n{}",
+        t[0],
+        ran.stdout
+    );
     assert_fails(
         &ran,
         &format!("kafka.topic[{}].durability", t[0]),
