@@ -349,6 +349,103 @@ async fn check_fails_each_postgres_misconfiguration_with_its_fix() -> Result<()>
     Ok(())
 }
 
+/// A new user's schema: quoted mixed-case names (`"Sales"."Outbox"` with
+/// `"Id"`, `"AggregateId"`, …). `check` names every column the defaults miss
+/// at once and the exact settings for the differently cased ones, without a
+/// misleading publication failure (the publication has no column list);
+/// with those settings the events arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_case_outbox_is_checked_and_relayed() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let dir = tempfile::tempdir()?;
+    let db = TestDb::create(env, "mixedcase").await?;
+    let admin = db.admin(env).await?;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA \"Sales\"; \
+             CREATE TABLE \"Sales\".\"Outbox\" (\"Id\" uuid PRIMARY KEY DEFAULT gen_random_uuid(), \"AggregateType\" text NOT NULL, \
+               \"AggregateId\" text NOT NULL, \"EventType\" text NOT NULL, \"Payload\" jsonb NOT NULL); \
+             GRANT USAGE ON SCHEMA \"Sales\" TO {user}; GRANT SELECT ON ALL TABLES IN SCHEMA \"Sales\" TO {user}; \
+             ALTER PUBLICATION {publication} SET TABLE \"Sales\".\"Outbox\"",
+            user = env.repl_user,
+            publication = db.publication
+        ))
+        .await?;
+    let base =
+        WalcastConfig::for_db(env, &db, dir.path()).set("outbox", "tables", "[\"Sales.Outbox\"]");
+    let ran = walcast(dir.path(), Some(&base), &["check", "--json"])?;
+    assert_fails(
+        &ran,
+        "postgres.tables",
+        "outbox table Sales.Outbox has no column \"id\" (named by outbox.columns.id), \"aggregateid\" (named by outbox.columns.aggregateid)",
+        "set outbox.columns.id = \"Id\", outbox.columns.aggregateid = \"AggregateId\"",
+    );
+    let v = ran.json();
+    assert!(
+        checks(&v, "postgres.publication")
+            .iter()
+            .all(|c| c["status"] != "fail"),
+        "the publication has no column list:\n{}",
+        ran.stdout
+    );
+    let cfg = base
+        .set("outbox.columns", "id", "\"Id\"")
+        .set("outbox.columns", "aggregatetype", "\"AggregateType\"")
+        .set("outbox.columns", "aggregateid", "\"AggregateId\"")
+        .set("outbox.columns", "type", "\"EventType\"")
+        .set("outbox.columns", "payload", "\"Payload\"");
+    let ran = walcast(dir.path(), Some(&cfg), &["check", "--json"])?;
+    assert_eq!(ran.json()["failed"], 0, "{}", ran.stdout);
+    let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+    w.wait_streaming()?;
+    let ids: Vec<String> = admin
+        .query(
+            "INSERT INTO \"Sales\".\"Outbox\" (\"AggregateType\", \"AggregateId\", \"EventType\", \"Payload\") \
+             VALUES ('Order', 'o-1', 'Created', '{\"n\": 1}'), ('Order', 'o-1', 'Paid', '{\"n\": 2}') RETURNING \"Id\"::text",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let topic = format!("{}.Order", db.topic_prefix);
+    let mut reader =
+        walcast_tests::kafka::TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
+    let want: HashSet<String> = ids.iter().cloned().collect();
+    assert!(
+        wait_ids(&mut reader, &want, Duration::from_secs(60))?,
+        "the events did not arrive:\n{}",
+        w.log_text()
+    );
+    let got: Vec<(String, String, Option<String>)> = reader
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.header("id").unwrap_or_default(),
+                r.key_str(),
+                r.header("type"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                ids[0].clone(),
+                "o-1".to_string(),
+                Some("Created".to_string())
+            ),
+            (ids[1].clone(), "o-1".to_string(), Some("Paid".to_string()))
+        ]
+    );
+    w.terminate()?;
+    w.wait_exit(Duration::from_secs(30))?;
+    db.drop(env).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_each_kafka_misconfiguration_with_its_fix() -> Result<()> {
     let env = TestEnv::get();

@@ -441,17 +441,45 @@ pub(crate) async fn check_tables(s: &mut Session<'_>) -> Result<Vec<TableName>> 
                     quote_ident(col)
                 )));
             }
-            if !names.iter().any(|n| n == col) {
-                return Err(Error::operator(format!(
-                    "outbox table {t} has no column {col:?} (named by {opt})"
-                ))
-                .with_hint(format!(
-                    "add it (ALTER TABLE {} ADD COLUMN {} ...) or set {opt} to the column that holds it; the table has: {}",
-                    quote_table(t),
-                    quote_ident(col),
-                    names.join(", ")
-                )));
-            }
+        }
+        // Every missing column at once, so one fix covers them.
+        let missing: Vec<&(String, String)> = cols
+            .iter()
+            .filter(|(_, col)| !names.iter().any(|n| n == col))
+            .collect();
+        if !missing.is_empty() {
+            let list = missing
+                .iter()
+                .map(|(opt, col)| format!("{col:?} (named by {opt})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            // A quoted mixed-case name ("Id") is not the lower-case one.
+            let other_case: Vec<String> = missing
+                .iter()
+                .filter_map(|(opt, col)| {
+                    names
+                        .iter()
+                        .find(|n| n.eq_ignore_ascii_case(col))
+                        .map(|n| format!("{opt} = {n:?}"))
+                })
+                .collect();
+            let case_hint = if other_case.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "the table has such columns in another case (a quoted name keeps its case in PostgreSQL): set {}; ",
+                    other_case.join(", ")
+                )
+            };
+            return Err(Error::operator(format!(
+                "outbox table {t} has no column {list}"
+            ))
+            .with_hint(format!(
+                "{case_hint}add a missing column (ALTER TABLE {} ADD COLUMN {} ...) or set its option to the column that holds it; the table has: {}",
+                quote_table(t),
+                quote_ident(&missing[0].1),
+                names.join(", ")
+            )));
         }
     }
     Ok(partitioned)
@@ -770,7 +798,16 @@ pub(crate) async fn publication_problems(
     let published = s
         .query(
             &if server_version_num >= 150_000 {
-                format!("SELECT schemaname, tablename, rowfilter, attnames FROM pg_catalog.pg_publication_tables WHERE pubname = {name}")
+                // The table's own columns too: a column walcast needs that
+                // the table lacks is the tables check's finding, not a
+                // column list's.
+                format!("SELECT schemaname, tablename, rowfilter, attnames, \
+                         (SELECT array_agg(a.attname) FROM pg_catalog.pg_attribute a \
+                          JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                          WHERE n.nspname = schemaname AND c.relname = tablename \
+                          AND a.attnum > 0 AND NOT a.attisdropped) \
+                         FROM pg_catalog.pg_publication_tables WHERE pubname = {name}")
             } else {
                 format!("SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = {name}")
             },
@@ -854,11 +891,14 @@ pub(crate) async fn publication_problems(
         }
         // A column list must keep every column walcast reads.
         if let Some(attnames) = row.get(3).cloned().flatten() {
-            let published: Vec<String> = attnames
-                .trim_matches(|c| c == '{' || c == '}')
-                .split(',')
-                .map(|c| c.trim_matches('"').to_string())
-                .collect();
+            let names = |list: &str| -> Vec<String> {
+                list.trim_matches(|c| c == '{' || c == '}')
+                    .split(',')
+                    .map(|c| c.trim_matches('"').to_string())
+                    .collect()
+            };
+            let published = names(&attnames);
+            let in_table = row.get(4).cloned().flatten().map(|l| names(&l));
             let needed = s
                 .opts
                 .columns
@@ -869,6 +909,7 @@ pub(crate) async fn publication_problems(
             let left_out: Vec<&str> = needed
                 .iter()
                 .filter(|(_, c)| !published.iter().any(|p| p == c))
+                .filter(|(_, c)| in_table.as_ref().is_none_or(|cols| cols.contains(c)))
                 .map(|(_, c)| c.as_str())
                 .collect();
             if !left_out.is_empty() {
