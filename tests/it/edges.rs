@@ -1,7 +1,8 @@
 //! Issue 10: outbox setups unlike the default one, tried as a new user would.
 //! A partitioned outbox in another schema with its own column names, a
 //! publication that carries more than the outbox, a renamed outbox, a row
-//! above `pipeline.max_row_bytes`, and transactional logical messages.
+//! above `pipeline.max_row_bytes`, transactional logical messages, and
+//! savepoints, deletes and TRUNCATE around outbox inserts.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -419,6 +420,82 @@ async fn a_swapped_outbox_stops_walcast() -> Result<()> {
     // A restart refuses too: the publication does not hold the new table.
     let (code, out) = run_to_exit(dir.path(), &cfg)?;
     assert_eq!(code, EXIT_OPERATOR, "{out}");
+    drop(c);
+    db.drop(env).await?;
+    Ok(())
+}
+
+/// What applications do around their outbox INSERTs, with a publication
+/// that publishes every operation: a savepoint rolled back inside the
+/// transaction (its event never existed), the insert-then-delete pattern
+/// that keeps the table empty (the event is relayed), and a TRUNCATE. Only
+/// the committed INSERTs arrive, in commit order, and walcast keeps going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn savepoints_deletes_and_truncate_around_outbox_inserts() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let db = TestDb::create(env, "savepoint").await?;
+    let c = db.admin(env).await?;
+    c.batch_execute(&format!(
+        "ALTER PUBLICATION {} SET (publish = 'insert, update, delete, truncate')",
+        db.publication
+    ))
+    .await?;
+    let t = topics(&db);
+    let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+    create_topics(&env.kafka_bootstrap, &refs, 3).await?;
+    let mut reader = TopicReader::new(&env.kafka_bootstrap, &refs)?;
+    let dir = tempfile::tempdir()?;
+    let cfg = WalcastConfig::for_db(env, &db, dir.path());
+    let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
+    w.wait_streaming()?;
+    let insert = |ty: &str| {
+        format!("INSERT INTO outbox (aggregatetype, aggregateid, type, payload) VALUES ('Order', 'k', '{ty}', '{{}}') RETURNING id::text")
+    };
+    let mut written = Vec::new();
+    c.batch_execute("BEGIN").await?;
+    written.push(c.query_one(&insert("e1"), &[]).await?.get::<_, String>(0));
+    c.batch_execute("SAVEPOINT s1").await?;
+    let rolled_back: String = c.query_one(&insert("rolled-back"), &[]).await?.get(0);
+    c.batch_execute("ROLLBACK TO SAVEPOINT s1").await?;
+    written.push(c.query_one(&insert("e2"), &[]).await?.get::<_, String>(0));
+    c.batch_execute("COMMIT").await?;
+    c.batch_execute("BEGIN").await?;
+    let e3: String = c.query_one(&insert("e3"), &[]).await?.get(0);
+    c.execute("DELETE FROM outbox WHERE id = $1::text::uuid", &[&e3])
+        .await?;
+    c.batch_execute("COMMIT").await?;
+    written.push(e3);
+    c.batch_execute("TRUNCATE outbox").await?;
+    written.push(c.query_one(&insert("e4"), &[]).await?.get::<_, String>(0));
+    let end = current_wal_lsn(&c).await?;
+    let want: HashSet<String> = written.iter().cloned().collect();
+    assert!(
+        wait_ids(&mut reader, &want, Duration::from_secs(60))?,
+        "not every committed event arrived:\n{}",
+        w.log_text()
+    );
+    assert!(
+        wait_confirmed(env, &db, end, Duration::from_secs(30)).await?,
+        "the slot did not pass the TRUNCATE:\n{}",
+        w.log_text()
+    );
+    reader.read_to_end(Duration::from_secs(2))?;
+    let mut got: Vec<(i32, i64, String)> = reader
+        .records
+        .iter()
+        .map(|r| (r.partition, r.offset, r.header("id").unwrap_or_default()))
+        .collect();
+    got.sort();
+    let ids: Vec<String> = got.into_iter().map(|(_, _, id)| id).collect();
+    assert_eq!(
+        ids, written,
+        "the committed events, once each, in commit order"
+    );
+    assert!(!ids.contains(&rolled_back));
+    assert!(w.is_running(), "walcast stopped:\n{}", w.log_text());
+    w.terminate()?;
+    w.wait_exit(Duration::from_secs(30))?;
     drop(c);
     db.drop(env).await?;
     Ok(())
