@@ -357,33 +357,60 @@ async fn an_unroutable_row_stops_walcast_at_that_row() -> Result<()> {
     Ok(())
 }
 
-/// A row choosing a partition its topic does not have, under a route whose
-/// policy is `dead-letter`: the event goes to the dead-letter topic (reason
-/// `unroutable`, the message naming the partition count) in the same run,
-/// the rows around it reach their topic in order, the slot passes it and
-/// walcast goes on. Then the topic gets more partitions while walcast runs:
-/// a row choosing one of the new partitions is delivered there (the count
-/// is read again, not refused from the one walcast knew).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_the_topic_lacks_is_dead_lettered_and_a_new_one_is_used() -> Result<()> {
-    let env = TestEnv::get();
-    let _g = env.shared().await;
-    let (db, admin) = db_with(env, "nopartition", BAD_DDL, &["public.bad_outbox"]).await?;
+/// A running walcast whose route dead-letters, after the rows g1, b1, g2.
+struct DeadLettered {
+    db: TestDb,
+    admin: Client,
+    w: Walcast,
+    /// The route's topic (one partition).
+    topic: String,
+    /// The dead-letter topic, read up to b1's record.
+    dead: TopicReader,
+    /// walcast's state directory (kept while it runs).
+    _dir: tempfile::TempDir,
+}
+
+/// Runs walcast on a `bad_outbox` whose route dead-letters to
+/// `<prefix>-dead-letters` (its topic created with `topic_configs`), writes
+/// g1, the row `bad` (VALUES of `BAD_DDL`'s columns, id `b1`) and g2, and
+/// checks that b1 is dead-lettered with `reason` and a message holding each
+/// of `needles`, g1 and g2 reach the topic in order, the slot passes them
+/// and walcast keeps running.
+async fn dead_lettered_between_good_rows(
+    env: &'static TestEnv,
+    tag: &str,
+    topic_configs: &[(&str, &str)],
+    bad: &str,
+    reason: &str,
+    needles: &[&str],
+) -> Result<DeadLettered> {
+    let (db, admin) = db_with(env, tag, BAD_DDL, &["public.bad_outbox"]).await?;
     let topic = format!("{}.A", db.topic_prefix);
     let dlq = format!("{}-dead-letters", db.topic_prefix);
-    create_topics(&env.kafka_bootstrap, &[topic.as_str()], 1).await?;
+    walcast_tests::kafka::create_topics_with(
+        &env.kafka_bootstrap,
+        &[topic.as_str()],
+        1,
+        1,
+        topic_configs,
+    )
+    .await?;
     let dir = tempfile::tempdir()?;
     let route = bad_route(&db.topic_prefix)
         + &format!("on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n");
     let cfg = with_routes(&WalcastConfig::for_db(env, &db, dir.path()), &route);
     let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
     w.wait_streaming()?;
-    let insert = |id: &str, part: i32| {
-        format!("INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts) VALUES ('{id}', 'A', 'k', '{{}}', {part}, now())")
-    };
-    admin.batch_execute(&insert("g1", 0)).await?;
-    admin.batch_execute(&insert("b1", 3)).await?;
-    admin.batch_execute(&insert("g2", 0)).await?;
+    let columns = "INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts)";
+    for values in [
+        "'g1', 'A', 'k', '{}', 0, now()",
+        bad,
+        "'g2', 'A', 'k', '{}', 0, now()",
+    ] {
+        admin
+            .batch_execute(&format!("{columns} VALUES ({values})"))
+            .await?;
+    }
     let after = current_wal_lsn(&admin).await?;
     let mut main = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
     let want = ["g1".to_string(), "g2".to_string()].into();
@@ -410,15 +437,52 @@ async fn a_partition_the_topic_lacks_is_dead_lettered_and_a_new_one_is_used() ->
     let ids: Vec<String> = main.records.iter().filter_map(|r| r.header("id")).collect();
     assert_eq!(ids, ["g1", "g2"], "in order, once each");
     let r = &dead.records[0];
-    assert_eq!(
-        r.header("walcast.error.reason").as_deref(),
-        Some("unroutable")
-    );
+    assert_eq!(r.header("walcast.error.reason").as_deref(), Some(reason));
     let message = r.header("walcast.error.message").unwrap_or_default();
-    assert!(
-        message.contains("chose partition 3") && message.contains("which has 1 partition"),
-        "message: {message}"
-    );
+    for needle in needles {
+        assert!(message.contains(needle), "{needle:?} missing in: {message}");
+    }
+    Ok(DeadLettered {
+        db,
+        admin,
+        w,
+        topic,
+        dead,
+        _dir: dir,
+    })
+}
+
+/// A row choosing a partition its topic does not have, under a route whose
+/// policy is `dead-letter`: the event goes to the dead-letter topic (reason
+/// `unroutable`, the message naming the partition count) in the same run,
+/// the rows around it reach their topic in order, the slot passes it and
+/// walcast goes on. Then the topic gets more partitions while walcast runs:
+/// a row choosing one of the new partitions is delivered there (the count
+/// is read again, not refused from the one walcast knew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_the_topic_lacks_is_dead_lettered_and_a_new_one_is_used() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    let d = dead_lettered_between_good_rows(
+        env,
+        "nopartition",
+        &[],
+        "'b1', 'A', 'k', '{}', 3, now()",
+        "unroutable",
+        &["chose partition 3", "which has 1 partition"],
+    )
+    .await?;
+    let DeadLettered {
+        db,
+        admin,
+        mut w,
+        topic,
+        mut dead,
+        _dir,
+    } = d;
+    let insert = |id: &str, part: i32| {
+        format!("INSERT INTO bad_outbox (id, aggregatetype, aggregateid, payload, part, ts) VALUES ('{id}', 'A', 'k', '{{}}', {part}, now())")
+    };
 
     // The topic grows to 4 partitions: partition 3 now exists.
     walcast_tests::kafka::add_partitions(&env.kafka_bootstrap, &topic, 4).await?;
@@ -547,58 +611,19 @@ async fn a_timestamp_the_topic_refuses_stops_walcast_or_is_dead_lettered() -> Re
     }
 
     // Under dead-letter: the row goes there, the others reach the topic.
-    let (db, admin) = db_with(env, "timestampdl", BAD_DDL, &["public.bad_outbox"]).await?;
-    let topic = format!("{}.A", db.topic_prefix);
-    let dlq = format!("{}-dead-letters", db.topic_prefix);
-    walcast_tests::kafka::create_topics_with(&env.kafka_bootstrap, &[topic.as_str()], 1, 1, &hour)
-        .await?;
-    let dir = tempfile::tempdir()?;
-    let route = bad_route(&db.topic_prefix)
-        + &format!("on_permanent_error = \"dead-letter\"\ndead_letter_topic = \"{dlq}\"\n");
-    let cfg = with_routes(&WalcastConfig::for_db(env, &db, dir.path()), &route);
-    let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
-    w.wait_streaming()?;
-    admin.batch_execute(&insert("g1", "now()")).await?;
-    admin.batch_execute(&insert("b1", ahead)).await?;
-    admin.batch_execute(&insert("g2", "now()")).await?;
-    let after = current_wal_lsn(&admin).await?;
-    let mut main = TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
-    assert!(
-        wait_ids(
-            &mut main,
-            &["g1".to_string(), "g2".to_string()].into(),
-            Duration::from_secs(60)
-        )?,
-        "g1 and g2 did not arrive:\n{}",
-        w.log_text()
-    );
-    let mut dead = TopicReader::new(&env.kafka_bootstrap, &[dlq.as_str()])?;
-    assert!(
-        wait_ids(
-            &mut dead,
-            &["b1".to_string()].into(),
-            Duration::from_secs(60)
-        )?,
-        "no dead-letter record of b1:\n{}",
-        w.log_text()
-    );
-    assert!(wait_confirmed(env, &db, after, Duration::from_secs(30)).await?);
-    assert!(w.is_running(), "walcast stopped:\n{}", w.log_text());
-    let ids: Vec<String> = main.records.iter().filter_map(|r| r.header("id")).collect();
-    assert_eq!(ids, ["g1", "g2"], "in order, once each");
-    let r = &dead.records[0];
-    assert_eq!(
-        r.header("walcast.error.reason").as_deref(),
-        Some("invalid_record")
-    );
-    let message = r.header("walcast.error.message").unwrap_or_default();
-    assert!(
-        message.contains("message.timestamp.after.max.ms"),
-        "message: {message}"
-    );
+    let d = dead_lettered_between_good_rows(
+        env,
+        "timestampdl",
+        &hour,
+        &format!("'b1', 'A', 'k', '{{}}', 0, {ahead}"),
+        "invalid_record",
+        &["message.timestamp.after.max.ms"],
+    )
+    .await?;
+    let mut w = d.w;
     w.terminate()?;
     w.wait_exit(Duration::from_secs(30))?;
-    db.drop(env).await?;
+    d.db.drop(env).await?;
     Ok(())
 }
 
