@@ -636,6 +636,10 @@ fn delivery_error_text(err: KafkaError, info: &RecordInfo) -> Error {
         .with_hint(fix);
     }
     if code == Some(RDKafkaErrorCode::InvalidTimestamp) {
+        let timestamp = info.timestamp_ms.map_or_else(
+            || "none set".to_string(),
+            |t| format!("{t} ms since the epoch"),
+        );
         // walcast checked the record against the topic's window before
         // producing it: the broker's clock differs from this host's, the
         // window was narrowed since walcast read it, or another record of
@@ -643,7 +647,7 @@ fn delivery_error_text(err: KafkaError, info: &RecordInfo) -> Error {
         if info.topic_limit.is_some_and(|l| l.timestamps.is_some()) {
             return Error::retryable(format!(
                 "Kafka refused the record batch holding event {id} for topic {topic:?} for its record timestamp ({}), which walcast found inside the topic's message.timestamp.before.max.ms / after.max.ms window",
-                info.timestamp_ms.map_or_else(|| "none set".to_string(), |t| format!("{t} ms since the epoch"))
+                timestamp
             ))
             .with_source(err)
             .with_hint("walcast restarts from the slot's confirmed position and reads the topic's window again; nothing is skipped. If this repeats, compare the brokers' clocks with this host's");
@@ -652,7 +656,7 @@ fn delivery_error_text(err: KafkaError, info: &RecordInfo) -> Error {
             "Kafka refused event {id} from {} (commit LSN {}) for topic {topic:?}: its record timestamp ({}) lies outside the window the topic accepts (message.timestamp.before.max.ms / message.timestamp.after.max.ms; walcast could not read them to check before producing)",
             info.table,
             info.source_lsn,
-            info.timestamp_ms.map_or_else(|| "none set".to_string(), |t| format!("{t} ms since the epoch"))
+            timestamp
         ))
         .with_source(err)
         .with_hint(timestamp_hint(topic));

@@ -154,6 +154,14 @@ impl TimestampWindow {
         None
     }
 
+    /// The window both `self` and `other` accept.
+    pub fn narrower(self, other: TimestampWindow) -> TimestampWindow {
+        TimestampWindow {
+            before_ms: self.before_ms.min(other.before_ms),
+            after_ms: self.after_ms.min(other.after_ms),
+        }
+    }
+
     /// Whether it bounds anything (Kafka's defaults before 4.0 did not).
     pub fn is_bounded(&self) -> bool {
         self.before_ms < i64::MAX || self.after_ms < i64::MAX
@@ -289,9 +297,8 @@ pub(crate) async fn fetch_metadata(
     timeout: Duration,
 ) -> Result<Metadata> {
     let admin = admin.clone();
-    tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
-        .await
-        .map_err(|e| Error::retryable("metadata task failed").with_source(e))?
+    blocking_metadata(move || admin.inner().fetch_metadata(None, timeout))
+        .await?
         .map_err(|e| {
             Error::retryable(format!(
                 "cannot reach Kafka at {bootstrap} within {}s",
@@ -300,6 +307,15 @@ pub(crate) async fn fetch_metadata(
             .with_source(e)
             .with_hint("check that the brokers run and that kafka.bootstrap_servers (and security settings in kafka.properties) are right; walcast retries with backoff")
         })
+}
+
+/// Runs a (blocking) metadata request of librdkafka's off the async threads.
+async fn blocking_metadata(
+    fetch: impl FnOnce() -> rdkafka::error::KafkaResult<Metadata> + Send + 'static,
+) -> Result<rdkafka::error::KafkaResult<Metadata>> {
+    tokio::task::spawn_blocking(fetch)
+        .await
+        .map_err(|e| Error::retryable("the Kafka metadata request's task failed").with_source(e))
 }
 
 /// The number of partitions of `topic`, `None` when the cluster does not
@@ -319,9 +335,8 @@ pub(crate) async fn partition_count(
     use rdkafka::producer::Producer;
     let client = client.clone();
     let name = topic.to_string();
-    let md = tokio::task::spawn_blocking(move || client.client().fetch_metadata(Some(&name), timeout))
-        .await
-        .map_err(|e| Error::retryable("metadata task failed").with_source(e))?
+    let md = blocking_metadata(move || client.client().fetch_metadata(Some(&name), timeout))
+        .await?
         .map_err(|e| {
             Error::retryable(format!(
                 "cannot read topic {topic:?}'s partitions from Kafka at {bootstrap} within {}s",
@@ -364,9 +379,8 @@ pub(crate) async fn read_cluster_limits(
     // broker, so two of them in one request fail with "Conflicting use".
     if !brokers.is_empty() {
         let mut smallest: Option<u64> = None;
-        // The narrowest window over the brokers; `None` once one broker's
-        // is unknown.
-        let mut window: Option<Option<TimestampWindow>> = None;
+        // Each broker's timestamp window (`None`: unknown).
+        let mut windows: Vec<Option<TimestampWindow>> = Vec::new();
         for b in &brokers {
             let specs = [ResourceSpecifier::Broker(*b)];
             let results = tokio::time::timeout(timeout * 2, admin.describe_configs(&specs, &opts))
@@ -382,18 +396,10 @@ pub(crate) async fn read_cluster_limits(
                         ) {
                             smallest = Some(smallest.map_or(v, |s| s.min(v)));
                         }
-                        let w = timestamp_window(&res, "log.");
-                        window = Some(match (window, w) {
-                            (None, w) => w,
-                            (Some(Some(a)), Some(b)) => Some(TimestampWindow {
-                                before_ms: a.before_ms.min(b.before_ms),
-                                after_ms: a.after_ms.min(b.after_ms),
-                            }),
-                            _ => None,
-                        });
+                        windows.push(timestamp_window(&res, "log."));
                     }
                     Err(code) if is_denied(code) => {
-                        window = Some(None);
+                        windows.push(None);
                         tracing::warn!(
                             "walcast may not read the brokers' configuration ({code}); it assumes Kafka's default message.max.bytes of {KAFKA_DEFAULT_MAX_MESSAGE_BYTES} for topics it has yet to create. Grant walcast's principal DescribeConfigs on the cluster to have it read"
                         );
@@ -408,7 +414,11 @@ pub(crate) async fn read_cluster_limits(
             }
         }
         limits.set_broker_default(smallest.unwrap_or(KAFKA_DEFAULT_MAX_MESSAGE_BYTES));
-        limits.inner.lock().unwrap().broker_timestamps = window.flatten();
+        // The narrowest, when every broker's is known.
+        limits.inner.lock().unwrap().broker_timestamps = windows
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .and_then(|ws| ws.into_iter().reduce(TimestampWindow::narrower));
     }
     for chunk in topics.chunks(200) {
         let specs: Vec<ResourceSpecifier> = chunk
@@ -610,6 +620,22 @@ mod tests {
             Some(TimestampWindow::UNBOUNDED)
         );
         assert!(!TimestampWindow::UNBOUNDED.is_bounded());
+        // Over brokers: the narrowest in each direction.
+        let a = TimestampWindow {
+            before_ms: 10,
+            after_ms: i64::MAX,
+        };
+        let b = TimestampWindow {
+            before_ms: 20,
+            after_ms: 5,
+        };
+        assert_eq!(
+            a.narrower(b),
+            TimestampWindow {
+                before_ms: 10,
+                after_ms: 5
+            }
+        );
         // Not read: unknown.
         assert_eq!(timestamp_window(&resource(&[]), ""), None);
         // Kafka 3.5 and older: one setting for both directions.
