@@ -397,6 +397,9 @@ async fn a_mixed_case_outbox_is_checked_and_relayed() -> Result<()> {
         .set("outbox.columns", "payload", "\"Payload\"");
     let ran = walcast(dir.path(), Some(&cfg), &["check", "--json"])?;
     assert_eq!(ran.json()["failed"], 0, "{}", ran.stdout);
+    // Created first: a reader of a topic that does not exist yet fails.
+    let topic = format!("{}.Order", db.topic_prefix);
+    walcast_tests::kafka::create_topics(&env.kafka_bootstrap, &[topic.as_str()], 1).await?;
     let mut w = Walcast::start(&bin(), dir.path(), &cfg)?;
     w.wait_streaming()?;
     let ids: Vec<String> = admin
@@ -409,7 +412,6 @@ async fn a_mixed_case_outbox_is_checked_and_relayed() -> Result<()> {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let topic = format!("{}.Order", db.topic_prefix);
     let mut reader =
         walcast_tests::kafka::TopicReader::new(&env.kafka_bootstrap, &[topic.as_str()])?;
     let want: HashSet<String> = ids.iter().cloned().collect();
