@@ -22,8 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use walcast_pgoutput::Lsn;
 
@@ -33,7 +31,7 @@ use crate::error::{Decision, Error, Origin, Result};
 use crate::failpoint::{Failpoints, Point};
 use crate::outbox::{OutboxFilter, Row, SkipReason};
 use crate::route::{OpBehavior, OutboxEvent, Router};
-use crate::sink::EventSink;
+use crate::sink::{DeliveryToken, EventSink, TokenRing};
 use crate::source::{ReplicationSource, SourceEvent};
 
 /// Flow-control and shutdown settings.
@@ -417,7 +415,8 @@ impl Pipeline {
     {
         let mut tracker = AckTracker::new(start);
         let mut confirmed = start;
-        let mut deliveries = FuturesUnordered::new();
+        let mut outstanding = Outstanding::default();
+        let mut outcomes: Vec<(DeliveryToken, Result<()>)> = Vec::new();
         // The open transaction: its ticket, commit LSN and commit time.
         let mut open: Option<(TxnTicket, Lsn, i64)> = None;
         // The open transaction's id (for table-less outbox envelopes).
@@ -463,53 +462,62 @@ impl Pipeline {
                     && dead_letters_in_flight == 0
                     && tracker.in_flight_events() < self.settings.max_in_flight_events
                     && (tracker.pending_transactions() as u64) <= self.settings.max_in_flight_events
+                    // The ring of outstanding tokens spans delivered events
+                    // behind an undelivered one too: bounded as well.
+                    && outstanding.span() < self.settings.max_in_flight_events.saturating_mul(OUTSTANDING_SPAN_FACTOR)
                     && bytes_in_flight < self.settings.max_in_flight_bytes;
                 tokio::select! {
                     biased;
-                    Some(Done { ticket, size, topic, commit_time, dead_letter, dead_letter_topic: dlq, result }) = deliveries.next(), if !deliveries.is_empty() => {
-                        if let Err(e) = result {
-                            delivery_failed = true;
-                            let e = match &dead_letter {
-                                Some(dl) => dl.failed(e),
-                                // Its route stops at such an event: nothing
-                                // to dead-letter after a restart either.
-                                None if dlq.is_none() => e.without_rejected(),
-                                None => e,
-                            };
-                            self.observer.delivery_failed(&e);
-                            return Err(e.or_origin(Origin::Kafka));
-                        }
-                        tracker.delivered(ticket).map_err(protocol_error)?;
-                        if let Some(dl) = &dead_letter {
-                            dead_letters_in_flight -= 1;
-                            self.observer.dead_lettered(dl.reason, dl.original_topic.as_ref());
-                        }
-                        bytes_in_flight -= size;
-                        if stall_warned.take().is_some() {
-                            self.observer.kafka_flowing(last_delivery.elapsed());
-                        }
-                        last_delivery = Instant::now();
-                        self.progress
-                            .last_delivery_ms
-                            .store(self.progress.stamp(last_delivery), Ordering::Relaxed);
-                        self.progress.events_delivered.fetch_add(1, Ordering::Relaxed);
-                        self.observer.delivered(ticket, &topic, size, commit_time);
-                        if let Some(fp) = &self.failpoints {
-                            if fp.hit(Point::AfterDelivery) {
-                                Failpoints::fire(Point::AfterDelivery);
+                    _ = sink.delivered(&mut outcomes), if !outstanding.is_empty() => {
+                        // Popped one by one: when the loop ends early (an
+                        // input that stops walcast), the outcomes not handled
+                        // stay for the drain below.
+                        outcomes.reverse();
+                        while let Some((token, result)) = outcomes.pop() {
+                            let Sent { ticket, size, topic, commit_time, dead_letter, dead_letter_topic: dlq } = outstanding.take(token).ok_or_else(|| unknown_token(token))?;
+                            if let Err(e) = result {
+                                delivery_failed = true;
+                                let e = match &dead_letter {
+                                    Some(dl) => dl.failed(e),
+                                    // Its route stops at such an event: nothing
+                                    // to dead-letter after a restart either.
+                                    None if dlq.is_none() => e.without_rejected(),
+                                    None => e,
+                                };
+                                self.observer.delivery_failed(&e);
+                                return Err(e.or_origin(Origin::Kafka));
                             }
-                        }
-                        if waiting.as_ref().is_some_and(|(_, _, o)| {
-                            fits(bytes_in_flight, o.event.size_bytes(), self.settings.max_in_flight_bytes)
-                        }) {
-                            if let Some((ticket, commit_time, outgoing)) = waiting.take() {
-                                self.observer.event_sent(ticket, &outgoing.event);
-                                let (delivery, size, dead) = hand_over(sink, &mut tracker, ticket, commit_time, outgoing)
-                                    .inspect_err(|e| self.observer.delivery_failed(e))?;
-                                deliveries.push(delivery);
-                                bytes_in_flight += size;
-                                dead_letters_in_flight += u64::from(dead);
-                                self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
+                            tracker.delivered(ticket).map_err(protocol_error)?;
+                            if let Some(dl) = &dead_letter {
+                                dead_letters_in_flight -= 1;
+                                self.observer.dead_lettered(dl.reason, dl.original_topic.as_ref());
+                            }
+                            bytes_in_flight -= size;
+                            if stall_warned.take().is_some() {
+                                self.observer.kafka_flowing(last_delivery.elapsed());
+                            }
+                            last_delivery = Instant::now();
+                            self.progress
+                                .last_delivery_ms
+                                .store(self.progress.stamp(last_delivery), Ordering::Relaxed);
+                            self.progress.events_delivered.fetch_add(1, Ordering::Relaxed);
+                            self.observer.delivered(ticket, &topic, size, commit_time);
+                            if let Some(fp) = &self.failpoints {
+                                if fp.hit(Point::AfterDelivery) {
+                                    Failpoints::fire(Point::AfterDelivery);
+                                }
+                            }
+                            if waiting.as_ref().is_some_and(|(_, _, o)| {
+                                fits(bytes_in_flight, o.event.size_bytes(), self.settings.max_in_flight_bytes)
+                            }) {
+                                if let Some((ticket, commit_time, outgoing)) = waiting.take() {
+                                    self.observer.event_sent(ticket, &outgoing.event);
+                                    let (size, dead) = hand_over(sink, &mut tracker, &mut outstanding, ticket, commit_time, outgoing)
+                                        .inspect_err(|e| self.observer.delivery_failed(e))?;
+                                    bytes_in_flight += size;
+                                    dead_letters_in_flight += u64::from(dead);
+                                    self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                     }
@@ -639,20 +647,20 @@ impl Pipeline {
                             };
                             let size = outgoing.event.size_bytes();
                             sink.prepare(&outgoing.event).await.map_err(|e| e.or_origin(Origin::Kafka))?;
-                            if !deliveries.is_empty()
+                            if !outstanding.is_empty()
                                 && !fits(bytes_in_flight, size, self.settings.max_in_flight_bytes)
                             {
                                 waiting = Some((ticket, commit_time, outgoing));
                             } else {
                                 self.observer.event_sent(ticket, &outgoing.event);
-                                let (delivery, size, dead) = hand_over(sink, &mut tracker, ticket, commit_time, outgoing)
+                                let was_idle = outstanding.is_empty();
+                                let (size, dead) = hand_over(sink, &mut tracker, &mut outstanding, ticket, commit_time, outgoing)
                                     .inspect_err(|e| self.observer.delivery_failed(e))?;
                                 bytes_in_flight += size;
                                 dead_letters_in_flight += u64::from(dead);
-                                if deliveries.is_empty() {
+                                if was_idle {
                                     last_delivery = Instant::now();
                                 }
-                                deliveries.push(delivery);
                                 self.progress.events_sent.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -662,7 +670,7 @@ impl Pipeline {
                             self.progress.sink_queue.store(depth, Ordering::Relaxed);
                         }
                         let stalled_for = last_delivery.elapsed();
-                        if !deliveries.is_empty() && stalled_for >= self.settings.delivery_timeout {
+                        if !outstanding.is_empty() && stalled_for >= self.settings.delivery_timeout {
                             return Err(Error::retryable(format!(
                                 "Kafka acknowledged nothing for {}s with {} events in flight (kafka.delivery_timeout_ms)",
                                 stalled_for.as_secs(),
@@ -671,14 +679,14 @@ impl Pipeline {
                             .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped")
                             .or_origin(Origin::DeliveryTimeout));
                         }
-                        if !deliveries.is_empty() && stalled_for >= self.settings.stall_warning_after && stall_warned.is_none() {
+                        if !outstanding.is_empty() && stalled_for >= self.settings.stall_warning_after && stall_warned.is_none() {
                             self.observer.kafka_blocked(stalled_for, tracker.in_flight_events(), confirmed);
                             stall_warned = Some(stalled_for);
                         }
                     }
                 }
                 self.progress.waiting_since_ms.store(
-                    if deliveries.is_empty() { 0 } else { self.progress.stamp(last_delivery) },
+                    if outstanding.is_empty() { 0 } else { self.progress.stamp(last_delivery) },
                     Ordering::Relaxed,
                 );
                 self.progress
@@ -712,7 +720,7 @@ impl Pipeline {
             // and leave the slot right before the bad transaction, instead of
             // purging them with it (the next run would read them again and
             // stop before delivering them again, for as long as the row is there).
-            Err(e) if e.kind().decision() == Decision::Exit && !deliveries.is_empty() => Some(e),
+            Err(e) if e.kind().decision() == Decision::Exit && !outstanding.is_empty() => Some(e),
             Err(e) => return Err(e),
         };
 
@@ -728,49 +736,53 @@ impl Pipeline {
                 "shutting down"
             }
         );
-        while !deliveries.is_empty() {
-            match tokio::time::timeout_at(deadline, deliveries.next()).await {
-                Ok(Some(Done {
+        'drain: while !outstanding.is_empty() {
+            if outcomes.is_empty()
+                && tokio::time::timeout_at(deadline, sink.delivered(&mut outcomes))
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    in_flight_events = tracker.in_flight_events(),
+                    "shutdown timeout reached; undelivered events are left for the next run"
+                );
+                break;
+            }
+            outcomes.reverse();
+            while let Some((token, result)) = outcomes.pop() {
+                let Sent {
                     ticket,
                     size,
                     topic,
                     commit_time,
                     dead_letter,
-                    result,
                     ..
-                })) => {
-                    if let Err(e) = result {
-                        self.observer.delivery_failed(&e);
-                        tracing::warn!(
-                            error = %e,
-                            event_id = e.event_id(),
-                            correlation_id = e.correlation_id(),
-                            "delivery failed during shutdown; the event is left for the next run"
-                        );
-                        break;
-                    }
-                    tracker.delivered(ticket).map_err(protocol_error)?;
-                    self.observer.delivered(ticket, &topic, size, commit_time);
-                    if let Some(dl) = &dead_letter {
-                        self.observer
-                            .dead_lettered(dl.reason, dl.original_topic.as_ref());
-                    }
-                    bytes_in_flight -= size;
-                    self.progress
-                        .in_flight_bytes
-                        .store(bytes_in_flight, Ordering::Relaxed);
-                    self.progress
-                        .events_delivered
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(None) => break,
-                Err(_) => {
+                } = outstanding
+                    .take(token)
+                    .ok_or_else(|| unknown_token(token))?;
+                if let Err(e) = result {
+                    self.observer.delivery_failed(&e);
                     tracing::warn!(
-                        in_flight_events = tracker.in_flight_events(),
-                        "shutdown timeout reached; undelivered events are left for the next run"
+                        error = %e,
+                        event_id = e.event_id(),
+                        correlation_id = e.correlation_id(),
+                        "delivery failed during shutdown; the event is left for the next run"
                     );
-                    break;
+                    break 'drain;
                 }
+                tracker.delivered(ticket).map_err(protocol_error)?;
+                self.observer.delivered(ticket, &topic, size, commit_time);
+                if let Some(dl) = &dead_letter {
+                    self.observer
+                        .dead_lettered(dl.reason, dl.original_topic.as_ref());
+                }
+                bytes_in_flight -= size;
+                self.progress
+                    .in_flight_bytes
+                    .store(bytes_in_flight, Ordering::Relaxed);
+                self.progress
+                    .events_delivered
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
         self.advance(source, &mut confirmed, tracker.flush_lsn(), &mut on_confirm);
@@ -808,17 +820,32 @@ impl Pipeline {
     }
 }
 
-/// A finished delivery: the event's ticket, size, topic and commit time,
-/// whether it was a dead-letter record, its route's dead-letter topic
-/// (`None`: the route stops at such events), and the result.
-struct Done {
+/// An event handed to the sink and not yet reported: its ticket, size,
+/// topic and commit time, whether it is a dead-letter record, and its
+/// route's dead-letter topic (`None`: the route stops at such events).
+struct Sent {
     ticket: TxnTicket,
     size: u64,
     topic: Arc<str>,
     commit_time: i64,
     dead_letter: Option<DeadLetter>,
     dead_letter_topic: Option<Arc<str>>,
-    result: Result<()>,
+}
+
+/// The events handed to the sink and not yet reported, by token.
+type Outstanding = TokenRing<Sent>;
+
+/// The ring of outstanding tokens may span this many times
+/// `max_in_flight_events` (delivered events behind one still in flight)
+/// before reading pauses: its memory stays bounded when one partition lags.
+const OUTSTANDING_SPAN_FACTOR: u64 = 4;
+
+/// A sink reported an outcome for a token it was not sent under (or twice).
+fn unknown_token(token: DeliveryToken) -> Error {
+    Error::permanent(format!(
+        "the sink reported an outcome for delivery {token}, which is not outstanding"
+    ))
+    .with_hint("this is a bug in the sink; report it with the log. Nothing was skipped: the slot was not advanced past the problem")
 }
 
 /// A dead-letter record's origin: the refused event.
@@ -905,26 +932,27 @@ impl DeadLetter {
 /// `commit_time`) to the sink. When the event's route is under the
 /// dead-letter policy, an event the sink refuses for good before producing
 /// it is replaced by its dead-letter record, and a dead-letter record too
-/// large for its topic is sent without its value. Returns the delivery, the
-/// bytes it holds in flight, and whether it is a dead-letter record.
-#[allow(clippy::type_complexity)]
+/// large for its topic is sent without its value. Returns the bytes it holds
+/// in flight, and whether it is a dead-letter record.
 fn hand_over<K: EventSink>(
     sink: &mut K,
     tracker: &mut AckTracker,
+    outstanding: &mut Outstanding,
     ticket: TxnTicket,
     commit_time: i64,
     outgoing: Outgoing,
-) -> Result<(impl std::future::Future<Output = Done> + use<K>, u64, bool)> {
+) -> Result<(u64, bool)> {
     let Outgoing {
         event,
         dead_letter,
         dead_letter_topic: dlq,
     } = outgoing;
+    let txn = (ticket, commit_time);
     let (record, dl) = match dead_letter {
         None => {
             let size = event.size_bytes();
-            match dispatch(sink, tracker, ticket, commit_time, event, None, dlq.clone()) {
-                Ok(d) => return Ok((d, size, false)),
+            match dispatch(sink, tracker, outstanding, txn, event, None, dlq.clone()) {
+                Ok(()) => return Ok((size, false)),
                 Err(refused) => {
                     let o = DeadLetter::replace(dlq.clone(), refused)?;
                     (o.event, o.dead_letter.unwrap_or_else(|| unreachable!()))
@@ -938,13 +966,13 @@ fn hand_over<K: EventSink>(
     match dispatch(
         sink,
         tracker,
-        ticket,
-        commit_time,
+        outstanding,
+        txn,
         record,
         Some(dl.clone()),
         dlq.clone(),
     ) {
-        Ok(d) => Ok((d, size, true)),
+        Ok(()) => Ok((size, true)),
         Err(e) if keep.is_some() && e.rejected().is_some_and(|r| r.reason == Reason::TooLarge) => {
             // The value does not fit the dead-letter topic either: send the
             // key and headers, with the value's size in a header.
@@ -958,44 +986,45 @@ fn hand_over<K: EventSink>(
             dispatch(
                 sink,
                 tracker,
-                ticket,
-                commit_time,
+                outstanding,
+                txn,
                 record,
                 Some(dl.clone()),
                 dlq,
             )
-            .map(|d| (d, size, true))
+            .map(|()| (size, true))
             .map_err(|e| dl.failed(e))
         }
         Err(e) => Err(dl.failed(e)),
     }
 }
 
-/// Hands `event` of the open transaction `ticket` (committed at
-/// `commit_time`) to the sink; the returned future resolves to its [`Done`].
+/// Hands `event` of the open transaction `txn` (its ticket and commit time)
+/// to the sink under the next token, and records it as outstanding.
 /// `dead_letter_topic` is the event's route's (`None`: stop).
 fn dispatch<K: EventSink>(
     sink: &mut K,
     tracker: &mut AckTracker,
-    ticket: TxnTicket,
-    commit_time: i64,
+    outstanding: &mut Outstanding,
+    (ticket, commit_time): (TxnTicket, i64),
     event: OutboxEvent,
     dead_letter: Option<DeadLetter>,
     dead_letter_topic: Option<Arc<str>>,
-) -> Result<impl std::future::Future<Output = Done> + use<K>> {
+) -> Result<()> {
     let size = event.size_bytes();
     let topic = event.topic.clone();
-    let delivery = sink.send(event).map_err(|e| e.or_origin(Origin::Kafka))?;
+    sink.send(event, outstanding.next_token())
+        .map_err(|e| e.or_origin(Origin::Kafka))?;
     tracker.event_sent(ticket).map_err(protocol_error)?;
-    Ok(delivery.map(move |result| Done {
+    outstanding.push(Sent {
         ticket,
         size,
         topic,
         commit_time,
         dead_letter,
         dead_letter_topic,
-        result,
-    }))
+    });
+    Ok(())
 }
 
 /// True when an event of `size` bytes may join `in_flight` bytes under `max`.

@@ -5,13 +5,14 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{oneshot, watch, Notify};
 use walcast_core::config::{OutboxColumns, TableName};
 use walcast_core::dead_letter::{Reason, Rejected};
@@ -20,7 +21,7 @@ use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress}
 use walcast_core::route::{
     HeaderNames, OnPermanentError, OutboxEvent, RouteSpec, Router, Routes, TopicRule, TopicTemplate,
 };
-use walcast_core::sink::EventSink;
+use walcast_core::sink::{DeliveryToken, EventSink};
 use walcast_core::source::{ReplicationSource, SourceEvent};
 use walcast_core::{Error, Lsn, Result};
 use walcast_pgoutput::{
@@ -71,28 +72,31 @@ type Pending = Arc<Mutex<Vec<(String, oneshot::Sender<Result<()>>)>>>;
 /// Hands events over as pending deliveries; refuses (in `send`, before
 /// producing, like a record over the size limit) events whose id starts
 /// with "big"; counts `prepare` calls.
-struct FakeSink(Pending, Arc<AtomicUsize>);
+struct FakeSink(Pending, Arc<AtomicUsize>, Outcomes);
 
-struct FakeDelivery(oneshot::Receiver<Result<()>>);
+/// The outcomes of the deliveries handed over, as the test completes them.
+type Outcomes = FuturesUnordered<BoxFuture<'static, (DeliveryToken, Result<()>)>>;
 
-impl Future for FakeDelivery {
-    type Output = Result<()>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.0).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::retryable("sink dropped"))),
-        }
-    }
+/// The outcome of the delivery `rx` completes, under `token`.
+fn outcome(
+    token: DeliveryToken,
+    rx: oneshot::Receiver<Result<()>>,
+) -> BoxFuture<'static, (DeliveryToken, Result<()>)> {
+    Box::pin(async move {
+        (
+            token,
+            rx.await
+                .unwrap_or_else(|_| Err(Error::retryable("sink dropped"))),
+        )
+    })
 }
 
 impl EventSink for FakeSink {
-    type Delivery = FakeDelivery;
     fn prepare(&mut self, _event: &OutboxEvent) -> impl Future<Output = Result<()>> + Send {
         self.1.fetch_add(1, Ordering::SeqCst);
         std::future::ready(Ok(()))
     }
-    fn send(&mut self, event: OutboxEvent) -> Result<FakeDelivery> {
+    fn send(&mut self, event: OutboxEvent, token: DeliveryToken) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         let mut id = String::from_utf8_lossy(event.event_id()).into_owned();
         if &*event.topic == DLQ {
@@ -103,7 +107,17 @@ impl EventSink for FakeSink {
                 .with_rejected(Rejected::event(Reason::TooLarge, &event)));
         }
         self.0.lock().unwrap().push((id, tx));
-        Ok(FakeDelivery(rx))
+        self.2.push(outcome(token, rx));
+        Ok(())
+    }
+    async fn delivered(&mut self, out: &mut Vec<(DeliveryToken, Result<()>)>) {
+        match self.2.next().await {
+            Some(o) => out.push(o),
+            None => std::future::pending().await,
+        }
+        while let Some(Some(o)) = self.2.next().now_or_never() {
+            out.push(o);
+        }
     }
     fn abort(self) {}
 }
@@ -263,7 +277,7 @@ fn start_routed(
     .with_dead_letter(dead_letter);
     let mut src = FakeSource(source.clone());
     let prepared = Arc::new(AtomicUsize::new(0));
-    let mut sink = FakeSink(pending.clone(), prepared.clone());
+    let mut sink = FakeSink(pending.clone(), prepared.clone(), Outcomes::default());
     let task = tokio::spawn(async move {
         pipeline
             .run(&mut src, &mut sink, Lsn::new(100), stop_rx, |_| {})
@@ -496,6 +510,45 @@ async fn waiting_transactions_are_bounded_behind_a_stuck_event() {
     h.task.await.unwrap().unwrap();
 }
 
+/// The events delivered behind a stuck one in the same transaction are
+/// bounded too (the sink's outcomes are tracked in a ring from the oldest
+/// outstanding event): reading pauses at 4 x max_in_flight_events of them,
+/// and resumes once the stuck event is delivered.
+#[tokio::test]
+async fn events_delivered_behind_a_stuck_one_are_bounded() {
+    let h = start(2, 1 << 20);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("stuck", "s", 10)));
+    for i in 0..40 {
+        h.source.push(data(insert(&format!("e{i}"), "k", 10)));
+    }
+    h.source.push(commit(200));
+    let mut sent = 1;
+    for _ in 0..30 {
+        settle().await;
+        for id in pending_ids(&h).into_iter().filter(|id| id != "stuck") {
+            deliver(&h, &id, Ok(()));
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 8, "the stuck event and 7 after it (a span of 8 tokens)");
+    assert_eq!(h.progress.in_flight_events.load(Ordering::SeqCst), 1);
+    deliver(&h, "stuck", Ok(()));
+    for _ in 0..40 {
+        settle().await;
+        for id in pending_ids(&h) {
+            deliver(&h, &id, Ok(()));
+        }
+        if h.source.last_confirmed() == Some(Lsn::new(200)) {
+            break;
+        }
+    }
+    assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
+    h.stop.send(true).unwrap();
+    h.task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_failed_delivery_stops_the_pipeline_without_confirming() {
     let h = start(100, 1 << 20);
@@ -556,6 +609,36 @@ async fn a_failed_delivery_stops_at_once_without_awaiting_later_events() {
 /// A record the sink refuses before producing it (too large) stops the
 /// pipeline AT it: what was sent before it is awaited and confirmed, nothing
 /// after it is sent.
+/// Outcomes come in batches: when one outcome of a batch frees room for a
+/// waiting event that stops walcast, the batch's other outcomes still count,
+/// and the events before the stop are confirmed.
+#[tokio::test]
+async fn a_stop_while_handling_a_batch_of_outcomes_keeps_the_rest_of_the_batch() {
+    // ~1.1 KB events, room for two: big2 is read and waits for room.
+    let h = start(1000, 2_500);
+    h.source.push(begin(150));
+    h.source.push(data(relation()));
+    h.source.push(data(insert("e0", "k", 1000)));
+    h.source.push(data(insert("e1", "k", 1000)));
+    h.source.push(commit(200));
+    h.source.push(begin(250));
+    h.source.push(data(insert("big2", "k", 1000)));
+    h.source.push(commit(300));
+    settle().await;
+    assert_eq!(pending_ids(&h), ["e0", "e1"]);
+    // Both outcomes in one batch: the first frees room, big2 is handed over
+    // and refused (no dead-letter topic), which stops walcast.
+    deliver(&h, "e0", Ok(()));
+    deliver(&h, "e1", Ok(()));
+    let err = h.task.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("big2"), "{err}");
+    assert_eq!(
+        h.source.last_confirmed(),
+        Some(Lsn::new(200)),
+        "e0 and e1 delivered: their transaction is confirmed"
+    );
+}
+
 #[tokio::test]
 async fn a_record_refused_by_the_sink_stops_after_the_events_before_it() {
     let h = start(100, 1 << 20);

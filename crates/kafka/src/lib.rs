@@ -3,8 +3,8 @@
 //!
 //! Guarantees (the [`EventSink`] contract): `enable.idempotence=true` (which
 //! implies `acks=all`), Java-compatible key partitioning (`murmur2_random`), so
-//! one aggregate's events land in one partition in order; a delivery future
-//! resolves `Ok` only on a successful delivery report. With
+//! one aggregate's events land in one partition in order; an event's outcome
+//! is `Ok` only on a successful delivery report. With
 //! `enable.gapless.guarantee=true` a record that fails for good stops the
 //! producer (a librdkafka fatal error) instead of being skipped, so no later
 //! record of its partition reaches Kafka ahead of it; the error reported is the
@@ -21,22 +21,22 @@ mod state;
 pub use state::KafkaRecordStore;
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
-use tokio::sync::watch;
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
+use tokio::sync::mpsc;
 use walcast_core::config::KafkaConfig;
 use walcast_core::dead_letter::{Reason, Rejected};
 use walcast_core::route::{OutboxEvent, TopicMatcher};
-use walcast_core::sink::EventSink;
+use walcast_core::sink::{DeliveryToken, EventSink, TokenRing};
 use walcast_core::{Error, ErrorKind, Lsn, Result};
 
 pub use limits::{
@@ -135,7 +135,7 @@ fn admin_config(cfg: &KafkaConfig) -> ClientConfig {
 /// producer waits for that record's own error (the one reported).
 const ROOT_CAUSE_WAIT: Duration = Duration::from_secs(5);
 
-/// What a delivery future needs to describe its record in an error.
+/// What the sink keeps of a record in flight, to describe it in an error.
 #[derive(Debug, Clone)]
 struct RecordInfo {
     topic: Arc<str>,
@@ -209,30 +209,53 @@ impl Failure {
     }
 }
 
-/// State shared by a sink and its delivery futures.
-struct Shared {
-    producer: FutureProducer,
-    /// The first record that failed on its own account (not because the
-    /// producer had already stopped).
-    root: watch::Sender<Option<Failure>>,
+/// A delivery report as librdkafka's polling thread passes it on: the
+/// record's sequence number in its sink, and its partition and offset, or the
+/// error with the record (when librdkafka returned it).
+type Report = (
+    u64,
+    std::result::Result<(i32, i64), (KafkaError, Option<OwnedMessage>)>,
+);
+
+/// The producer's context: each delivery report goes to the sink through a
+/// channel (no allocation or future per record; the sink reads the reports
+/// in batches).
+#[derive(Debug)]
+pub struct SinkContext {
+    reports: mpsc::UnboundedSender<Report>,
 }
 
-impl Shared {
-    fn record_root(&self, e: &Error) {
-        self.root.send_if_modified(|r| {
-            if r.is_none() {
-                *r = Some(Failure::of(e));
-                true
-            } else {
-                false
-            }
-        });
+impl ClientContext for SinkContext {}
+
+impl ProducerContext for SinkContext {
+    /// The record's sequence number in its sink.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+        let report = match result {
+            Ok(m) => Ok((m.partition(), m.offset())),
+            Err((e, m)) => Err((e.clone(), Some(m.detach()))),
+        };
+        // The sink is gone (aborted): nobody waits for the report.
+        let _ = self.reports.send((seq as u64, report));
     }
+}
+
+/// walcast's producer: librdkafka with a polling thread serving delivery
+/// reports.
+pub type SinkProducer = ThreadedProducer<SinkContext>;
+
+/// Failures that only mirror another record's (the producer stopped), held
+/// until that record's own error is known or [`ROOT_CAUSE_WAIT`] passed.
+#[derive(Default)]
+struct Collateral {
+    held: Vec<(DeliveryToken, RecordInfo, KafkaError)>,
+    deadline: Option<tokio::time::Instant>,
 }
 
 /// The Kafka sink.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: SinkProducer,
     admin: Arc<Admin>,
     bootstrap: String,
     limits: TopicLimits,
@@ -245,7 +268,18 @@ pub struct KafkaSink {
     producer_max: u64,
     batch_size: u64,
     lookup_timeout: Duration,
-    shared: Arc<Shared>,
+    /// Records in flight by sequence number: the caller's token and what
+    /// describes the record in an error.
+    records: TokenRing<(DeliveryToken, RecordInfo)>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    /// For failures found at `send` that are reported later.
+    report_tx: mpsc::UnboundedSender<Report>,
+    /// Reports read from the channel and not yet turned into outcomes.
+    batch: Vec<Report>,
+    /// The first record that failed on its own account (not because the
+    /// producer had already stopped).
+    root: Option<Failure>,
+    collateral: Collateral,
     /// A topic this sink produces to, for [`KafkaProbe`].
     probe_topic: Arc<std::sync::Mutex<Option<Arc<str>>>>,
     /// The dead-letter topics: their records are checked against an
@@ -343,13 +377,19 @@ impl KafkaSink {
         let batch_size = batch_size_for(cfg, limits.smallest());
         let mut config = client_config(cfg, queue);
         config.set("batch.size", batch_size.to_string());
-        let producer: FutureProducer = config.create().map_err(rejected_config)?;
-        let (root, _) = watch::channel(None);
+        let (report_tx, reports) = mpsc::unbounded_channel();
+        let producer: SinkProducer = config
+            .create_with_context(SinkContext {
+                reports: report_tx.clone(),
+            })
+            .map_err(rejected_config)?;
         Ok(KafkaSink {
-            shared: Arc::new(Shared {
-                producer: producer.clone(),
-                root,
-            }),
+            records: TokenRing::default(),
+            reports,
+            report_tx,
+            batch: Vec::new(),
+            root: None,
+            collateral: Collateral::default(),
             producer,
             admin,
             bootstrap: cfg.bootstrap_servers.clone(),
@@ -383,7 +423,7 @@ impl KafkaSink {
     }
 
     /// The underlying producer (for tools and tests).
-    pub fn producer(&self) -> &FutureProducer {
+    pub fn producer(&self) -> &SinkProducer {
         &self.producer
     }
 
@@ -737,24 +777,78 @@ fn rejected_by_broker(
     })
 }
 
-/// The error of a delivery that failed because the producer stopped: the
-/// error of the record that stopped it, once its delivery report is in (or
-/// the producer's fatal error when no record of this sink caused it).
-fn collateral(
-    shared: Arc<Shared>,
-    info: RecordInfo,
-    err: KafkaError,
-) -> Pin<Box<dyn Future<Output = Error> + Send>> {
-    let mut rx = shared.root.subscribe();
-    Box::pin(async move {
-        let root = match tokio::time::timeout(ROOT_CAUSE_WAIT, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(r)) => (*r).clone(),
-            _ => None,
+impl KafkaSink {
+    /// Turns one delivery report into its outcome in `out`; a failure that
+    /// only mirrors another record's is held (see [`Collateral`]).
+    fn report(&mut self, (seq, report): Report, out: &mut Vec<(DeliveryToken, Result<()>)>) {
+        let Some((token, info)) = self.records.take(seq) else {
+            tracing::warn!(
+                seq,
+                "a delivery report for a record this sink does not hold; ignored"
+            );
+            return;
         };
-        if let Some(root) = root {
-            return root.to_error();
+        match report {
+            Ok((partition, offset)) => {
+                tracing::debug!(
+                    event_id = %String::from_utf8_lossy(&info.id),
+                    correlation_id = lossy(&info.correlation_id).as_deref(),
+                    topic = %info.topic,
+                    partition,
+                    offset,
+                    "Kafka acknowledged the event"
+                );
+                out.push((token, Ok(())));
+            }
+            Err((err, _)) if is_collateral(&err) => match &self.root {
+                Some(root) => out.push((token, Err(root.to_error()))),
+                None => self.hold(token, info, err),
+            },
+            Err((err, msg)) => {
+                let e = delivery_error(err, &info);
+                let e = match msg.and_then(|m| rejected_by_broker(&e, &m, &info)) {
+                    Some(r) => e.with_rejected(r),
+                    None => e,
+                };
+                if self.root.is_none() {
+                    self.root = Some(Failure::of(&e));
+                }
+                out.push((token, Err(e)));
+            }
         }
-        match shared.producer.client().fatal_error() {
+    }
+
+    /// Holds a failure that only mirrors another record's until that
+    /// record's error is known.
+    fn hold(&mut self, token: DeliveryToken, info: RecordInfo, err: KafkaError) {
+        self.collateral
+            .deadline
+            .get_or_insert_with(|| tokio::time::Instant::now() + ROOT_CAUSE_WAIT);
+        self.collateral.held.push((token, info, err));
+    }
+
+    /// Reports the held failures: with the error of the record that stopped
+    /// the producer once known, or (`give_up`) the producer's fatal error or
+    /// their own.
+    fn release_held(&mut self, give_up: bool, out: &mut Vec<(DeliveryToken, Result<()>)>) {
+        if self.collateral.held.is_empty() || (self.root.is_none() && !give_up) {
+            return;
+        }
+        self.collateral.deadline = None;
+        for (token, info, err) in std::mem::take(&mut self.collateral.held) {
+            let e = match &self.root {
+                Some(root) => root.to_error(),
+                None => self.collateral_error(&info, err),
+            };
+            out.push((token, Err(e)));
+        }
+    }
+
+    /// The error of a delivery that failed because the producer stopped,
+    /// when no record of this sink was found to cause it: the producer's
+    /// fatal error, or the delivery's own.
+    fn collateral_error(&self, info: &RecordInfo, err: KafkaError) -> Error {
+        match self.producer.client().fatal_error() {
             Some((code, reason)) => Error::new(
                 classify_code(Some(code)),
                 format!("the Kafka producer stopped after a fatal error ({code}): {reason}"),
@@ -767,96 +861,10 @@ fn collateral(
             ))
             .with_hint("walcast restarts from the slot's confirmed position with backoff; nothing is skipped")),
         }
-    })
-}
-
-enum DeliveryState {
-    Waiting(DeliveryFuture),
-    Collateral(Pin<Box<dyn Future<Output = Error> + Send>>),
-    Done,
-}
-
-/// Resolves when Kafka acknowledged (or failed) one event.
-pub struct KafkaDelivery {
-    state: DeliveryState,
-    info: RecordInfo,
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for KafkaDelivery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaDelivery")
-            .field("topic", &self.info.topic)
-            .field("event_id", &self.info.id())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Future for KafkaDelivery {
-    type Output = Result<()>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        loop {
-            match &mut this.state {
-                DeliveryState::Waiting(inner) => match Pin::new(inner).poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(Ok(delivery))) => {
-                        tracing::debug!(
-                            event_id = %String::from_utf8_lossy(&this.info.id),
-                            correlation_id = lossy(&this.info.correlation_id).as_deref(),
-                            topic = %this.info.topic,
-                            partition = delivery.partition,
-                            offset = delivery.offset,
-                            "Kafka acknowledged the event"
-                        );
-                        this.state = DeliveryState::Done;
-                        return Poll::Ready(Ok(()));
-                    }
-                    Poll::Ready(Ok(Err((err, msg)))) => {
-                        if is_collateral(&err) {
-                            this.state = DeliveryState::Collateral(collateral(
-                                this.shared.clone(),
-                                this.info.clone(),
-                                err,
-                            ));
-                            continue;
-                        }
-                        let e = delivery_error(err, &this.info);
-                        let e = match rejected_by_broker(&e, &msg, &this.info) {
-                            Some(r) => e.with_rejected(r),
-                            None => e,
-                        };
-                        this.shared.record_root(&e);
-                        this.state = DeliveryState::Done;
-                        return Poll::Ready(Err(e));
-                    }
-                    Poll::Ready(Err(_canceled)) => {
-                        this.state = DeliveryState::Done;
-                        return Poll::Ready(Err(this.info.name_in(Error::retryable(format!(
-                            "the producer was closed before event {} was acknowledged",
-                            this.info.id()
-                        )))));
-                    }
-                },
-                DeliveryState::Collateral(f) => {
-                    let e = std::task::ready!(f.as_mut().poll(cx));
-                    this.state = DeliveryState::Done;
-                    return Poll::Ready(Err(e));
-                }
-                DeliveryState::Done => {
-                    return Poll::Ready(Err(Error::retryable(
-                        "a delivery was polled after it completed",
-                    )))
-                }
-            }
-        }
     }
 }
 
 impl EventSink for KafkaSink {
-    type Delivery = KafkaDelivery;
-
     /// Looks the event's topic up the first time this sink sees it: its
     /// `max.message.bytes` (cached for the process), and whether this
     /// producer's batches fit it. A topic with a smaller limit than the
@@ -916,7 +924,7 @@ impl EventSink for KafkaSink {
         Ok(())
     }
 
-    fn send(&mut self, event: OutboxEvent) -> Result<KafkaDelivery> {
+    fn send(&mut self, event: OutboxEvent, token: DeliveryToken) -> Result<()> {
         let estimate = event_size_estimate(&event);
         let topic_limit = match self.seen.get(&*event.topic) {
             Some(l) => Some(*l),
@@ -978,7 +986,8 @@ impl EventSink for KafkaSink {
             batch_size: self.batch_size,
             timestamp_ms: event.timestamp_ms,
         };
-        let mut record = FutureRecord::to(&event.topic)
+        let seq = self.records.next_token();
+        let mut record = BaseRecord::with_opaque_to(&event.topic, seq as usize)
             .key(&event.key[..])
             .headers(headers);
         if !event.tombstone {
@@ -990,8 +999,8 @@ impl EventSink for KafkaSink {
         if let Some(p) = event.partition {
             record = record.partition(p);
         }
-        match self.producer.send_result(record) {
-            Ok(inner) => {
+        match self.producer.send(record) {
+            Ok(()) => {
                 tracing::debug!(
                     event_id = %String::from_utf8_lossy(&info.id),
                     correlation_id = lossy(&info.correlation_id).as_deref(),
@@ -1000,23 +1009,16 @@ impl EventSink for KafkaSink {
                     commit_lsn = %info.source_lsn,
                     "event handed to the Kafka producer"
                 );
-                Ok(KafkaDelivery {
-                    state: DeliveryState::Waiting(inner),
-                    info,
-                    shared: self.shared.clone(),
-                })
+                self.records.push((token, info));
+                Ok(())
             }
             // The producer already stopped because of another record: report
-            // that record's error through this delivery.
-            Err((err, _record)) if is_collateral(&err) => Ok(KafkaDelivery {
-                state: DeliveryState::Collateral(collateral(
-                    self.shared.clone(),
-                    info.clone(),
-                    err,
-                )),
-                info,
-                shared: self.shared.clone(),
-            }),
+            // that record's error as this event's outcome.
+            Err((err, _record)) if is_collateral(&err) => {
+                self.records.push((token, info));
+                let _ = self.report_tx.send((seq, Err((err, None))));
+                Ok(())
+            }
             // The cluster reported the partition (see `prepare`), but the
             // producer's view of the topic is older: not the record's fault.
             Err((err, _record))
@@ -1034,6 +1036,40 @@ impl EventSink for KafkaSink {
                 ))
             }
             Err((err, _record)) => Err(delivery_error(err, &info)),
+        }
+    }
+
+    /// Reads the delivery reports in batches. A failure that only mirrors
+    /// another record's (the producer stopped) waits up to
+    /// [`ROOT_CAUSE_WAIT`] for that record's report, so the error reported is
+    /// the one that caused it.
+    async fn delivered(&mut self, out: &mut Vec<(DeliveryToken, Result<()>)>) {
+        loop {
+            let give_up = self
+                .collateral
+                .deadline
+                .is_some_and(|d| tokio::time::Instant::now() >= d);
+            self.release_held(give_up, out);
+            if !out.is_empty() {
+                return;
+            }
+            let got = match self.collateral.deadline {
+                Some(deadline) => {
+                    tokio::time::timeout_at(deadline, self.reports.recv_many(&mut self.batch, 4096))
+                        .await
+                        .unwrap_or(0)
+                }
+                None => self.reports.recv_many(&mut self.batch, 4096).await,
+            };
+            if got == 0 && self.collateral.deadline.is_none() {
+                // The channel cannot close while this sink holds a sender.
+                std::future::pending::<()>().await;
+            }
+            let mut batch = std::mem::take(&mut self.batch);
+            for report in batch.drain(..) {
+                self.report(report, out);
+            }
+            self.batch = batch;
         }
     }
 
@@ -1152,7 +1188,7 @@ mod tests {
             },
         );
         let mut sink = KafkaSink::new(&cfg, QUEUE, limits).unwrap();
-        let err = sink.send(event("big-2", 1_600_000)).unwrap_err();
+        let err = sink.send(event("big-2", 1_600_000), 0).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Permanent);
         let text = err.to_string();
         for needle in [
@@ -1171,7 +1207,7 @@ mod tests {
             "the producer's limit is not the one exceeded: {text}"
         );
         // Over the producer's own limit too: both settings are named.
-        let err = sink.send(event("huge-3", 6_000_000)).unwrap_err();
+        let err = sink.send(event("huge-3", 6_000_000), 0).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("max.message.bytes")
@@ -1179,8 +1215,7 @@ mod tests {
             "{text}"
         );
         // A small event passes the check (the producer only queues it here).
-        let delivery = sink.send(event("small-1", 100)).unwrap();
-        drop(delivery);
+        sink.send(event("small-1", 100), 0).unwrap();
         sink.abort();
     }
 
@@ -1190,7 +1225,7 @@ mod tests {
         sink.partitions.insert(Arc::from("t.A"), 2);
         let mut bad = event("p-9", 10);
         bad.partition = Some(2);
-        let err = sink.send(bad).unwrap_err();
+        let err = sink.send(bad, 0).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Permanent);
         let rejected = err.rejected().expect("a dead-letter record for it");
         assert_eq!(rejected.reason, Reason::Unroutable);
@@ -1208,7 +1243,7 @@ mod tests {
         // A partition the topic has passes the check (only queued here).
         let mut good = event("p-1", 10);
         good.partition = Some(1);
-        drop(sink.send(good).unwrap());
+        sink.send(good, 0).unwrap();
         sink.abort();
     }
 
@@ -1229,7 +1264,7 @@ mod tests {
         let mut sink = KafkaSink::new(&cfg(), QUEUE, limits).unwrap();
         let mut ahead = event("ts-7", 10);
         ahead.timestamp_ms = Some(now_ms() + 2 * 86_400_000 + 1_000);
-        let err = sink.send(ahead).unwrap_err();
+        let err = sink.send(ahead, 0).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Permanent);
         assert_eq!(
             err.rejected().map(|r| r.reason),
@@ -1253,7 +1288,7 @@ mod tests {
         // Old timestamps pass: the window is open behind.
         let mut old = event("ts-8", 10);
         old.timestamp_ms = Some(0);
-        drop(sink.send(old).unwrap());
+        sink.send(old, 0).unwrap();
         sink.abort();
     }
 
@@ -1327,30 +1362,110 @@ mod tests {
         }
     }
 
+    /// Holds `info` in flight under the caller's `token` and has the
+    /// producer's thread report `report` for it.
+    fn reported(
+        sink: &mut KafkaSink,
+        token: DeliveryToken,
+        info: RecordInfo,
+        report: std::result::Result<(i32, i64), KafkaError>,
+    ) {
+        let seq = sink.records.push((token, info));
+        sink.report_tx
+            .send((seq, report.map_err(|e| (e, None))))
+            .unwrap();
+    }
+
+    async fn outcomes(sink: &mut KafkaSink, wait: Duration) -> Vec<(DeliveryToken, Result<()>)> {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(wait, sink.delivered(&mut out)).await;
+        out
+    }
+
     /// A delivery that failed only because the producer stopped (fatal
     /// error, purged queue) reports the error of the record that stopped it,
-    /// even when that record's own report comes later.
+    /// even when that record's own report comes later; successes pass
+    /// meanwhile.
     #[tokio::test]
     async fn a_delivery_taken_down_by_another_record_reports_that_records_error() {
-        let sink = KafkaSink::new(&cfg(), QUEUE, TopicLimits::default()).unwrap();
+        let mut sink = KafkaSink::new(&cfg(), QUEUE, TopicLimits::default()).unwrap();
         let purged = || KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue);
-        let waiting = tokio::spawn(collateral(sink.shared.clone(), info(b"small-9"), purged()));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiting.is_finished(), "it waits for the root cause");
-        let root = delivery_error(
-            KafkaError::MessageProduction(RDKafkaErrorCode::InvalidRecord),
-            &info(b"root-2"),
+        reported(&mut sink, 9, info(b"small-9"), Err(purged()));
+        assert!(
+            outcomes(&mut sink, Duration::from_millis(50))
+                .await
+                .is_empty(),
+            "it waits for the root cause"
         );
-        sink.shared.record_root(&root);
-        let err = waiting.await.unwrap();
-        assert_eq!(err.kind(), ErrorKind::Permanent);
-        assert!(err.to_string().contains("root-2"), "{err}");
-        assert!(!err.to_string().contains("small-9"), "{err}");
+        reported(&mut sink, 1, info(b"ok-1"), Ok((0, 7)));
+        let out = outcomes(&mut sink, Duration::from_millis(50)).await;
+        assert!(
+            matches!(&out[..], [(1, Ok(()))]),
+            "a success is reported meanwhile: {out:?}"
+        );
+        reported(
+            &mut sink,
+            2,
+            info(b"root-2"),
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::InvalidRecord,
+            )),
+        );
+        let out = outcomes(&mut sink, Duration::from_secs(1)).await;
+        assert_eq!(
+            out.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            [2, 9],
+            "{out:?}"
+        );
+        for (_, r) in &out {
+            let err = r.as_ref().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Permanent);
+            assert!(err.to_string().contains("root-2"), "{err}");
+            assert!(!err.to_string().contains("small-9"), "{err}");
+        }
         // Later ones get it at once; a second failure does not replace it.
-        sink.shared
-            .record_root(&delivery_error(purged(), &info(b"other-3")));
-        let err = collateral(sink.shared.clone(), info(b"small-10"), purged()).await;
-        assert!(err.to_string().contains("root-2"), "{err}");
+        reported(
+            &mut sink,
+            3,
+            info(b"other-3"),
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::InvalidRecord,
+            )),
+        );
+        reported(&mut sink, 10, info(b"small-10"), Err(purged()));
+        let out = outcomes(&mut sink, Duration::from_secs(1)).await;
+        assert_eq!(out.len(), 2, "{out:?}");
+        let (token, r) = &out[1];
+        assert_eq!(*token, 10);
+        assert!(
+            r.as_ref().unwrap_err().to_string().contains("root-2"),
+            "{out:?}"
+        );
+        assert!(sink.records.is_empty());
+        sink.abort();
+    }
+
+    /// With no record of its own to blame, a mirrored failure is reported
+    /// after the wait as a retryable error naming its own event.
+    #[tokio::test]
+    async fn a_mirrored_failure_without_a_cause_is_retryable_after_the_wait() {
+        let mut sink = KafkaSink::new(&cfg(), QUEUE, TopicLimits::default()).unwrap();
+        reported(
+            &mut sink,
+            4,
+            info(b"small-4"),
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::PurgeInflight,
+            )),
+        );
+        let started = tokio::time::Instant::now();
+        let out = outcomes(&mut sink, ROOT_CAUSE_WAIT * 2).await;
+        assert!(started.elapsed() >= ROOT_CAUSE_WAIT);
+        let [(4, Err(e))] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(e.kind(), ErrorKind::Retryable);
+        assert!(e.to_string().contains("small-4"), "{e}");
         sink.abort();
     }
 

@@ -327,7 +327,7 @@ async fn blocking_metadata(
 /// A retryable error naming `bootstrap` when the cluster does not answer
 /// within `timeout`.
 pub(crate) async fn partition_count(
-    client: &rdkafka::producer::FutureProducer,
+    client: &crate::SinkProducer,
     bootstrap: &str,
     topic: &str,
     timeout: Duration,

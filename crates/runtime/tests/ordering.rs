@@ -5,19 +5,19 @@
 //! the connection closes. Real services: tests/it.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{oneshot, watch, Notify};
 use walcast_core::config::{OutboxColumns, TableName};
 use walcast_core::outbox::OutboxFilter;
 use walcast_core::pipeline::{Pipeline, PipelineExit, PipelineSettings, Progress};
 use walcast_core::route::{OutboxEvent, Router, TopicTemplate};
-use walcast_core::sink::EventSink;
+use walcast_core::sink::{DeliveryToken, EventSink};
 use walcast_core::source::{ReplicationSource, SourceEvent};
 use walcast_core::{Error, ErrorKind, Lsn, Result};
 use walcast_pgoutput::{
@@ -68,25 +68,12 @@ type Pending = Arc<Mutex<Vec<(String, oneshot::Sender<Result<()>>)>>>;
 /// Deliveries complete when the test says; refuses ids starting with "big".
 struct FakeSink {
     pending: Pending,
+    outcomes: FuturesUnordered<BoxFuture<'static, (DeliveryToken, Result<()>)>>,
     log: Log,
 }
 
-struct FakeDelivery(oneshot::Receiver<Result<()>>);
-
-impl Future for FakeDelivery {
-    type Output = Result<()>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.0).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => Poll::Ready(Err(Error::retryable("sink dropped"))),
-        }
-    }
-}
-
 impl EventSink for FakeSink {
-    type Delivery = FakeDelivery;
-    fn send(&mut self, event: OutboxEvent) -> Result<FakeDelivery> {
+    fn send(&mut self, event: OutboxEvent, token: DeliveryToken) -> Result<()> {
         let id = String::from_utf8_lossy(event.event_id()).into_owned();
         if id.starts_with("big") {
             return Err(Error::permanent(format!("event {id} is too large")));
@@ -94,7 +81,23 @@ impl EventSink for FakeSink {
         note(&self.log, format!("send {id}"));
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().push((id, tx));
-        Ok(FakeDelivery(rx))
+        self.outcomes.push(Box::pin(async move {
+            (
+                token,
+                rx.await
+                    .unwrap_or_else(|_| Err(Error::retryable("sink dropped"))),
+            )
+        }));
+        Ok(())
+    }
+    async fn delivered(&mut self, out: &mut Vec<(DeliveryToken, Result<()>)>) {
+        match self.outcomes.next().await {
+            Some(o) => out.push(o),
+            None => std::future::pending().await,
+        }
+        while let Some(Some(o)) = self.outcomes.next().now_or_never() {
+            out.push(o);
+        }
     }
     fn abort(self) {
         note(&self.log, "sink abort");
@@ -185,6 +188,7 @@ fn start(events: Vec<SourceEvent>) -> Run {
     };
     let sink = FakeSink {
         pending: pending.clone(),
+        outcomes: FuturesUnordered::new(),
         log: log.clone(),
     };
     let final_log = log.clone();
