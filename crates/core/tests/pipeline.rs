@@ -532,7 +532,10 @@ async fn events_delivered_behind_a_stuck_one_are_bounded() {
             sent += 1;
         }
     }
-    assert_eq!(sent, 8, "the stuck event and 7 after it (a span of 8 tokens)");
+    assert_eq!(
+        sent, 8,
+        "the stuck event and 7 after it (a span of 8 tokens)"
+    );
     assert_eq!(h.progress.in_flight_events.load(Ordering::SeqCst), 1);
     deliver(&h, "stuck", Ok(()));
     for _ in 0..40 {

@@ -211,10 +211,11 @@ impl Failure {
 
 /// A delivery report as librdkafka's polling thread passes it on: the
 /// record's sequence number in its sink, and its partition and offset, or the
-/// error with the record (when librdkafka returned it).
+/// error with the record (when librdkafka returned it; boxed, so that the
+/// common report stays small in the channel).
 type Report = (
     u64,
-    std::result::Result<(i32, i64), (KafkaError, Option<OwnedMessage>)>,
+    std::result::Result<(i32, i64), Box<(KafkaError, Option<OwnedMessage>)>>,
 );
 
 /// The producer's context: each delivery report goes to the sink through a
@@ -234,7 +235,7 @@ impl ProducerContext for SinkContext {
     fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         let report = match result {
             Ok(m) => Ok((m.partition(), m.offset())),
-            Err((e, m)) => Err((e.clone(), Some(m.detach()))),
+            Err((e, m)) => Err(Box::new((e.clone(), Some(m.detach())))),
         };
         // The sink is gone (aborted): nobody waits for the report.
         let _ = self.reports.send((seq as u64, report));
@@ -800,11 +801,12 @@ impl KafkaSink {
                 );
                 out.push((token, Ok(())));
             }
-            Err((err, _)) if is_collateral(&err) => match &self.root {
+            Err(failed) if is_collateral(&failed.0) => match &self.root {
                 Some(root) => out.push((token, Err(root.to_error()))),
-                None => self.hold(token, info, err),
+                None => self.hold(token, info, failed.0),
             },
-            Err((err, msg)) => {
+            Err(failed) => {
+                let (err, msg) = *failed;
                 let e = delivery_error(err, &info);
                 let e = match msg.and_then(|m| rejected_by_broker(&e, &m, &info)) {
                     Some(r) => e.with_rejected(r),
@@ -1016,7 +1018,7 @@ impl EventSink for KafkaSink {
             // that record's error as this event's outcome.
             Err((err, _record)) if is_collateral(&err) => {
                 self.records.push((token, info));
-                let _ = self.report_tx.send((seq, Err((err, None))));
+                let _ = self.report_tx.send((seq, Err(Box::new((err, None)))));
                 Ok(())
             }
             // The cluster reported the partition (see `prepare`), but the
@@ -1372,7 +1374,7 @@ mod tests {
     ) {
         let seq = sink.records.push((token, info));
         sink.report_tx
-            .send((seq, report.map_err(|e| (e, None))))
+            .send((seq, report.map_err(|e| Box::new((e, None)))))
             .unwrap();
     }
 
