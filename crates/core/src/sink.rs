@@ -56,8 +56,8 @@ pub trait EventSink: Send {
 
     /// Waits until the outcome of at least one event sent is in, then appends
     /// the outcomes in (at least one) to `out`. Called only while events are
-    /// outstanding. Cancel safe: when the future is dropped before it
-    /// completes, no outcome is lost (it comes with a later call).
+    /// outstanding. Cancel safe: a future dropped before it completes has
+    /// appended nothing, and no outcome is lost (it comes with a later call).
     fn delivered<'a>(
         &'a mut self,
         out: &'a mut Vec<(DeliveryToken, Result<()>)>,

@@ -466,20 +466,7 @@ async fn waiting_transactions_are_bounded_behind_a_stuck_event() {
         h.source.push(commit(lsn));
     }
     let total = 4 + 50 * 3 + 5_000 * 2;
-    for _ in 0..60 {
-        settle().await;
-        let ids: Vec<String> = h
-            .pending
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .filter(|id| id != "stuck")
-            .collect();
-        for id in ids {
-            deliver(&h, &id, Ok(()));
-        }
-    }
+    deliver_rounds(&h, 60, Some("stuck"), None).await;
     let read = h.source.read.load(Ordering::SeqCst);
     assert!(
         read < total,
@@ -488,26 +475,37 @@ async fn waiting_transactions_are_bounded_behind_a_stuck_event() {
     assert_eq!(h.source.last_confirmed(), None);
     // Unstuck: everything is read and confirmed.
     deliver(&h, "stuck", Ok(()));
-    for _ in 0..60 {
-        settle().await;
-        let ids: Vec<String> = h
-            .pending
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in ids {
-            deliver(&h, &id, Ok(()));
-        }
-        if h.source.last_confirmed() == Some(Lsn::new(lsn)) {
-            break;
-        }
-    }
+    deliver_rounds(&h, 60, None, Some(Lsn::new(lsn))).await;
     assert_eq!(h.source.read.load(Ordering::SeqCst), total);
     assert_eq!(h.source.last_confirmed(), Some(Lsn::new(lsn)));
     h.stop.send(true).unwrap();
     h.task.await.unwrap().unwrap();
+}
+
+/// Up to `rounds` times: lets the pipeline run, then delivers every pending
+/// event except `stuck`; stops early once `until` is confirmed. Returns the
+/// number of events delivered.
+async fn deliver_rounds(
+    h: &Harness,
+    rounds: usize,
+    stuck: Option<&str>,
+    until: Option<Lsn>,
+) -> usize {
+    let mut delivered = 0;
+    for _ in 0..rounds {
+        settle().await;
+        for id in pending_ids(h)
+            .into_iter()
+            .filter(|id| Some(id.as_str()) != stuck)
+        {
+            deliver(h, &id, Ok(()));
+            delivered += 1;
+        }
+        if until.is_some() && h.source.last_confirmed() == until {
+            break;
+        }
+    }
+    delivered
 }
 
 /// The events delivered behind a stuck one in the same transaction are
@@ -524,29 +522,14 @@ async fn events_delivered_behind_a_stuck_one_are_bounded() {
         h.source.push(data(insert(&format!("e{i}"), "k", 10)));
     }
     h.source.push(commit(200));
-    let mut sent = 1;
-    for _ in 0..30 {
-        settle().await;
-        for id in pending_ids(&h).into_iter().filter(|id| id != "stuck") {
-            deliver(&h, &id, Ok(()));
-            sent += 1;
-        }
-    }
+    let sent = 1 + deliver_rounds(&h, 30, Some("stuck"), None).await;
     assert_eq!(
         sent, 8,
         "the stuck event and 7 after it (a span of 8 tokens)"
     );
     assert_eq!(h.progress.in_flight_events.load(Ordering::SeqCst), 1);
     deliver(&h, "stuck", Ok(()));
-    for _ in 0..40 {
-        settle().await;
-        for id in pending_ids(&h) {
-            deliver(&h, &id, Ok(()));
-        }
-        if h.source.last_confirmed() == Some(Lsn::new(200)) {
-            break;
-        }
-    }
+    deliver_rounds(&h, 40, None, Some(Lsn::new(200))).await;
     assert_eq!(h.source.last_confirmed(), Some(Lsn::new(200)));
     h.stop.send(true).unwrap();
     h.task.await.unwrap().unwrap();
