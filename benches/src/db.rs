@@ -186,6 +186,74 @@ pub async fn drop_all(env: &BenchEnv) -> Result<()> {
     Ok(())
 }
 
+/// A replication slot the run did not create (another tool's, or one left
+/// behind by hand): while it lags, PostgreSQL keeps the WAL after its
+/// `restart_lsn` and cannot recycle segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignSlot {
+    /// The slot's name.
+    pub name: String,
+    /// Its database (`None` for a physical slot).
+    pub database: Option<String>,
+    /// Whether a walsender is attached.
+    pub active: bool,
+    /// WAL retained for it: the current WAL position minus its `restart_lsn`.
+    pub retained_bytes: u64,
+}
+
+/// Every replication slot outside the bench databases, largest retained WAL
+/// first.
+pub async fn foreign_slots(env: &BenchEnv) -> Result<Vec<ForeignSlot>> {
+    let admin = connect(&env.admin_conn("postgres")).await?;
+    let rows = admin
+        .query(
+            "SELECT slot_name::text, database::text, active, \
+                    COALESCE(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint \
+             FROM pg_replication_slots \
+             WHERE database IS DISTINCT FROM $1 AND database IS DISTINCT FROM $2 \
+             ORDER BY 4 DESC, 1",
+            &[&BENCH_DB, &NEIGHBOUR_DB],
+        )
+        .await
+        .context("listing the replication slots outside the bench databases")?;
+    Ok(rows
+        .iter()
+        .map(|r| ForeignSlot {
+            name: r.get(0),
+            database: r.get(1),
+            active: r.get(2),
+            retained_bytes: r.get::<_, i64>(3).max(0) as u64,
+        })
+        .collect())
+}
+
+/// The report's note on slots outside the run, `None` when there are none.
+pub fn foreign_slots_note(slots: &[ForeignSlot]) -> Option<String> {
+    if slots.is_empty() {
+        return None;
+    }
+    let total: u64 = slots.iter().map(|s| s.retained_bytes).sum();
+    let list = slots
+        .iter()
+        .map(|s| {
+            format!(
+                "`{}` ({}, {}, {:.1} MB)",
+                s.name,
+                s.database
+                    .as_deref()
+                    .map_or("physical".to_string(), |d| format!("database {d}")),
+                if s.active { "active" } else { "inactive" },
+                s.retained_bytes as f64 / 1e6
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(format!(
+        "Replication slots outside the run held {:.1} MB of WAL at its start: {list}. While a slot lags, PostgreSQL cannot recycle WAL segments and creates (and zero-fills) new ones, which the run's commits and walsenders share; drop slots nobody reads (`SELECT pg_drop_replication_slot('<name>')`) before taking figures as evidence.",
+        total as f64 / 1e6
+    ))
+}
+
 /// Creates the bench database (after [`drop_all`]) with the schema, both
 /// publications and payload pools for `payload_sizes`, and the neighbour database.
 pub async fn create_databases(env: &BenchEnv, payload_sizes: &[u32]) -> Result<()> {
@@ -528,4 +596,43 @@ pub async fn slot_lag(admin: &Client, slot: &str) -> Result<Option<(i64, i64)>> 
         )
         .await?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_foreign_slot_means_no_note() {
+        assert_eq!(foreign_slots_note(&[]), None);
+    }
+
+    #[test]
+    fn the_note_names_each_foreign_slot_and_the_wal_it_holds() {
+        let slots = [
+            ForeignSlot {
+                name: "nu1_slot".into(),
+                database: Some("nu1".into()),
+                active: false,
+                retained_bytes: 34_000_000_000,
+            },
+            ForeignSlot {
+                name: "standby".into(),
+                database: None,
+                active: true,
+                retained_bytes: 2_500_000,
+            },
+        ];
+        let note = foreign_slots_note(&slots).expect("a note");
+        assert!(note.contains("held 34002.5 MB of WAL"), "{note}");
+        assert!(
+            note.contains("`nu1_slot` (database nu1, inactive, 34000.0 MB)"),
+            "{note}"
+        );
+        assert!(
+            note.contains("`standby` (physical, active, 2.5 MB)"),
+            "{note}"
+        );
+        assert!(note.contains("pg_drop_replication_slot"), "{note}");
+    }
 }

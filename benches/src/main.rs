@@ -498,6 +498,11 @@ async fn run(args: RunArgs) -> Result<()> {
         meta,
         ..Results::default()
     };
+    let foreign = db::foreign_slots(&ctx.env).await?;
+    if let Some(note) = db::foreign_slots_note(&foreign) {
+        eprintln!("walcast-bench: warning: {note}");
+        results.meta.notes.push(note);
+    }
     let mut load_max: f64 = 0.0;
     let save = |results: &mut Results, ctx: &Ctx, load_max: f64| -> Result<()> {
         results.meta.duration_s = ctx.progress.elapsed();
