@@ -189,7 +189,7 @@ pub async fn drop_all(env: &BenchEnv) -> Result<()> {
 /// A replication slot the run did not create (another tool's, or one left
 /// behind by hand): while it lags, PostgreSQL keeps the WAL after its
 /// `restart_lsn` and cannot recycle segments.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct ForeignSlot {
     /// The slot's name.
     pub name: String,
@@ -243,14 +243,14 @@ pub fn foreign_slots_note(slots: &[ForeignSlot]) -> Option<String> {
                     .as_deref()
                     .map_or("physical".to_string(), |d| format!("database {d}")),
                 if s.active { "active" } else { "inactive" },
-                s.retained_bytes as f64 / 1e6
+                crate::report::mb(s.retained_bytes)
             )
         })
         .collect::<Vec<_>>()
         .join(", ");
     Some(format!(
         "Replication slots outside the run held {:.1} MB of WAL at its start: {list}. While a slot lags, PostgreSQL cannot recycle WAL segments and creates (and zero-fills) new ones, which the run's commits and walsenders share; drop slots nobody reads (`SELECT pg_drop_replication_slot('<name>')`) before taking figures as evidence.",
-        total as f64 / 1e6
+        crate::report::mb(total)
     ))
 }
 

@@ -61,7 +61,8 @@ pub struct Results {
     pub pipelines: Option<PipelinesResult>,
 }
 
-fn mb(bytes: u64) -> f64 {
+/// Bytes as decimal megabytes, the unit of every MB in the report.
+pub(crate) fn mb(bytes: u64) -> f64 {
     bytes as f64 / 1e6
 }
 
