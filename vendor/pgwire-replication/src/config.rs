@@ -428,6 +428,22 @@ pub struct ReplicationConfig {
     /// Default: `false`
     pub binary: bool,
 
+    /// Stream large in-progress transactions (walcast patch).
+    ///
+    /// When `true`, `START_REPLICATION` asks for `proto_version '2'` and
+    /// `streaming 'on'`: a transaction whose changes exceed the server's
+    /// `logical_decoding_work_mem` is sent in Stream Start / Stream Stop
+    /// blocks while it is written, ended by Stream Commit or Stream Abort.
+    /// Those messages, and every Logical Message (whose layout gains a
+    /// transaction id inside a stream block), are forwarded raw as
+    /// [`XLogData`](crate::ReplicationEvent::XLogData); the consumer's
+    /// decoder must handle them. Begin and Commit are still parsed.
+    ///
+    /// Requires PostgreSQL 14 or newer.
+    ///
+    /// Default: `false` (`proto_version '1'`)
+    pub streaming: bool,
+
     /// Value for the startup `options` parameter, passed through to the
     /// server the same way `libpq`'s `options` connection parameter (or the
     /// `PGOPTIONS` environment variable) would on an ordinary connection.
@@ -508,6 +524,7 @@ impl Default for ReplicationConfig {
             idle_wakeup_interval: Duration::from_secs(10),
             buffer_events: 8192,
             binary: false,
+            streaming: false,
             options: None,
             max_message_size: crate::protocol::framing::MAX_MESSAGE_SIZE,
             application_name: None,
@@ -675,6 +692,13 @@ impl ReplicationConfig {
     /// See [`binary`](Self::binary) for caveats — off by default.
     pub fn with_binary(mut self, binary: bool) -> Self {
         self.binary = binary;
+        self
+    }
+
+    /// Stream large in-progress transactions (walcast patch); see
+    /// [`streaming`](Self::streaming).
+    pub fn with_streaming(mut self, streaming: bool) -> Self {
+        self.streaming = streaming;
         self
     }
 

@@ -329,13 +329,21 @@ impl WorkerState {
         } else {
             ""
         };
+        // walcast patch: protocol 2 with streaming of in-progress transactions.
+        let (proto_version, streaming_opt) = if self.cfg.streaming {
+            ("2", ", streaming 'on'")
+        } else {
+            ("1", "")
+        };
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} \
-            (proto_version '1', publication_names '{}', messages 'true'{})",
+            (proto_version '{}', publication_names '{}', messages 'true'{}{})",
             self.cfg.slot,
             self.cfg.start_lsn,
+            proto_version,
             self.cfg.publication.to_option_value(),
             binary_opt,
+            streaming_opt,
         );
         write_query(stream, &sql).await?;
 
@@ -550,7 +558,15 @@ impl WorkerState {
                 self.metrics.set_last_wal_end(wal_end);
 
                 // If the payload is a pgoutput Begin/Commit message, emit only the boundary event.
-                if let Some(boundary_ev) = parse_pgoutput_boundary(&data)? {
+                // walcast patch: with streaming, a Logical Message inside a
+                // stream block carries a transaction id first, which only a
+                // decoder that tracks the blocks can read: forward it raw.
+                let boundary = if self.cfg.streaming && data.first() == Some(&b'M') {
+                    None
+                } else {
+                    parse_pgoutput_boundary(&data)?
+                };
+                if let Some(boundary_ev) = boundary {
                     let reached_lsn = match boundary_ev {
                         ReplicationEvent::Begin { final_lsn, .. } => final_lsn,
                         ReplicationEvent::Commit { end_lsn, .. } => end_lsn,
