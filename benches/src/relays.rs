@@ -322,6 +322,7 @@ pub async fn pg_drain(a: PgDrainArgs) -> Result<()> {
             ),
         )]),
         max_row_bytes: cfg.pipeline.max_row_bytes,
+        spill_dir: std::env::temp_dir(),
     };
     let started = Instant::now();
     let connected = walcast_postgres::connect(&opts)

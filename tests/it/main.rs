@@ -23,6 +23,7 @@ mod relay;
 mod reliability;
 mod routing;
 mod slot_record;
+mod streaming;
 mod tls;
 mod traces;
 mod writer;

@@ -383,6 +383,21 @@ pub struct PostgresConfig {
     /// server write WAL. `0` turns it off.
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u64,
+    /// Stream large transactions while they are written (pgoutput protocol
+    /// version 2, `streaming 'on'`; PostgreSQL 14 or newer). Postgres then
+    /// sends a transaction that outgrows its `logical_decoding_work_mem`
+    /// before it commits; walcast holds it (in memory up to
+    /// `stream_memory_bytes`, then in a spill file in the state directory)
+    /// and publishes it at its commit, with the same ordering and
+    /// acknowledgement rules. Off: Postgres holds the transaction until it
+    /// commits (spilling it to its own disk) and sends it then.
+    #[serde(default)]
+    pub streaming: bool,
+    /// With `streaming`: the memory for changes of streamed transactions
+    /// that have not committed yet (all of them together); more goes to a
+    /// spill file per transaction.
+    #[serde(default = "default_stream_memory_bytes")]
+    pub stream_memory_bytes: u64,
     /// Not a configuration key: the key-hash share of a `[[pipelines]]`
     /// entry with `hash_modulus`/`hash_remainder`, set by
     /// [`Config::pipeline_configs`]. When set, the publication filters each
@@ -746,6 +761,9 @@ fn default_catalog_check_interval_ms() -> u64 {
 }
 fn default_heartbeat_interval_ms() -> u64 {
     10_000
+}
+fn default_stream_memory_bytes() -> u64 {
+    64 * 1024 * 1024
 }
 fn default_blocked_warning_ms() -> u64 {
     10_000
@@ -1469,6 +1487,12 @@ impl Config {
             return Err(Error::operator(
                 "postgres.status_interval_ms and postgres.connect_timeout_ms must be positive",
             ));
+        }
+        if pg.streaming && pg.stream_memory_bytes == 0 {
+            return Err(Error::operator(
+                "postgres.stream_memory_bytes = 0: streamed transactions need some memory before they spill",
+            )
+            .with_hint("leave it unset (64 MiB) or set a positive number of bytes"));
         }
         let tables = self.outbox_tables()?;
         if tables.is_empty() {
@@ -2347,6 +2371,25 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn streaming_is_off_by_default_and_needs_memory_when_on() {
+        let c = Config::from_toml(MIN).unwrap();
+        assert!(!c.postgres.streaming);
+        assert_eq!(c.postgres.stream_memory_bytes, 64 * 1024 * 1024);
+        let on = MIN.replace(
+            "password = \"s3cret\"",
+            "password = \"s3cret\"\nstreaming = true\nstream_memory_bytes = 1048576",
+        );
+        let c = Config::from_toml(&on).unwrap();
+        assert!(c.postgres.streaming);
+        assert_eq!(c.postgres.stream_memory_bytes, 1 << 20);
+        let err = Config::from_toml(&on.replace("1048576", "0")).unwrap_err();
+        assert!(err.to_string().contains("stream_memory_bytes = 0"), "{err}");
+        // Off, the bound is not used and not checked.
+        let off = on.replace("streaming = true", "streaming = false");
+        assert!(Config::from_toml(&off.replace("1048576", "0")).is_ok());
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod preflight;
 mod source;
 pub mod sql;
 mod state;
+mod stream;
 
 pub use admin::{AdminSession, PublicationPlan, SlotInfo, SlotStatus};
 pub use catalog::{

@@ -35,6 +35,9 @@ pub struct ConnectOptions {
     pub state: SlotState,
     /// `pipeline.max_row_bytes`: the largest replication message accepted.
     pub max_row_bytes: u64,
+    /// Where streamed transactions (`pg.streaming`) spill past
+    /// `pg.stream_memory_bytes`: unnamed temporary files, gone when closed.
+    pub spill_dir: std::path::PathBuf,
 }
 
 /// Facts about the server, read on the replication session.
@@ -129,6 +132,7 @@ fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     // ends with a permanent error naming pipeline.max_row_bytes).
     .with_max_message_size(usize::try_from(opts.max_row_bytes).unwrap_or(usize::MAX))
     // Text output must not depend on the server's defaults.
+    .with_streaming(pg.streaming)
     .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex")
 }
 
@@ -268,6 +272,28 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         xlogpos: Lsn::new(system.xlogpos.as_u64()),
     };
 
+    if pg.streaming && server_version_num != 0 && server_version_num < 140_000 {
+        return Err(Error::operator(format!(
+            "postgres.streaming = true needs PostgreSQL 14 or newer; {target} runs server_version_num {server_version_num}"
+        ))
+        .with_hint("set postgres.streaming = false (Postgres then sends large transactions when they commit)"));
+    }
+    let streams = if pg.streaming {
+        std::fs::create_dir_all(&opts.spill_dir).map_err(|e| {
+            Error::operator(format!(
+                "cannot create the spill directory {} for streamed transactions: {e}",
+                opts.spill_dir.display()
+            ))
+            .with_hint("point pipeline.state_dir at a writable directory, or set postgres.streaming = false")
+        })?;
+        Some(crate::stream::Streams::new(
+            pg.stream_memory_bytes,
+            opts.spill_dir.clone(),
+        ))
+    } else {
+        None
+    };
+
     // wal_level
     let wal_level = s.show("wal_level").await?.unwrap_or_default();
     if let Some(e) = wal_level_error(&target, &wal_level) {
@@ -363,6 +389,7 @@ pub async fn connect(opts: &ConnectOptions) -> Result<Connected> {
         silence_timeout(wal_sender_timeout_ms),
         gate,
         writer,
+        streams,
     );
     Ok(Connected {
         source,

@@ -10,6 +10,7 @@ use walcast_pgoutput::Lsn;
 
 use crate::classify;
 use crate::gate::Gate;
+use crate::stream::{message_event, Accepted, Streams};
 
 /// How long shutdown waits for walcast's record of the final position.
 const SHUTDOWN_PERSIST_WAIT: Duration = Duration::from_secs(10);
@@ -53,6 +54,8 @@ pub struct PgSource {
     silence_timeout: Option<Duration>,
     /// Time spent waiting in `recv` since the last message.
     silent_for: Duration,
+    /// With `postgres.streaming`: the streamed transactions not committed yet.
+    streams: Option<Streams>,
 }
 
 /// Adds the time spent waiting to `silent_for` when the wait ends, also when
@@ -78,6 +81,7 @@ impl std::fmt::Debug for PgSource {
 }
 
 impl PgSource {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         client: ReplicationClient,
         user: String,
@@ -86,6 +90,7 @@ impl PgSource {
         silence_timeout: Option<Duration>,
         gate: Arc<Gate>,
         writer: tokio::task::JoinHandle<()>,
+        streams: Option<Streams>,
     ) -> Self {
         PgSource {
             client,
@@ -97,6 +102,7 @@ impl PgSource {
             writer: Some(writer),
             silence_timeout,
             silent_for: Duration::ZERO,
+            streams,
         }
     }
 
@@ -149,6 +155,12 @@ impl PgSource {
 impl ReplicationSource for PgSource {
     async fn recv(&mut self) -> Result<Option<SourceEvent>> {
         loop {
+            // A committed streamed transaction is handed over whole first.
+            if let Some(streams) = self.streams.as_mut() {
+                if let Some(ev) = streams.next()? {
+                    return Ok(Some(ev));
+                }
+            }
             self.apply();
             if let Some(e) = self.gate.take_failure() {
                 return Err(e);
@@ -175,10 +187,19 @@ impl ReplicationSource for PgSource {
                 },
                 ReplicationEvent::XLogData {
                     wal_start, data, ..
-                } => SourceEvent::Data {
-                    wal_start: from_pgwire(wal_start),
-                    data,
-                },
+                } => {
+                    let wal_start = from_pgwire(wal_start);
+                    if let Some(streams) = self.streams.as_mut() {
+                        if streams.accept(wal_start, &data)? == Accepted::Yes {
+                            continue;
+                        }
+                        // With streaming, Logical Messages come raw.
+                        if data.first() == Some(&b'M') {
+                            return Ok(Some(message_event(&data)?));
+                        }
+                    }
+                    SourceEvent::Data { wal_start, data }
+                }
                 ReplicationEvent::Commit {
                     lsn,
                     end_lsn,

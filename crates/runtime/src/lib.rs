@@ -572,6 +572,11 @@ pub fn connect_options(cfg: &Config, state: SlotState) -> Result<ConnectOptions>
         keys: cfg.routes()?.key_columns(),
         state,
         max_row_bytes: cfg.pipeline.max_row_bytes,
+        // Unused unless postgres.streaming; resolved like the state directory.
+        spill_dir: cfg
+            .state_dir(|k| std::env::var_os(k))
+            .map(|d| d.join("spill"))
+            .unwrap_or_else(|_| std::env::temp_dir()),
     })
 }
 
