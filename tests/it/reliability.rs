@@ -1816,9 +1816,28 @@ async fn dead_letter_policy(env: &'static TestEnv) -> Result<Report> {
 /// stays within its configured in-flight bound plus a fixed overhead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_transactions_stay_within_memory_bounds() -> Result<()> {
+    huge_transactions(None).await
+}
+
+/// Scenario 9 with `postgres.streaming = true` and 16 MiB of
+/// `stream_memory_bytes` (rule 5c): Postgres streams each transaction while it
+/// is written, walcast holds 16 MiB of it and spills the rest; the bound grows
+/// by those 16 MiB and the spill files' buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_streamed_transactions_stay_within_memory_bounds() -> Result<()> {
+    huge_transactions(Some(16 * 1024 * 1024)).await
+}
+
+/// Scenario 9; `stream_memory`: `Some(bytes)` runs it with streaming on.
+async fn huge_transactions(stream_memory: Option<u64>) -> Result<()> {
     let env = TestEnv::get();
     let _g = env.shared().await;
-    let mut rig = Rig::new(env, "chaoshuge", &env.kafka_bootstrap, 1, &[]).await?;
+    let tag = if stream_memory.is_some() {
+        "chaoshugest"
+    } else {
+        "chaoshuge"
+    };
+    let mut rig = Rig::new(env, tag, &env.kafka_bootstrap, 1, &[]).await?;
     let rows = pick(200_000u64, 1_000_000);
     let gib_rows = pick(2_048u64, 16_384); // of 64 KiB: 128 MiB / 1 GiB
     let row_pad = 64 * 1024;
@@ -1836,6 +1855,25 @@ async fn huge_transactions_stay_within_memory_bounds() -> Result<()> {
             &max_in_flight.to_string(),
         )
         .set("pipeline", "max_row_bytes", &max_row_setting.to_string());
+    if stream_memory.is_some() {
+        // Every transaction here is streamed, whatever its size.
+        rig.db
+            .admin(env)
+            .await?
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET logical_decoding_work_mem = '1MB'",
+                rig.db.name
+            ))
+            .await?;
+    }
+    let cfg = match stream_memory {
+        None => cfg.set("postgres", "streaming", "false"),
+        Some(bytes) => cfg.set("postgres", "streaming", "true").set(
+            "postgres",
+            "stream_memory_bytes",
+            &bytes.to_string(),
+        ),
+    };
     let mut w = rig.start(&cfg, &[])?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = peak_rss(w.pid()).context("walcast's VmHWM")?;
@@ -1875,16 +1913,32 @@ async fn huge_transactions_stay_within_memory_bounds() -> Result<()> {
     let text = w.log_text();
     w.kill9()?;
     let max_row = wide_pad as u64 + 300;
+    // Streaming: the held changes, plus a spill file's write and read
+    // buffers (256 KiB each) for the one transaction open at a time.
+    let held = stream_memory.map(|b| b + 512 * 1024).unwrap_or(0);
     let bound = rss_bound(
         max_in_flight,
         max_row_setting,
         max_row,
-        fixed_overhead(idle),
+        fixed_overhead(idle) + held,
     );
+    let spilled = text.matches("spilled_bytes=").count();
+    if stream_memory.is_some() {
+        ensure!(
+            spilled >= 2,
+            "with 16 MiB of stream_memory_bytes the 128 MiB transactions must spill; walcast logged {spilled} spilled transactions:\n{}",
+            tail(&text, 30)
+        );
+    }
     let result = ScenarioResult::new(
         &format!(
-            "9. huge transactions ({rows} rows; {} MiB in {gib_rows} rows of 64 KiB)",
-            (gib_rows * row_pad as u64) >> 20
+            "9{}. huge transactions ({rows} rows; {} MiB in {gib_rows} rows of 64 KiB){}",
+            if stream_memory.is_some() { "s" } else { "" },
+            (gib_rows * row_pad as u64) >> 20,
+            match stream_memory {
+                Some(b) => format!(", streamed, {} MiB held before spilling", b >> 20),
+                None => String::new(),
+            }
         ),
         3,
         &report,
@@ -1892,12 +1946,17 @@ async fn huge_transactions_stay_within_memory_bounds() -> Result<()> {
     )
     .rss(Some(peak), Some(bound))
     .note(format!(
-        "max_in_flight_bytes {} MiB, max_row_bytes {} KiB; bound = idle RSS {} MiB + 64 MiB + 2 x in-flight + {} x {} KiB rows (replication buffer); peak {} MiB after the {rows}-row transaction (written in {:.0} s, in Kafka after {:.0} s), {} MiB after the large one (written in {:.0} s, in Kafka after {:.0} s), {} MiB after {wide_rows} rows of {} KiB (written in {:.0} s, in Kafka after {:.0} s)",
+        "max_in_flight_bytes {} MiB, max_row_bytes {} KiB; bound = idle RSS {} MiB + 64 MiB + 2 x in-flight + {} x {} KiB rows (replication buffer){}; {spilled} transactions spilled; peak {} MiB after the {rows}-row transaction (written in {:.0} s, in Kafka after {:.0} s), {} MiB after the large one (written in {:.0} s, in Kafka after {:.0} s), {} MiB after {wide_rows} rows of {} KiB (written in {:.0} s, in Kafka after {:.0} s)",
         max_in_flight >> 20,
         max_row_setting >> 10,
         idle >> 20,
         pg_buffer_messages(max_row_setting),
         max_row >> 10,
+        if held > 0 {
+            format!(" + {} KiB held streamed changes and spill buffers", held >> 10)
+        } else {
+            String::new()
+        },
         peak_rows >> 20,
         written_rows.as_secs_f64(),
         relayed_rows.as_secs_f64(),

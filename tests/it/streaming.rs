@@ -87,7 +87,19 @@ async fn wait_streamed(admin: &Client, slot: &str, more_than: i64) -> Result<i64
 async fn large_transactions_stream_while_written_and_publish_at_commit() -> Result<()> {
     let env = TestEnv::get();
     let _g = env.shared().await;
-    let db = TestDb::create(env, "stream").await?;
+    streamed_transactions(env, env.pg_port).await
+}
+
+/// The same on PostgreSQL 17.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_transactions_stream_while_written_and_publish_at_commit_pg17() -> Result<()> {
+    let env = TestEnv::get();
+    let _g = env.shared().await;
+    streamed_transactions(env, env.pg17_port()).await
+}
+
+async fn streamed_transactions(env: &TestEnv, port: u16) -> Result<()> {
+    let db = TestDb::create_on(env, port, "stream", true).await?;
     let admin = db.admin(env).await?;
     // The walsender of this database decodes with a small budget, so any
     // transaction past 64 kB is streamed.

@@ -395,7 +395,7 @@ pub struct PostgresConfig {
     pub streaming: bool,
     /// With `streaming`: the memory for changes of streamed transactions
     /// that have not committed yet (all of them together); more goes to a
-    /// spill file per transaction.
+    /// spill file per transaction. Default 16 MiB.
     #[serde(default = "default_stream_memory_bytes")]
     pub stream_memory_bytes: u64,
     /// Not a configuration key: the key-hash share of a `[[pipelines]]`
@@ -763,7 +763,7 @@ fn default_heartbeat_interval_ms() -> u64 {
     10_000
 }
 fn default_stream_memory_bytes() -> u64 {
-    64 * 1024 * 1024
+    16 * 1024 * 1024
 }
 fn default_blocked_warning_ms() -> u64 {
     10_000
@@ -1492,7 +1492,7 @@ impl Config {
             return Err(Error::operator(
                 "postgres.stream_memory_bytes = 0: streamed transactions need some memory before they spill",
             )
-            .with_hint("leave it unset (64 MiB) or set a positive number of bytes"));
+            .with_hint("leave it unset (16 MiB) or set a positive number of bytes"));
         }
         let tables = self.outbox_tables()?;
         if tables.is_empty() {
@@ -2377,7 +2377,7 @@ mod tests {
     fn streaming_is_off_by_default_and_needs_memory_when_on() {
         let c = Config::from_toml(MIN).unwrap();
         assert!(!c.postgres.streaming);
-        assert_eq!(c.postgres.stream_memory_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.postgres.stream_memory_bytes, 16 * 1024 * 1024);
         let on = MIN.replace(
             "password = \"s3cret\"",
             "password = \"s3cret\"\nstreaming = true\nstream_memory_bytes = 1048576",
