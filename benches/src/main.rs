@@ -105,13 +105,17 @@ struct RunArgs {
         default_value = "walcast,debezium,polling,pg-recvlogical,pg-drain,kafka-limit"
     )]
     systems: Vec<System>,
-    /// Workloads to run: backlog, steady, idle, pipelines.
+    /// Workloads to run: backlog, steady, idle, pipelines, large-txn.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "backlog,steady,idle,pipelines"
+        default_value = "backlog,steady,idle,pipelines,large-txn"
     )]
     workloads: Vec<String>,
+    /// Events of the large-txn workload's one transaction [default:
+    /// 1,000,000; quick: 20,000].
+    #[arg(long)]
+    large_txn_events: Option<u64>,
     /// The pipelines workload: walcast drains one burst with each of these
     /// pipeline counts (1 to 4; the burst is over 4 outbox tables).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
@@ -282,8 +286,8 @@ async fn run(args: RunArgs) -> Result<()> {
         .map(|r| parse_rate(r))
         .collect::<Result<Vec<_>>>()?;
     for w in &args.workloads {
-        if !["backlog", "steady", "idle", "pipelines"].contains(&w.as_str()) {
-            bail!("unknown workload {w:?} (backlog, steady, idle, pipelines)");
+        if !["backlog", "steady", "idle", "pipelines", "large-txn"].contains(&w.as_str()) {
+            bail!("unknown workload {w:?} (backlog, steady, idle, pipelines, large-txn)");
         }
     }
     if let Some(p) = args
@@ -335,6 +339,14 @@ async fn run(args: RunArgs) -> Result<()> {
         } else {
             1_000_000
         }),
+        large_txn_events: if args.workloads.iter().any(|w| w == "large-txn")
+            && args.systems.contains(&System::Walcast)
+        {
+            args.large_txn_events
+                .unwrap_or(if args.quick { 20_000 } else { 1_000_000 })
+        } else {
+            0
+        },
         fill_conns: args.fill_conns,
         writer_conns: args.writer_conns,
     };
@@ -574,6 +586,25 @@ async fn run(args: RunArgs) -> Result<()> {
                         .meta
                         .notes
                         .push(format!("idle workload with {} failed: {e:#}", s.name()));
+                }
+            }
+            save(&mut results, &ctx, load_max)?;
+        }
+    }
+    if ctx.plan.large_txn_events > 0 {
+        db::create_databases(&ctx.env, &[db::PROBE_PAYLOAD]).await?;
+        for streaming in [false, true] {
+            match workloads::large_txn(&mut ctx, streaming).await {
+                Ok(r) => {
+                    load_max = load_max.max(r.usage.load_avg);
+                    results.large_txn.push(r);
+                }
+                Err(e) => {
+                    let what = if streaming { "on" } else { "off" };
+                    println!("    large-txn workload, streaming {what}, FAILED: {e:#}");
+                    results.meta.notes.push(format!(
+                        "large-txn workload, streaming {what}, failed: {e:#}"
+                    ));
                 }
             }
             save(&mut results, &ctx, load_max)?;

@@ -59,6 +59,9 @@ pub struct Results {
     /// One burst drained by walcast with 1, 2, 4 pipelines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipelines: Option<PipelinesResult>,
+    /// One large transaction relayed by walcast, streaming off and on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub large_txn: Vec<crate::workloads::LargeTxnRun>,
 }
 
 /// Bytes as decimal megabytes, the unit of every MB in the report.
@@ -430,6 +433,56 @@ fn pipelines_table(t: &mut String, p: &PipelinesResult) {
     let _ = writeln!(t);
 }
 
+/// The large-txn workload's table.
+fn large_txn_table(t: &mut String, runs: &[crate::workloads::LargeTxnRun]) {
+    let _ = writeln!(t, "### One large transaction\n");
+    let _ = writeln!(
+        t,
+        "One transaction of {} events ({} payloads, one INSERT … SELECT) committed while \
+         walcast runs with `postgres.streaming` off (Postgres decodes the transaction after its \
+         commit, spilling what exceeds `logical_decoding_work_mem` to its disk) and on (Postgres \
+         streams it while it is written; walcast holds it in memory up to \
+         `stream_memory_bytes`, then in its own spill file, and publishes at commit). Times \
+         are from COMMIT returning to the writer. Lag = `pg_current_wal_lsn() − \
+         confirmed_flush_lsn`, sampled every 250 ms from BEGIN; Postgres's spill and stream \
+         bytes are the slot's `pg_stat_replication_slots`; CPU (walcast's and all of \
+         PostgreSQL's) and walcast's RSS are from BEGIN to the last event.\n",
+        group(runs.first().map(|r| r.events).unwrap_or(0)),
+        size_label(runs.first().map(|r| r.payload).unwrap_or(0)),
+    );
+    let _ = writeln!(
+        t,
+        "| streaming | write s | commit → first event s | commit → last event s | max lag MB | Postgres spilled MB | Postgres streamed MB (txns) | walcast spilled MB | walcast CPU s | Postgres CPU s | peak RSS MB | complete |"
+    );
+    let _ = writeln!(
+        t,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
+    for r in runs {
+        let _ = writeln!(
+            t,
+            "| {} | {:.1} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} ({}) | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
+            if r.streaming { "on" } else { "off" },
+            r.write_s,
+            r.commit_to_first_s,
+            r.commit_to_last_s,
+            r.max_lag_bytes as f64 / 1e6,
+            r.pg_spill_bytes as f64 / 1e6,
+            r.pg_stream_bytes as f64 / 1e6,
+            r.pg_stream_txns,
+            mb(r.walcast_spilled_bytes),
+            r.usage.cpu_s,
+            r.usage.pg_cpu_s,
+            mb(r.usage.peak_rss_bytes),
+            match &r.note {
+                None => format!("yes ({})", group(r.delivered)),
+                Some(n) => format!("NO: {n}"),
+            }
+        );
+    }
+    let _ = writeln!(t);
+}
+
 /// The markdown tables of every workload.
 pub fn tables(r: &Results) -> String {
     let mut t = String::new();
@@ -543,6 +596,9 @@ pub fn tables(r: &Results) -> String {
     }
     if let Some(p) = &r.pipelines {
         pipelines_table(&mut t, p);
+    }
+    if !r.large_txn.is_empty() {
+        large_txn_table(&mut t, &r.large_txn);
     }
     if !r.idle.is_empty() {
         let _ = writeln!(t, "### Idle outbox, busy neighbours\n");

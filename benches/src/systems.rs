@@ -124,6 +124,8 @@ pub struct Spec {
     /// walcast only: 0 for one pipeline on `slot` over `public.outbox`; N
     /// for `[[pipelines]]` over the split tables, on slots `<slot>_<k>`.
     pub pipelines: u32,
+    /// walcast only: `postgres.streaming = true` (the large-txn workload).
+    pub streaming: bool,
 }
 
 impl Spec {
@@ -218,6 +220,7 @@ slot = {slot}
 publication = {publication}
 create_slot = false
 create_publication = false
+streaming = {streaming}
 
 [outbox]
 tables = ["public.outbox"]
@@ -245,6 +248,7 @@ level = "info"
         bootstrap = toml_str(&env.kafka_bootstrap),
         state = toml_str(&spec.dir.join("walcast-state").display().to_string()),
         state_topic = toml_str(&format!("{}.walcast-state", spec.topic_prefix)),
+        streaming = spec.streaming,
     )
     .replace(
         "\nslot = ",
@@ -690,6 +694,7 @@ mod tests {
             end_lsn: None,
             timeline: None,
             pipelines: 0,
+            streaming: false,
         }
     }
 
@@ -748,6 +753,12 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(cfg.postgres.slot, "s1");
         assert_eq!(cfg.outbox.topic, "bench.t.walcast.${routedByValue}");
+        assert!(!cfg.postgres.streaming, "README defaults: streaming off");
+        let mut streaming = spec(System::Walcast);
+        streaming.streaming = true;
+        let cfg = walcast_core::config::Config::from_toml(&walcast_toml(&env(), &streaming))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(cfg.postgres.streaming);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -98,6 +98,8 @@ pub struct Plan {
     pub pipelines: Vec<u32>,
     /// Events of the pipelines workload's burst.
     pub pipelines_events: u64,
+    /// The large-txn workload: events of its one transaction (0: not run).
+    pub large_txn_events: u64,
     /// Connections for the backlog fill.
     pub fill_conns: usize,
     /// Connections for the paced writer.
@@ -261,6 +263,11 @@ impl Plan {
                 v.push(startup + self.idle.as_secs_f64() + 3.0);
             }
         }
+        if self.large_txn_events > 0 {
+            for _streaming in [false, true] {
+                v.push(self.large_txn_events as f64 / 25_000.0 + 8.0);
+            }
+        }
         v
     }
 }
@@ -414,6 +421,7 @@ pub async fn warm_up_kafka(ctx: &mut Ctx, events: u64) -> Result<()> {
         end_lsn: None,
         timeline: None,
         pipelines: 0,
+        streaming: false,
     };
     let topic = spec.topic();
     kafka::create_topics(&ctx.env.kafka_bootstrap, std::slice::from_ref(&topic)).await?;
@@ -815,6 +823,7 @@ async fn drain(
         end_lsn: Some(end_lsn.to_string()),
         timeline: timeline.clone(),
         pipelines,
+        streaming: false,
     };
     let topic = spec.topic();
     let consumer = if system.produces() {
@@ -1089,6 +1098,7 @@ async fn start_relay(
     system: System,
     tag: &str,
     slot_prefix: &str,
+    streaming: bool,
 ) -> Result<(Spec, TopicConsumer, Proc, f64)> {
     let spec = Spec {
         system,
@@ -1102,6 +1112,7 @@ async fn start_relay(
         timeline: (ctx.plan.timeline && system == System::Walcast && tag == "steady")
             .then(|| ctx.work_dir.join(STEADY_TIMELINE)),
         pipelines: 0,
+        streaming,
     };
     db::reset_outbox(&ctx.env, system == System::Polling).await?;
     if system.uses_slot() {
@@ -1148,7 +1159,7 @@ pub async fn steady(ctx: &mut Ctx, system: System) -> Result<Vec<SteadyRun>> {
             .collect::<Vec<_>>()
             .join(", "),
     ));
-    let (spec, consumer, mut proc, ready) = start_relay(ctx, system, "steady", "st").await?;
+    let (spec, consumer, mut proc, ready) = start_relay(ctx, system, "steady", "st", false).await?;
     let spawned_ns = proc.spawned_ns;
     let mut runs = Vec::new();
     let mut next_seq = 1u64;
@@ -1351,7 +1362,7 @@ pub async fn idle(ctx: &mut Ctx, system: System) -> Result<IdleRun> {
         system.name(),
         ctx.plan.idle.as_secs()
     ));
-    let (spec, consumer, mut proc, _ready) = start_relay(ctx, system, "idle", "id").await?;
+    let (spec, consumer, mut proc, _ready) = start_relay(ctx, system, "idle", "id", false).await?;
     let admin = db::connect(&ctx.env.admin_conn("postgres")).await?;
     let u0 = proc.usage();
     let (_, wal0) = db::current_wal_lsn(&ctx.env).await?;
@@ -1412,6 +1423,15 @@ pub async fn idle(ctx: &mut Ctx, system: System) -> Result<IdleRun> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn spilled_bytes_sums_the_log_lines() {
+        let log = "2026-12-03T16:00:00Z  INFO walcast_postgres::stream: a streamed transaction exceeds postgres.stream_memory_bytes xid=7\n\
+                   2026-12-03T16:00:01Z  INFO walcast_postgres::stream: streamed transaction committed; handing over its spilled changes xid=7 spilled_changes=10 spilled_bytes=123456\n\
+                   2026-12-03T16:00:02Z  INFO walcast_postgres::stream: streamed transaction committed xid=9 spilled_changes=1 spilled_bytes=44\n";
+        assert_eq!(spilled_bytes(log), 123_500);
+        assert_eq!(spilled_bytes("nothing spilled"), 0);
+    }
+
     fn plan(steady_secs: Option<u64>, quick: bool) -> Plan {
         Plan {
             events: 10,
@@ -1430,6 +1450,7 @@ mod tests {
             idle_load: false,
             pipelines: Vec::new(),
             pipelines_events: 0,
+            large_txn_events: 0,
             fill_conns: 1,
             writer_conns: 1,
         }
@@ -1463,4 +1484,189 @@ mod tests {
         };
         assert_eq!(off.timeline_file(w, 200, 1), None);
     }
+}
+
+/// One large transaction relayed by walcast, with `postgres.streaming` off
+/// or on (the large-txn workload).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LargeTxnRun {
+    /// `postgres.streaming`.
+    pub streaming: bool,
+    /// Events (rows) of the transaction.
+    pub events: u64,
+    /// Payload bytes per event.
+    pub payload: u32,
+    /// Seconds from BEGIN until COMMIT returned.
+    pub write_s: f64,
+    /// Seconds from COMMIT returning until the transaction's first event was
+    /// in Kafka.
+    pub commit_to_first_s: f64,
+    /// … until its last event was in Kafka.
+    pub commit_to_last_s: f64,
+    /// Distinct events in Kafka.
+    pub delivered: u64,
+    /// Records seen twice.
+    pub duplicates: u64,
+    /// `(seconds since BEGIN, confirmed lag bytes, retained bytes)` every 250 ms.
+    pub samples: Vec<(f64, i64, i64)>,
+    /// Largest `pg_current_wal_lsn() - confirmed_flush_lsn`.
+    pub max_lag_bytes: i64,
+    /// Largest `pg_current_wal_lsn() - restart_lsn`.
+    pub max_retained_bytes: i64,
+    /// `pg_stat_replication_slots` of the slot afterwards: bytes the
+    /// walsender spilled to its disk…
+    pub pg_spill_bytes: i64,
+    /// … bytes it streamed before commit, and streamed transactions.
+    pub pg_stream_bytes: i64,
+    /// See `pg_stream_bytes`.
+    pub pg_stream_txns: i64,
+    /// Bytes walcast spilled to its own file (from its log; 0 if none).
+    pub walcast_spilled_bytes: u64,
+    /// walcast's resources from BEGIN until the last event.
+    pub usage: Usage,
+    /// Anything odd.
+    pub note: Option<String>,
+}
+
+/// The `spilled_bytes=` of walcast's "streamed transaction committed" log lines.
+fn spilled_bytes(log: &str) -> u64 {
+    log.lines()
+        .filter_map(|l| l.split("spilled_bytes=").nth(1))
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// One transaction of `ctx.plan.large_txn_events` events, committed while
+/// walcast runs with `postgres.streaming` off or on: how long after COMMIT
+/// its first and last events are in Kafka, and what the slot holds.
+pub async fn large_txn(ctx: &mut Ctx, streaming: bool) -> Result<LargeTxnRun> {
+    let n = ctx.plan.large_txn_events;
+    let payload = db::PROBE_PAYLOAD;
+    let label = if streaming {
+        "streaming on"
+    } else {
+        "streaming off"
+    };
+    ctx.progress.phase(&format!(
+        "one transaction of {} events: walcast, {label}",
+        group(n)
+    ));
+    let tag = if streaming { "large-on" } else { "large-off" };
+    let (spec, consumer, mut proc, _ready) =
+        start_relay(ctx, System::Walcast, tag, "lt", streaming).await?;
+    let admin = db::connect(&ctx.env.admin_conn(db::BENCH_DB)).await?;
+    let writer = db::connect(&ctx.env.admin_conn(db::BENCH_DB)).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let begin_ns = clock::now_ns();
+    let sampler = {
+        let stop = stop.clone();
+        let slot = spec.slot.clone();
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(Some((lag, retained))) = db::slot_lag(&admin, &slot).await {
+                    samples.push((clock::secs(begin_ns, clock::now_ns()), lag, retained));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            (admin, samples)
+        })
+    };
+    let u0 = proc.usage();
+    let base = consumer.distinct();
+    writer
+        .batch_execute(&db::txn_sql(1, n, payload))
+        .await
+        .context("writing the large transaction")?;
+    let commit_ns = clock::now_ns();
+    ctx.progress.status(&format!(
+        "{label}: {} events committed in {:.1}s",
+        group(n),
+        clock::secs(begin_ns, commit_ns)
+    ));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut ticker = Ticker::new(Duration::from_secs(2));
+    while consumer.distinct() - base < n && Instant::now() < deadline {
+        if let Some(status) = proc.exited() {
+            bail!("walcast exited ({status}):\n{}", proc.log_tail(15));
+        }
+        if ticker.due() {
+            ctx.progress.status(&format!(
+                "{label}: {} of {} in Kafka",
+                group(consumer.distinct() - base),
+                group(n)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let usage = proc.usage().since(&u0);
+    // The walsender reports the slot's statistics at its next flush.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (admin, samples) = sampler.await?;
+    let stats = admin
+        .query_opt(
+            "SELECT spill_bytes, stream_bytes, stream_txns FROM pg_stat_replication_slots WHERE slot_name = $1",
+            &[&spec.slot],
+        )
+        .await?;
+    let (pg_spill_bytes, pg_stream_bytes, pg_stream_txns) = stats
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .unwrap_or((0, 0, 0));
+    let walcast_spilled_bytes =
+        spilled_bytes(&std::fs::read_to_string(&proc.log).unwrap_or_default());
+    let receipts = stop_relay(ctx, &spec, consumer, proc).await?;
+    let times: Vec<u64> = (1..=n)
+        .filter_map(|seq| receipts.recv_ns.get(seq as usize).copied())
+        .filter(|&t| t != 0)
+        .collect();
+    let delivered = times.len() as u64;
+    let first = times.iter().min().copied().unwrap_or(0);
+    let last = times.iter().max().copied().unwrap_or(0);
+    let since_commit = |t: u64| {
+        if t == 0 {
+            -1.0
+        } else {
+            (t as f64 - commit_ns as f64) / 1e9
+        }
+    };
+    let run = LargeTxnRun {
+        streaming,
+        events: n,
+        payload,
+        write_s: clock::secs(begin_ns, commit_ns),
+        commit_to_first_s: since_commit(first),
+        commit_to_last_s: since_commit(last),
+        delivered,
+        duplicates: receipts.duplicates,
+        max_lag_bytes: samples.iter().map(|s| s.1).max().unwrap_or(0),
+        max_retained_bytes: samples.iter().map(|s| s.2).max().unwrap_or(0),
+        samples,
+        pg_spill_bytes,
+        pg_stream_bytes,
+        pg_stream_txns,
+        walcast_spilled_bytes,
+        usage,
+        note: (delivered < n).then(|| {
+            format!(
+                "{} of {} events were not in Kafka after 600 s",
+                n - delivered,
+                n
+            )
+        }),
+    };
+    ctx.progress.status(&format!(
+        "{label}: first event {:.2}s and last {:.2}s after COMMIT; Postgres spilled {:.0} MB and streamed {:.0} MB; walcast spilled {:.0} MB, peak RSS {:.0} MB",
+        run.commit_to_first_s,
+        run.commit_to_last_s,
+        run.pg_spill_bytes as f64 / 1e6,
+        run.pg_stream_bytes as f64 / 1e6,
+        run.walcast_spilled_bytes as f64 / 1e6,
+        run.usage.peak_rss_bytes as f64 / 1e6,
+    ));
+    Ok(run)
 }
