@@ -131,8 +131,9 @@ fn replication_config(opts: &ConnectOptions) -> ReplicationConfig {
     // A row larger than this is refused before it is buffered (the stream
     // ends with a permanent error naming pipeline.max_row_bytes).
     .with_max_message_size(usize::try_from(opts.max_row_bytes).unwrap_or(usize::MAX))
-    // Text output must not depend on the server's defaults.
+    // Protocol 2 with streaming (crate::stream), or protocol 1.
     .with_streaming(pg.streaming)
+    // Text output must not depend on the server's defaults.
     .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3 -c bytea_output=hex")
 }
 

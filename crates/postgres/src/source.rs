@@ -35,6 +35,11 @@ pub(crate) fn from_pgwire(lsn: pgwire_replication::Lsn) -> Lsn {
 /// written ahead by a background task); until then status updates carry the
 /// previous position.
 ///
+/// With `postgres.streaming`, transactions Postgres streams before they
+/// commit are held ([`crate::stream`]) and handed over whole at their
+/// commit, so the contract's "whole, in commit order, only after they
+/// committed" holds with streaming too.
+///
 /// A connection that stays silent while the relay waits for it for longer
 /// than its silence timeout is dead (a half-open TCP connection: the server
 /// or a middlebox dropped it without a FIN or RST reaching walcast), and

@@ -419,7 +419,7 @@ fn spill_error(dir: &Path, e: std::io::Error) -> Error {
         "the spill file of a streamed transaction in {} failed: {e}",
         dir.display()
     ))
-    .with_hint("free space in that directory (or point pipeline.state_dir elsewhere), or raise postgres.stream_memory_bytes; walcast restarts from the slot and loses nothing")
+    .with_hint("free space in that directory (or point pipeline.state_dir elsewhere), or raise postgres.stream_memory_bytes, then start walcast again: nothing of the transaction was published, and it resumes from the slot")
 }
 
 fn protocol(msg: impl std::fmt::Display) -> Error {
@@ -655,6 +655,17 @@ mod tests {
         assert_eq!(drain(&mut s), ["B900@0/4000", "R42", "I5", "C@0/4008"]);
         feed(&mut s, &[commit(TOP, 0x5000)]);
         assert_eq!(drain(&mut s), ["B700@0/5000", "R42", "Morders", "C@0/5008"]);
+    }
+
+    #[test]
+    fn a_spill_file_that_cannot_be_created_stops_with_an_operator_error() {
+        let mut s = Streams::new(1, PathBuf::from("/nonexistent/walcast-spill"));
+        feed(&mut s, &[start(TOP, true)]);
+        let e = s
+            .accept(Lsn::new(1), &insert(Some(TOP), 1))
+            .expect_err("no room in memory, no spill file");
+        assert_eq!(e.kind(), walcast_core::ErrorKind::OperatorAction, "{e}");
+        assert!(e.to_string().contains("/nonexistent/walcast-spill"), "{e}");
     }
 
     #[test]
