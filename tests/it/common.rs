@@ -288,6 +288,27 @@ pub async fn wait_confirmed(
     }
 }
 
+/// Idle again: waits until the slot confirms the server's current position
+/// (delivery rule 2), then stops walcast gracefully and asserts exit 0.
+/// Returns that position.
+pub async fn confirm_idle_then_stop(
+    env: &TestEnv,
+    db: &TestDb,
+    admin: &Client,
+    w: &mut Walcast,
+) -> Result<u64> {
+    let end = current_wal_lsn(admin).await?;
+    assert!(
+        wait_confirmed(env, db, end, Duration::from_secs(20)).await?,
+        "slot did not reach {end:X}:\n{}",
+        w.log_text()
+    );
+    w.terminate()?;
+    let status = w.wait_exit(Duration::from_secs(30))?;
+    assert!(status.success(), "exit status {status}:\n{}", w.log_text());
+    Ok(end)
+}
+
 /// `pg_current_wal_lsn()` as a number.
 pub async fn current_wal_lsn(admin: &Client) -> Result<u64> {
     let row = admin

@@ -80,15 +80,7 @@ async fn every_committed_event_arrives_once_in_commit_order() -> Result<()> {
 
     // Idle again: the slot confirms the server's position (rule 2). Then a
     // graceful shutdown exits 0 and keeps it.
-    let end = current_wal_lsn(&client).await?;
-    assert!(
-        wait_confirmed(env, &db, end, Duration::from_secs(20)).await?,
-        "slot did not reach {end:X}:\n{}",
-        w.log_text()
-    );
-    w.terminate()?;
-    let status = w.wait_exit(Duration::from_secs(30))?;
-    assert!(status.success(), "exit status {status}:\n{}", w.log_text());
+    let end = confirm_idle_then_stop(env, &db, &client, &mut w).await?;
     assert!(db.confirmed_flush_lsn(env).await?.unwrap_or(0) >= end);
     drop(client);
     db.drop(env).await?;

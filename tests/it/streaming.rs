@@ -221,16 +221,7 @@ async fn streamed_transactions(env: &TestEnv, port: u16) -> Result<()> {
         spill.display()
     );
 
-    // Idle again: the slot confirms the server's position.
-    let end = current_wal_lsn(&admin).await?;
-    assert!(
-        wait_confirmed(env, &db, end, Duration::from_secs(20)).await?,
-        "slot did not reach {end:X}:\n{}",
-        w.log_text()
-    );
-    w.terminate()?;
-    let status = w.wait_exit(Duration::from_secs(30))?;
-    assert!(status.success(), "exit status {status}:\n{}", w.log_text());
+    confirm_idle_then_stop(env, &db, &admin, &mut w).await?;
     drop((big, small, aborted, admin));
     db.drop(env).await?;
     Ok(())
