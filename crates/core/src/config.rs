@@ -948,32 +948,54 @@ pub struct TableName {
 }
 
 impl TableName {
-    /// Parses `schema.table` or `table` (meaning `public.table`).
+    /// Parses `schema.table` or `table` (meaning `public.table`). Each part
+    /// is the name as the catalog has it (`billing.EventLog`, case kept), or
+    /// SQL-quoted (`billing."EventLog"`, `""` for a quote inside), which also
+    /// allows a dot inside a name.
     ///
     /// # Errors
-    /// An operator error when the name is empty or has more than one dot.
+    /// An operator error when the name is empty, has more than one dot
+    /// outside quotes, or has a stray quote.
     pub fn parse(s: &str) -> Result<Self> {
-        let parts: Vec<&str> = s.split('.').collect();
-        let (schema, name) = match parts.as_slice() {
-            [t] => ("public", *t),
-            [s, t] => (*s, *t),
-            _ => {
-                return Err(
-                    Error::operator(format!("outbox table {s:?} is not a valid name"))
-                        .with_hint("write it as schema.table, for example public.outbox"),
-                )
+        let invalid = || {
+            Error::operator(format!("outbox table {s:?} is not a valid name")).with_hint(
+                "write it as schema.table, with the names as the catalog has them (public.outbox, billing.EventLog) or SQL-quoted (billing.\"EventLog\")",
+            )
+        };
+        let mut parts: Vec<String> = vec![String::new()];
+        let mut chars = s.chars().peekable();
+        // Whether the current part is quoted; `Some(true)` while inside its quotes.
+        let mut quoted: Option<bool> = None;
+        while let Some(c) = chars.next() {
+            let part = parts.last_mut().expect("at least one part");
+            match (quoted, c) {
+                (Some(true), '"') if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    part.push('"');
+                }
+                (Some(true), '"') => quoted = Some(false),
+                (Some(true), c) => part.push(c),
+                (None, '"') if part.is_empty() => quoted = Some(true),
+                (Some(false) | None, '.') => {
+                    parts.push(String::new());
+                    quoted = None;
+                }
+                (None, c) if c != '"' => part.push(c),
+                _ => return Err(invalid()),
             }
+        }
+        if quoted == Some(true) {
+            return Err(invalid());
+        }
+        let (schema, name) = match parts.as_slice() {
+            [t] => ("public".to_string(), t.clone()),
+            [s, t] => (s.clone(), t.clone()),
+            _ => return Err(invalid()),
         };
         if schema.is_empty() || name.is_empty() {
-            return Err(
-                Error::operator(format!("outbox table {s:?} is not a valid name"))
-                    .with_hint("write it as schema.table, for example public.outbox"),
-            );
+            return Err(invalid());
         }
-        Ok(TableName {
-            schema: schema.to_string(),
-            name: name.to_string(),
-        })
+        Ok(TableName { schema, name })
     }
 }
 
@@ -2721,5 +2743,31 @@ mod tests {
             "public.outbox"
         );
         assert_eq!(TableName::parse("s.o").unwrap().to_string(), "s.o");
+        // As the catalog has them, or SQL-quoted: the same table.
+        let plain = TableName::parse("billing.EventLog").unwrap();
+        assert_eq!(plain.schema, "billing");
+        assert_eq!(plain.name, "EventLog");
+        assert_eq!(TableName::parse("billing.\"EventLog\"").unwrap(), plain);
+        assert_eq!(TableName::parse("\"billing\".\"EventLog\"").unwrap(), plain);
+        let odd = TableName::parse("\"my.schema\".\"say \"\"hi\"\"\"").unwrap();
+        assert_eq!(odd.schema, "my.schema");
+        assert_eq!(odd.name, "say \"hi\"");
+        assert_eq!(TableName::parse("\"Outbox\"").unwrap().schema, "public");
+        for bad in [
+            "a.b.c",
+            "",
+            "s.",
+            ".t",
+            "s.\"\"",
+            "s.\"open",
+            "s.Event\"Log",
+            "s.\"a\"b",
+        ] {
+            let err = TableName::parse(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("not a valid name"),
+                "{bad:?}: {err}"
+            );
+        }
     }
 }
